@@ -1,0 +1,355 @@
+"""The job configuration: one typed, nested dataclass per component.
+
+Every field carries an attribute docstring: tyro turns it into the ``--help`` text
+of the matching ``--section.field`` flag, and a reader finds each knob's meaning
+beside it. This module imports no torch so that ``--help`` and config checks are fast.
+
+Each section offers ``problems()``: a list of messages, each naming the flag it is
+about. ``ConfigManager`` collects the problems of every section (and the
+cross-section ones) and raises them together, once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DTYPES = ("float32", "bfloat16", "float16")
+ASYNC_MODES = ("disabled", "async", "async_with_pinned_mem")
+# What a full checkpoint holds besides the model; keys a user may exclude from loading.
+EXCLUDABLE_STATES = ("optimizer", "lr_scheduler", "dataloader", "train_state", "rng")
+# Spellings users paste from torchtitan's docs, mapped to cairn's state keys.
+STATE_KEY_ALIASES = {"data_loader": "dataloader", "lr_schedulers": "lr_scheduler", "optimizers": "optimizer"}
+
+
+def _split_commas(values: list[str]) -> list[str]:
+    """``["a,b", "c"]`` -> ``["a", "b", "c"]``: CLI lists may be comma-separated."""
+    out: list[str] = []
+    for value in values:
+        out.extend(part.strip() for part in str(value).split(",") if part.strip())
+    return out
+
+
+@dataclass(kw_only=True, slots=True)
+class JobSection:
+    dump_folder: str = "./outputs"
+    """Folder for everything a run writes: checkpoints, metrics.jsonl, TensorBoard logs."""
+    description: str = "cairn training job"
+    """Free text written into logs and checkpoint manifests."""
+    config_file: str | None = None
+    """A TOML file whose [section] tables override the run config (CLI flags override both)."""
+
+    def problems(self) -> list[str]:
+        return [] if self.dump_folder else ["--job.dump_folder must not be empty"]
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelSection:
+    name: str = "llama3"
+    """Model family (a folder under cairn/models)."""
+    flavor: str = "debugmodel"
+    """Model size within the family: debugmodel, 1B, 3B, 8B, 70B, 405B for llama3."""
+    hf_assets_path: str | None = None
+    """Folder with Hugging Face files (config.json, tokenizer, safetensors): the source of
+    --checkpoint.initial_load_in_hf when no --checkpoint.initial_load_path is given, and of
+    tokenizer files copied into HF exports. `--hf_assets_path` is accepted as an alias."""
+    tokenizer_path: str = "assets/tokenizer/tokenizer.json"
+    """A Hugging Face tokenizers `tokenizer.json` (relative paths resolve against the repo)."""
+
+    def problems(self) -> list[str]:
+        return [] if self.flavor else ["--model.flavor must not be empty"]
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainingSection:
+    steps: int = 50
+    """Number of optimizer steps to train for."""
+    local_batch_size: int = 8
+    """Sequences per data-parallel rank per micro-step."""
+    global_batch_size: int = -1
+    """Sequences per optimizer step across all data-parallel ranks; -1 means
+    local_batch_size x data-parallel degree. A multiple of that product turns on
+    gradient accumulation."""
+    seq_len: int = 128
+    """Tokens per training sequence."""
+    max_norm: float = 1.0
+    """Gradient clipping: maximum global L2 norm of the gradients (<= 0 disables clipping)."""
+    mixed_precision_param: str = "bfloat16"
+    """Parameter dtype for compute under FSDP on GPUs (CPU runs always compute in float32)."""
+    mixed_precision_reduce: str = "float32"
+    """Gradient reduction dtype under FSDP on GPUs."""
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.steps < 0:
+            out.append(f"--training.steps must be >= 0 (got {self.steps})")
+        if self.local_batch_size < 1:
+            out.append(f"--training.local_batch_size must be >= 1 (got {self.local_batch_size})")
+        if self.global_batch_size == 0 or self.global_batch_size < -1:
+            out.append(f"--training.global_batch_size must be -1 or >= 1 (got {self.global_batch_size})")
+        if self.seq_len < 1:
+            out.append(f"--training.seq_len must be >= 1 (got {self.seq_len})")
+        for flag, value in (("mixed_precision_param", self.mixed_precision_param),
+                            ("mixed_precision_reduce", self.mixed_precision_reduce)):
+            if value not in DTYPES:
+                out.append(f"--training.{flag} must be one of {', '.join(DTYPES)} (got {value!r})")
+        return out
+
+
+@dataclass(kw_only=True, slots=True)
+class OptimizerSection:
+    name: str = "AdamW"
+    """Optimizer class: AdamW or Adam."""
+    lr: float = 8e-4
+    """Peak learning rate."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.name not in ("AdamW", "Adam"):
+            out.append(f"--optimizer.name must be AdamW or Adam (got {self.name!r})")
+        if self.lr <= 0:
+            out.append(f"--optimizer.lr must be > 0 (got {self.lr})")
+        if self.eps <= 0:
+            out.append(f"--optimizer.eps must be > 0 (got {self.eps})")
+        for flag, value in (("beta1", self.beta1), ("beta2", self.beta2)):
+            if not 0.0 <= value < 1.0:
+                out.append(f"--optimizer.{flag} must be in [0, 1) (got {value})")
+        return out
+
+
+@dataclass(kw_only=True, slots=True)
+class LRSchedulerSection:
+    warmup_steps: int = 2
+    """Steps of linear warmup from lr/(warmup_steps+1) to the peak lr."""
+    decay_ratio: float | None = None
+    """Fraction of the steps after warmup spent decaying (None: decay over all of them)."""
+    decay_type: str = "linear"
+    """Shape of the decay: linear, cosine or sqrt."""
+    min_lr_factor: float = 0.0
+    """The decay ends at lr x min_lr_factor."""
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.warmup_steps < 0:
+            out.append(f"--lr_scheduler.warmup_steps must be >= 0 (got {self.warmup_steps})")
+        if self.decay_type not in ("linear", "cosine", "sqrt"):
+            out.append(f"--lr_scheduler.decay_type must be linear, cosine or sqrt (got {self.decay_type!r})")
+        if self.decay_ratio is not None and not 0.0 <= self.decay_ratio <= 1.0:
+            out.append(f"--lr_scheduler.decay_ratio must be in [0, 1] (got {self.decay_ratio})")
+        if not 0.0 <= self.min_lr_factor <= 1.0:
+            out.append(f"--lr_scheduler.min_lr_factor must be in [0, 1] (got {self.min_lr_factor})")
+        return out
+
+
+@dataclass(kw_only=True, slots=True)
+class ParallelismSection:
+    data_parallel_replicate_degree: int = 1
+    """Replicas of the model (DDP-style; with shard degree > 1 this is HSDP)."""
+    data_parallel_shard_degree: int = -1
+    """FSDP2 sharding degree; -1 takes what the world size leaves after the other degrees."""
+    tensor_parallel_degree: int = 1
+    """Tensor parallel degree (Megatron-style column/row sharding of attention and MLP)."""
+    pipeline_parallel_degree: int = 1
+    """Pipeline stages (layers split across ranks, torch.distributed.pipelining)."""
+    context_parallel_degree: int = 1
+    """Context parallel degree (not supported by llama3 yet: must be 1)."""
+    expert_parallel_degree: int = 1
+    """Expert parallel degree (llama3 has no experts: must be 1)."""
+    pipeline_parallel_schedule: str = "1F1B"
+    """Pipeline schedule: 1F1B, GPipe, Interleaved1F1B."""
+    pipeline_parallel_microbatch_size: int = 1
+    """Sequences per pipeline microbatch."""
+
+    def problems(self) -> list[str]:
+        out = []
+        for name in ("data_parallel_replicate_degree", "tensor_parallel_degree",
+                     "pipeline_parallel_degree", "context_parallel_degree", "expert_parallel_degree"):
+            if getattr(self, name) < 1:
+                out.append(f"--parallelism.{name} must be >= 1 (got {getattr(self, name)})")
+        if self.data_parallel_shard_degree == 0 or self.data_parallel_shard_degree < -1:
+            out.append("--parallelism.data_parallel_shard_degree must be -1 or >= 1 "
+                       f"(got {self.data_parallel_shard_degree})")
+        if self.context_parallel_degree > 1:
+            out.append("--parallelism.context_parallel_degree > 1 is not supported by llama3 in cairn yet; use 1")
+        if self.expert_parallel_degree > 1:
+            out.append("--parallelism.expert_parallel_degree > 1 needs a mixture-of-experts model; llama3 has none; use 1")
+        if self.pipeline_parallel_schedule not in ("1F1B", "GPipe", "Interleaved1F1B"):
+            out.append("--parallelism.pipeline_parallel_schedule must be 1F1B, GPipe or Interleaved1F1B "
+                       f"(got {self.pipeline_parallel_schedule!r})")
+        if self.pipeline_parallel_microbatch_size < 1:
+            out.append("--parallelism.pipeline_parallel_microbatch_size must be >= 1")
+        return out
+
+
+@dataclass(kw_only=True, slots=True)
+class CheckpointSection:
+    enable: bool = False
+    """Save checkpoints (and resume from them). Off: nothing is saved or loaded."""
+    folder: str = "checkpoint"
+    """Where step-N folders go: relative to --job.dump_folder, or an absolute path."""
+    interval: int = 500
+    """Save every this many steps (the last step is always saved)."""
+    keep_latest_k: int = 10
+    """Keep the newest k committed steps, deleting older ones in the background; 0 keeps all."""
+    load_step: int = -1
+    """Step to resume from; -1 = the newest committed step. A missing step is an error."""
+    last_save_model_only: bool = True
+    """At the last step save the model only (no optimizer/data/RNG), cast to export_dtype."""
+    export_dtype: str = "float32"
+    """Dtype of the model-only last save: float32, bfloat16 or float16."""
+    exclude_from_loading: list[str] = field(default_factory=list)
+    """States not to load on resume, comma-separated: optimizer, lr_scheduler, dataloader,
+    train_state, rng (torchtitan's `data_loader` is accepted)."""
+    enable_first_step_checkpoint: bool = False
+    """Also save right after step 1."""
+    create_seed_checkpoint: bool = False
+    """Initialize the model on one CPU process, save it as step-0 and exit."""
+    initial_load_path: str | None = None
+    """Checkpoint (DCP step folder, or HF folder with --checkpoint.initial_load_in_hf) to start
+    from when the checkpoint folder holds no step yet; ignored once a step exists."""
+    initial_load_model_only: bool = True
+    """Load only the model from initial_load_path (fine-tuning); off: the full training state."""
+    initial_load_in_hf: bool = False
+    """The initial load is Hugging Face safetensors (initial_load_path or --model.hf_assets_path)."""
+    last_save_in_hf: bool = False
+    """Write the last (model-only) save as Hugging Face safetensors + config.json."""
+    load_only: bool = False
+    """Load checkpoints but never save any."""
+    async_mode: str = "disabled"
+    """disabled, async (background write), or async_with_pinned_mem (reused pinned staging buffers)."""
+    verify: bool = False
+    """Verify every file's checksum before loading (sizes are always checked)."""
+    fallback_on_corrupt: bool = False
+    """On auto-resume, skip a corrupt newest step and load the newest valid one (logged)."""
+
+    def normalize(self) -> None:
+        keys = _split_commas(self.exclude_from_loading)
+        self.exclude_from_loading = [STATE_KEY_ALIASES.get(k, k) for k in keys]
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.interval < 1:
+            out.append(f"--checkpoint.interval must be >= 1 (got {self.interval})")
+        if self.keep_latest_k < 0:
+            out.append(f"--checkpoint.keep_latest_k must be >= 0, 0 keeps all (got {self.keep_latest_k})")
+        if self.load_step < -1:
+            out.append(f"--checkpoint.load_step must be -1 (latest) or a step >= 0 (got {self.load_step})")
+        if self.export_dtype not in DTYPES:
+            out.append(f"--checkpoint.export_dtype must be one of {', '.join(DTYPES)} (got {self.export_dtype!r})")
+        if self.async_mode not in ASYNC_MODES:
+            out.append(f"--checkpoint.async_mode must be one of {', '.join(ASYNC_MODES)} (got {self.async_mode!r})")
+        if not self.folder:
+            out.append("--checkpoint.folder must not be empty")
+        for key in self.exclude_from_loading:
+            if key == "model":
+                out.append("--checkpoint.exclude_from_loading cannot exclude 'model': a checkpoint "
+                           "load always restores the model (use a fresh --checkpoint.folder to start anew)")
+            elif key not in EXCLUDABLE_STATES:
+                out.append(f"--checkpoint.exclude_from_loading: unknown key {key!r}; "
+                           f"choose from {', '.join(EXCLUDABLE_STATES)}")
+        if "optimizer" in self.exclude_from_loading and "lr_scheduler" not in self.exclude_from_loading:
+            out.append("--checkpoint.exclude_from_loading: excluding 'optimizer' also needs 'lr_scheduler' "
+                       "(the schedule's step count belongs to the optimizer state it drives)")
+        if self.last_save_in_hf and not self.last_save_model_only:
+            out.append("--checkpoint.last_save_in_hf needs --checkpoint.last_save_model_only "
+                       "(HF checkpoints hold model weights only)")
+        if self.create_seed_checkpoint and self.load_only:
+            out.append("--checkpoint.create_seed_checkpoint cannot be combined with --checkpoint.load_only")
+        return out
+
+
+@dataclass(kw_only=True, slots=True)
+class DataloaderSection:
+    dataset: str = "bundled"
+    """`bundled` (the small corpus in assets/, no network) or a path to a .txt, .jsonl or
+    .parquet file, or a folder of them."""
+    text_field: str = "text"
+    """The text column of jsonl/parquet records."""
+    shuffle: bool = True
+    """Shuffle packed sequences within each epoch (seeded by --debug.seed)."""
+
+    def problems(self) -> list[str]:
+        return [] if self.dataset else ["--dataloader.dataset must not be empty"]
+
+
+@dataclass(kw_only=True, slots=True)
+class MetricsSection:
+    log_freq: int = 1
+    """Log to the console every this many steps (metrics.jsonl gets every step)."""
+    enable_tensorboard: bool = True
+    """Write TensorBoard event files under <dump_folder>/tb."""
+    enable_jsonl: bool = True
+    """Write one JSON object per step to <dump_folder>/metrics.jsonl."""
+
+    def problems(self) -> list[str]:
+        return [] if self.log_freq >= 1 else [f"--metrics.log_freq must be >= 1 (got {self.log_freq})"]
+
+
+@dataclass(kw_only=True, slots=True)
+class ActivationCheckpointSection:
+    mode: str = "none"
+    """none, or full (recompute each transformer block in the backward pass)."""
+
+    def problems(self) -> list[str]:
+        if self.mode not in ("none", "full"):
+            return [f"--activation_checkpoint.mode must be none or full (got {self.mode!r})"]
+        return []
+
+
+@dataclass(kw_only=True, slots=True)
+class CompileSection:
+    enable: bool = False
+    """torch.compile each transformer block."""
+
+    def problems(self) -> list[str]:
+        return []
+
+
+@dataclass(kw_only=True, slots=True)
+class DebugSection:
+    seed: int = 42
+    """Seed for weight init, data order and every rank's RNG."""
+    deterministic: bool = False
+    """Use deterministic algorithms (torch.use_deterministic_algorithms)."""
+    log_level: str = "INFO"
+    """Logging level: DEBUG, INFO, WARNING."""
+
+    def problems(self) -> list[str]:
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            return [f"--debug.log_level must be DEBUG, INFO, WARNING or ERROR (got {self.log_level!r})"]
+        return []
+
+
+@dataclass(kw_only=True, slots=True)
+class JobConfig:
+    """A whole cairn run. Ways in, lowest first: defaults, a Python run config
+    (--module/--config), a TOML file (--job.config_file), CLI flags."""
+
+    job: JobSection = field(default_factory=JobSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    training: TrainingSection = field(default_factory=TrainingSection)
+    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    lr_scheduler: LRSchedulerSection = field(default_factory=LRSchedulerSection)
+    parallelism: ParallelismSection = field(default_factory=ParallelismSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    dataloader: DataloaderSection = field(default_factory=DataloaderSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
+    activation_checkpoint: ActivationCheckpointSection = field(default_factory=ActivationCheckpointSection)
+    compile: CompileSection = field(default_factory=CompileSection)
+    debug: DebugSection = field(default_factory=DebugSection)
+
+    def sections(self) -> dict[str, object]:
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+    def problems(self) -> list[str]:
+        out = []
+        for section in self.sections().values():
+            out.extend(section.problems())
+        ckpt = self.checkpoint
+        if ckpt.initial_load_in_hf and not (ckpt.initial_load_path or self.model.hf_assets_path):
+            out.append("--checkpoint.initial_load_in_hf needs --checkpoint.initial_load_path or "
+                       "--model.hf_assets_path (also spelled --hf_assets_path)")
+        return out
