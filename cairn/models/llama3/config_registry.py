@@ -21,6 +21,18 @@ def llama3_debugmodel() -> JobConfig:
     return config
 
 
+def llama3_tiny() -> JobConfig:
+    """A 4-layer, 64-wide model with short sequences: what the test suite trains."""
+    config = llama3_debugmodel()
+    config.job.description = "llama3 tiny (tests)"
+    config.model.flavor = "tiny"
+    config.training.steps = 20
+    config.training.local_batch_size = 4
+    config.training.seq_len = 32
+    config.metrics.enable_tensorboard = False
+    return config
+
+
 def llama3_debugmodel_ckpt() -> JobConfig:
     """The debug model with checkpointing on: every 10 steps, last save model-only in bf16."""
     config = llama3_debugmodel()

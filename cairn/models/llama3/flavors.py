@@ -10,6 +10,9 @@ llama3_flavors: dict[str, TransformerModelArgs] = {
     # Tiny: trains in seconds on a CPU. vocab_size is replaced by the tokenizer's.
     "debugmodel": TransformerModelArgs(dim=256, n_layers=6, n_heads=16, n_kv_heads=8, vocab_size=2048,
                                        rope_theta=500000.0, max_seq_len=2048),
+    # Smaller still, for tests: 4 layers so two pipeline stages of two (or four of one) fit.
+    "tiny": TransformerModelArgs(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=2048,
+                                 rope_theta=500000.0, max_seq_len=2048),
     "1B": TransformerModelArgs(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim_multiplier=1.5,
                                multiple_of=256, rope_theta=500000.0, rope_scaling=_LLAMA32_ROPE,
                                tie_word_embeddings=True),

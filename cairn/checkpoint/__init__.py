@@ -1,0 +1,1 @@
+"""Checkpointing: policy (manager), storage (commit, integrity, safe reads), async staging, HF."""

@@ -1,0 +1,166 @@
+"""Async saves: copy the state to host memory, then write it in the background.
+
+Two modes, as torchtitan names them:
+- ``async``: fresh host copies for every save (memory is returned between saves);
+- ``async_with_pinned_mem``: host buffers (pinned on CUDA hosts) allocated at the first
+  save and reused by every later one, so no save after the first allocates or pins memory.
+
+Staging runs off the training thread (a side CUDA stream with non-blocking copies on GPU
+hosts; a worker thread on CPU, where ``copy_`` releases the GIL) and overlaps the next
+step's forward/backward; the trainer waits for it only before the optimizer step, the
+first moment the parameters change. At most one save is in flight.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable
+
+import torch
+from torch.distributed.tensor import DTensor
+
+logger = logging.getLogger("cairn")
+
+
+def _leaves(obj: Any, prefix: str = ""):
+    """(path, tensor) for every tensor in a nested dict/list state dict, in a fixed order."""
+    if isinstance(obj, dict):
+        for key in sorted(obj, key=str):
+            yield from _leaves(obj[key], f"{prefix}{key}/")
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            yield from _leaves(value, f"{prefix}{i}/")
+    elif isinstance(obj, torch.Tensor):
+        yield prefix, obj
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+class HostStager:
+    """Copies a state dict's tensors into host buffers; keeps the buffers when ``reuse``."""
+
+    def __init__(self, *, reuse: bool, pin_memory: bool):
+        self.reuse = reuse
+        self.pin_memory = pin_memory and torch.cuda.is_available()
+        self._buffers: dict[str, torch.Tensor] = {}
+        self._stream = torch.cuda.Stream() if torch.cuda.is_available() else None
+        self.allocated_bytes = 0
+        self.allocations = 0
+
+    def _buffer(self, path: str, local: torch.Tensor) -> torch.Tensor:
+        buffer = self._buffers.get(path)
+        if buffer is None or buffer.shape != local.shape or buffer.dtype != local.dtype:
+            buffer = torch.empty(local.shape, dtype=local.dtype, device="cpu", pin_memory=self.pin_memory)
+            self.allocated_bytes += buffer.numel() * buffer.element_size()
+            self.allocations += 1
+            if self.reuse:
+                self._buffers[path] = buffer
+        return buffer
+
+    def stage(self, state_dict: dict) -> tuple[dict, Callable[[], None]]:
+        """Start copying; returns (host state dict of the same structure, wait function).
+
+        The wait function blocks until every copy has landed; on CPU the copies are done
+        by the caller's thread when ``stage`` returns.
+        """
+        copies: dict[int, torch.Tensor] = {}
+        if self._stream is not None:
+            # The copies must see the parameters as the finished optimizer step left them.
+            self._stream.wait_stream(torch.cuda.current_stream())
+        ctx = torch.cuda.stream(self._stream) if self._stream is not None else _nullcontext()
+        with ctx:
+            for path, tensor in _leaves(state_dict):
+                local = _local(tensor)
+                buffer = self._buffer(path, local)
+                buffer.copy_(local.detach(), non_blocking=self._stream is not None and local.is_cuda)
+                copies[id(tensor)] = buffer
+        event = None
+        if self._stream is not None:
+            event = torch.cuda.Event()
+            event.record(self._stream)
+        staged = _rebuild(state_dict, copies)
+        return staged, (event.synchronize if event is not None else (lambda: None))
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _rebuild(obj: Any, copies: dict[int, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        return {key: _rebuild(value, copies) for key, value in obj.items()}
+    if isinstance(obj, list):
+        return [_rebuild(value, copies) for value in obj]
+    if isinstance(obj, tuple):
+        return tuple(_rebuild(value, copies) for value in obj)
+    if isinstance(obj, DTensor):
+        return DTensor.from_local(copies[id(obj)], obj.device_mesh, obj.placements, run_check=False,
+                                  shape=obj.shape, stride=obj.stride())
+    if isinstance(obj, torch.Tensor):
+        return copies[id(obj)]
+    return obj
+
+
+class AsyncSaver:
+    """One background worker: stage (CPU) or wait for staging (CUDA), then write and commit."""
+
+    def __init__(self, *, reuse_buffers: bool):
+        self.stager = HostStager(reuse=reuse_buffers, pin_memory=reuse_buffers)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cairn-ckpt")
+        self._staged = threading.Event()
+        self._staged.set()
+        self._future: Future | None = None
+        self.in_flight_step: int | None = None
+        self.last_stage_seconds = 0.0
+
+    def submit(self, step: int, state_dict: dict, write: Callable[[dict], Any]) -> None:
+        self.wait()  # at most one save in flight
+        self._staged.clear()
+        self.in_flight_step = step
+        start = time.perf_counter()
+        if self.stager._stream is not None:
+            staged, wait_copies = self.stager.stage(state_dict)
+        else:
+            staged, wait_copies = None, None
+
+        def job():
+            nonlocal staged
+            try:
+                if staged is None:
+                    staged, _ = self.stager.stage(state_dict)
+                else:
+                    wait_copies()
+            finally:
+                self.last_stage_seconds = time.perf_counter() - start
+                self._staged.set()
+            return write(staged)
+
+        self._future = self._executor.submit(job)
+
+    def wait_for_staging(self) -> None:
+        self._staged.wait()
+
+    def wait(self) -> Any:
+        """Block until the in-flight save (if any) is written and committed; re-raise its error."""
+        future, self._future = self._future, None
+        if future is None:
+            return None
+        try:
+            return future.result()
+        finally:
+            self.in_flight_step = None
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._executor.shutdown(wait=True)

@@ -1,0 +1,236 @@
+"""The training loop, top to bottom: build, (re)load, step, checkpoint, log.
+
+Build order matters: the model is created on the meta device, split into pipeline stages
+and/or parallelized, materialized on the target device and initialized per FQN, so no
+rank ever holds the whole model of a large flavor. Only then does the checkpointer load
+(which overwrites the fresh weights if a checkpoint exists).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.checkpoint.stateful import Stateful
+
+from cairn.checkpoint.manager import CheckpointManager
+from cairn.config.job_config import JobConfig
+from cairn.config.manager import ConfigError
+from cairn.data.dataloader import build_dataloader
+from cairn.data.tokenizer import Tokenizer
+from cairn.distributed.parallel_dims import ParallelDims
+from cairn.distributed.utils import dist_max, init_distributed
+from cairn.metrics import MetricsLogger, memory_gib
+from cairn.models import get_model_spec
+from cairn.optim import build_lr_schedulers, build_optimizers, clip_grad_norm_
+from cairn.rng import RNGState
+
+logger = logging.getLogger("cairn")
+
+
+@dataclasses.dataclass
+class TrainState(Stateful):
+    step: int = 0
+    tokens_seen: int = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "tokens_seen": self.tokens_seen}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.step = int(state_dict["step"])
+        self.tokens_seen = int(state_dict["tokens_seen"])
+
+
+def cross_entropy_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+
+
+def setup_logging(rank: int, level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper()) if rank == 0 else logging.WARNING,
+                        format=f"[rank{rank}] %(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
+                        force=True)
+
+
+class Trainer:
+    def __init__(self, job_config: JobConfig):
+        self.job_config = job_config
+        self.device, self.rank, self.world_size = init_distributed()
+        setup_logging(self.rank, job_config.debug.log_level)
+        self._set_determinism(job_config.debug)
+
+        self.parallel_dims = ParallelDims.from_config(job_config.parallelism, self.world_size)
+        self.mesh = self.parallel_dims.build_mesh(self.device.type)
+        dp_mesh = self.mesh["dp"]
+        self.dp_rank, self.dp_degree = dp_mesh.get_local_rank(), dp_mesh.size()
+
+        self.tokenizer = Tokenizer(job_config.model.tokenizer_path)
+        self.model_spec = get_model_spec(job_config.model.name)
+        self.model_args = self._model_args()
+        training = job_config.training
+        self.dataloader = build_dataloader(
+            job_config.dataloader, self.tokenizer, seq_len=training.seq_len,
+            local_batch_size=training.local_batch_size, global_batch_size=training.global_batch_size,
+            dp_rank=self.dp_rank, dp_degree=self.dp_degree, seed=job_config.debug.seed)
+        self.grad_accum_steps = self.dataloader.grad_accum_steps
+
+        self._build_model()
+        self.optimizers = build_optimizers(self.model_parts, job_config.optimizer)
+        self.lr_schedulers = build_lr_schedulers(self.optimizers, job_config.lr_scheduler, training.steps)
+        self.train_state = TrainState()
+        self.rng = RNGState(self.rank, self.world_size, self.device)
+
+        self.checkpointer = CheckpointManager(
+            job_config.checkpoint, job_config=job_config, dump_folder=job_config.job.dump_folder,
+            model_parts=self.model_parts, optimizers=self.optimizers, lr_schedulers=self.lr_schedulers,
+            dataloader=self.dataloader, train_state=self.train_state, rng=self.rng,
+            parallel_dims=self.parallel_dims, model_spec=self.model_spec, model_args=self.model_args,
+            tokenizer_path=self.tokenizer.path)
+        self.metrics = None
+
+    # --- building -------------------------------------------------------------------
+
+    def _model_args(self):
+        flavors = self.model_spec.flavors
+        flavor = self.job_config.model.flavor
+        if flavor not in flavors:
+            raise ConfigError([f"--model.flavor {flavor!r}: not a flavor of {self.model_spec.name}; "
+                               f"choose from {', '.join(flavors)}"])
+        args = copy.deepcopy(flavors[flavor])
+        args.max_seq_len = self.job_config.training.seq_len
+        if flavor == "debugmodel" or args.vocab_size < self.tokenizer.vocab_size:
+            args.vocab_size = self.tokenizer.vocab_size
+        return args
+
+    def _build_model(self) -> None:
+        with torch.device("meta"):
+            model = self.model_spec.model_cls(self.model_args)
+        self.pp_schedule = None
+        self.has_first_stage = self.has_last_stage = True
+        if self.parallel_dims.pp_enabled:
+            parts = self.model_spec.pipeline(model, self.parallel_dims, self.job_config, self.device,
+                                             self._pipeline_loss)
+            self.pp_schedule = parts.schedule
+            self.model_parts = parts.model_parts
+            self.has_first_stage, self.has_last_stage = parts.has_first_stage, parts.has_last_stage
+        else:
+            self.model_parts = [self.model_spec.parallelize(model, self.parallel_dims, self.job_config,
+                                                            self.device)]
+        for part in self.model_parts:
+            if any(p.is_meta for p in part.parameters()):
+                part.to_empty(device=self.device)
+                self.model_spec.init_weights(part, self.job_config.debug.seed, self.device)
+            part.train()
+        num_params = self.model_args.num_params()
+        logger.info("model %s %s: %.2fM parameters, layout %s", self.model_spec.name, self.job_config.model.flavor,
+                    num_params / 1e6, self.parallel_dims.degrees)
+
+    def _pipeline_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return cross_entropy_loss(logits, labels) / self.grad_accum_steps
+
+    def _set_determinism(self, debug) -> None:
+        torch.manual_seed(debug.seed)
+        if debug.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
+
+    # --- one step -----------------------------------------------------------------------
+
+    def train_step(self) -> dict[str, float]:
+        self.optimizers.zero_grad()
+        local_loss = torch.zeros((), device=self.device)
+        for _ in range(self.grad_accum_steps):
+            inputs, labels = self.dataloader.next_batch()
+            inputs, labels = inputs.to(self.device), labels.to(self.device)
+            if self.pp_schedule is not None:
+                local_loss += self._pipeline_forward_backward(inputs, labels)
+            else:
+                loss = cross_entropy_loss(self.model_parts[0](inputs), labels) / self.grad_accum_steps
+                loss.backward()
+                local_loss += loss.detach()
+
+        params = [p for part in self.model_parts for p in part.parameters()]
+        pp_group = self.mesh["pp"].get_group() if self.parallel_dims.pp_enabled else None
+        grad_norm = clip_grad_norm_(params, self.job_config.training.max_norm, pp_group=pp_group)
+        self.checkpointer.maybe_wait_for_staging()
+        self.optimizers.step()
+        self.lr_schedulers.step()
+        return {"loss": self._global_loss(local_loss), "grad_norm": grad_norm.item()}
+
+    def _pipeline_forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        targets = labels if self.has_last_stage else None
+        losses: list[torch.Tensor] | None = [] if self.has_last_stage else None
+        if self.has_first_stage:
+            self.pp_schedule.step(inputs, target=targets, losses=losses)
+        else:
+            self.pp_schedule.step(target=targets, losses=losses)
+        if not self.has_last_stage:
+            return torch.zeros((), device=self.device)
+        # Each microbatch loss was divided by grad_accum_steps; their mean is this micro-step's.
+        return torch.stack([loss.detach() for loss in losses]).mean()
+
+    def _global_loss(self, local_loss: torch.Tensor) -> float:
+        """Mean loss over the global batch: every rank that holds a last stage contributes."""
+        contributing = self.world_size // self.parallel_dims.pp
+        value = local_loss.detach().float().reshape(1).clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        return value.item() / contributing
+
+    # --- the loop -----------------------------------------------------------------------
+
+    def train(self) -> None:
+        job_config = self.job_config
+        ckpt_config = job_config.checkpoint
+        if ckpt_config.create_seed_checkpoint:
+            self._create_seed_checkpoint()
+            return
+        loaded = self.checkpointer.load()
+        self.metrics = MetricsLogger(job_config.metrics, job_config.job.dump_folder, rank=self.rank,
+                                     append=loaded and self.train_state.step > 0)
+        total_steps = job_config.training.steps
+        tokens_per_step = (self.dataloader.global_batch_size * job_config.training.seq_len)
+        logger.info("training from step %d to %d (global batch %d sequences x %d tokens, grad accumulation %d)",
+                    self.train_state.step, total_steps, self.dataloader.global_batch_size,
+                    job_config.training.seq_len, self.grad_accum_steps)
+        try:
+            while self.train_state.step < total_steps:
+                start = time.perf_counter()
+                self.train_state.step += 1
+                step = self.train_state.step
+                out = self.train_step()
+                self.train_state.tokens_seen += tokens_per_step
+                step_time = dist_max(time.perf_counter() - start)
+                self.metrics.log(step, {**out, "lr": self.lr_schedulers.last_lr,
+                                        "tokens_per_second": tokens_per_step / step_time,
+                                        "step_time_ms": step_time * 1e3,
+                                        "memory_gib": memory_gib(self.device),
+                                        "tokens_seen": self.train_state.tokens_seen})
+                save_info = self.checkpointer.save(step, last_step=step == total_steps)
+                if save_info:
+                    self.metrics.event(step, "checkpoint_save", **save_info)
+        finally:
+            self.checkpointer.close()
+            self.metrics.close()
+        logger.info("training done at step %d", self.train_state.step)
+
+    def _create_seed_checkpoint(self) -> None:
+        degrees = self.parallel_dims.degrees
+        if self.world_size != 1 or any(degrees[k] != 1 for k in ("dp_replicate", "dp_shard", "tp", "pp")):
+            raise ConfigError([
+                "--checkpoint.create_seed_checkpoint runs on one process with every parallelism degree 1: "
+                f"got world size {self.world_size} and {degrees}; use NGPU=1 and "
+                "--parallelism.data_parallel_shard_degree 1 --parallelism.tensor_parallel_degree 1 "
+                "--parallelism.pipeline_parallel_degree 1 --parallelism.data_parallel_replicate_degree 1"])
+        self.checkpointer.save_seed()
+        self.checkpointer.close()
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
