@@ -58,10 +58,10 @@ class MetricsLogger:
                         metrics.get("tokens_per_second", 0.0), metrics.get("step_time_ms", 0.0),
                         metrics.get("memory_gib", 0.0))
 
-    def event(self, step: int, kind: str, **fields) -> None:
+    def event(self, step: int, event: str, **fields) -> None:
         """A non-step record (a checkpoint save or load) in metrics.jsonl."""
         if self.rank == 0 and self.jsonl is not None:
-            self.jsonl.write(json.dumps({"event": kind, "step": step, **fields, "time": time.time()}) + "\n")
+            self.jsonl.write(json.dumps({"event": event, "step": step, **fields, "time": time.time()}) + "\n")
 
     def close(self) -> None:
         if self.jsonl is not None:

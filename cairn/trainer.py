@@ -67,7 +67,7 @@ class Trainer:
 
         self.parallel_dims = ParallelDims.from_config(job_config.parallelism, self.world_size)
         self.mesh = self.parallel_dims.build_mesh(self.device.type)
-        dp_mesh = self.mesh["dp"]
+        dp_mesh = self.parallel_dims.dp_mesh
         self.dp_rank, self.dp_degree = dp_mesh.get_local_rank(), dp_mesh.size()
 
         self.tokenizer = Tokenizer(job_config.model.tokenizer_path)
@@ -160,9 +160,10 @@ class Trainer:
         pp_group = self.mesh["pp"].get_group() if self.parallel_dims.pp_enabled else None
         grad_norm = clip_grad_norm_(params, self.job_config.training.max_norm, pp_group=pp_group)
         self.checkpointer.maybe_wait_for_staging()
+        lr = self.lr_schedulers.last_lr  # the rate this step's update uses
         self.optimizers.step()
         self.lr_schedulers.step()
-        return {"loss": self._global_loss(local_loss), "grad_norm": grad_norm.item()}
+        return {"loss": self._global_loss(local_loss), "grad_norm": grad_norm.item(), "lr": lr}
 
     def _pipeline_forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         targets = labels if self.has_last_stage else None
@@ -195,19 +196,20 @@ class Trainer:
         self.metrics = MetricsLogger(job_config.metrics, job_config.job.dump_folder, rank=self.rank,
                                      append=loaded and self.train_state.step > 0)
         total_steps = job_config.training.steps
+        stop_at = min(total_steps, job_config.debug.exit_after_step or total_steps)
         tokens_per_step = (self.dataloader.global_batch_size * job_config.training.seq_len)
         logger.info("training from step %d to %d (global batch %d sequences x %d tokens, grad accumulation %d)",
                     self.train_state.step, total_steps, self.dataloader.global_batch_size,
                     job_config.training.seq_len, self.grad_accum_steps)
         try:
-            while self.train_state.step < total_steps:
+            while self.train_state.step < stop_at:
                 start = time.perf_counter()
                 self.train_state.step += 1
                 step = self.train_state.step
                 out = self.train_step()
                 self.train_state.tokens_seen += tokens_per_step
                 step_time = dist_max(time.perf_counter() - start)
-                self.metrics.log(step, {**out, "lr": self.lr_schedulers.last_lr,
+                self.metrics.log(step, {**out,
                                         "tokens_per_second": tokens_per_step / step_time,
                                         "step_time_ms": step_time * 1e3,
                                         "memory_gib": memory_gib(self.device),
@@ -218,7 +220,10 @@ class Trainer:
         finally:
             self.checkpointer.close()
             self.metrics.close()
-        logger.info("training done at step %d", self.train_state.step)
+        if self.train_state.step < total_steps:
+            logger.info("stopped after step %d of %d (--debug.exit_after_step)", self.train_state.step, total_steps)
+        else:
+            logger.info("training done at step %d", self.train_state.step)
 
     def _create_seed_checkpoint(self) -> None:
         degrees = self.parallel_dims.degrees

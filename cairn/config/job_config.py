@@ -316,8 +316,13 @@ class DebugSection:
     """Use deterministic algorithms (torch.use_deterministic_algorithms)."""
     log_level: str = "INFO"
     """Logging level: DEBUG, INFO, WARNING."""
+    exit_after_step: int = 0
+    """Stop cleanly after this step, as a preemption would (pending saves finish); the LR
+    schedule still spans --training.steps, so a later run resumes where this one stopped. 0: off."""
 
     def problems(self) -> list[str]:
+        if self.exit_after_step < 0:
+            return [f"--debug.exit_after_step must be >= 0 (got {self.exit_after_step})"]
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             return [f"--debug.log_level must be DEBUG, INFO, WARNING or ERROR (got {self.log_level!r})"]
         return []

@@ -1,7 +1,7 @@
 """Parallel degrees and the device mesh built from them.
 
 The mesh always has the four named dims ``("pp", "dp_replicate", "dp_shard", "tp")``
-(degree-1 dims included), plus the flattened ``"dp"`` (= dp_replicate x dp_shard) used for
+(degree-1 dims included), plus the flattened ``dp_mesh`` (= dp_replicate x dp_shard) used for
 data loading and loss averaging. Rank order: tp is innermost, so tensor-parallel peers are
 neighbours (the same host on GPU clusters).
 """
@@ -27,24 +27,21 @@ class ParallelDims:
     ep: int = 1
 
     def __post_init__(self) -> None:
-        problems = []
+        named = {"data_parallel_replicate_degree": self.dp_replicate, "tensor_parallel_degree": self.tp,
+                 "pipeline_parallel_degree": self.pp, "context_parallel_degree": self.cp,
+                 "expert_parallel_degree": self.ep}
         others = self.dp_replicate * self.tp * self.pp * self.cp * self.ep
+        product = " x ".join(f"--parallelism.{k} ({v})" for k, v in named.items() if v != 1) or "1"
         if self.dp_shard == -1:
             if self.world_size % others:
-                problems.append(
-                    f"world size {self.world_size} is not divisible by --parallelism.data_parallel_replicate_degree "
-                    f"x tensor_parallel_degree x pipeline_parallel_degree = {others}, so "
-                    "--parallelism.data_parallel_shard_degree=-1 cannot take the rest")
-            else:
-                self.dp_shard = self.world_size // others
-        if not problems and others * self.dp_shard != self.world_size:
-            problems.append(
-                f"--parallelism.data_parallel_replicate_degree ({self.dp_replicate}) x data_parallel_shard_degree "
-                f"({self.dp_shard}) x tensor_parallel_degree ({self.tp}) x pipeline_parallel_degree ({self.pp}) "
-                f"x context_parallel_degree ({self.cp}) x expert_parallel_degree ({self.ep}) = "
-                f"{others * self.dp_shard}, but the world size is {self.world_size} (NGPU / --nproc_per_node x nodes)")
-        if problems:
-            raise ConfigError(problems)
+                raise ConfigError([
+                    f"world size {self.world_size} (NGPU x nodes) is not divisible by {product} = {others}, so "
+                    "--parallelism.data_parallel_shard_degree -1 cannot take the rest"])
+            self.dp_shard = self.world_size // others
+        if others * self.dp_shard != self.world_size:
+            raise ConfigError([
+                f"--parallelism.data_parallel_shard_degree ({self.dp_shard}) x {product} = "
+                f"{others * self.dp_shard}, but the world size is {self.world_size} (NGPU x nodes)"])
         self._mesh = None
 
     @classmethod
@@ -84,9 +81,17 @@ class ParallelDims:
 
         mesh = init_device_mesh(device_type, (self.pp, self.dp_replicate, self.dp_shard, self.tp),
                                 mesh_dim_names=MESH_DIMS)
-        mesh["dp_replicate", "dp_shard"]._flatten("dp")
+        # Keep the flattened mesh: slicing "dp" back out of the root mesh is deprecated.
+        self._dp_mesh = mesh["dp_replicate", "dp_shard"]._flatten("dp")
         self._mesh = mesh
         return mesh
+
+    @property
+    def dp_mesh(self):
+        """The flattened data-parallel mesh (dp_replicate x dp_shard): data sharding, loss averaging."""
+        if self._mesh is None:
+            raise RuntimeError("ParallelDims.build_mesh() has not been called")
+        return self._dp_mesh
 
     @property
     def mesh(self):
