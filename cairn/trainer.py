@@ -174,8 +174,9 @@ class Trainer:
             self.pp_schedule.step(target=targets, losses=losses)
         if not self.has_last_stage:
             return torch.zeros((), device=self.device)
-        # Each microbatch loss was divided by grad_accum_steps; their mean is this micro-step's.
-        return torch.stack([loss.detach() for loss in losses]).mean()
+        # The schedule divides each microbatch's mean loss by the number of microbatches (and
+        # _pipeline_loss by grad_accum_steps), so their sum is this micro-step's share of the mean.
+        return torch.stack([loss.detach() for loss in losses]).sum()
 
     def _global_loss(self, local_loss: torch.Tensor) -> float:
         """Mean loss over the global batch: every rank that holds a last stage contributes."""
@@ -194,7 +195,7 @@ class Trainer:
             return
         loaded = self.checkpointer.load()
         self.metrics = MetricsLogger(job_config.metrics, job_config.job.dump_folder, rank=self.rank,
-                                     append=loaded and self.train_state.step > 0)
+                                     append=loaded)
         total_steps = job_config.training.steps
         stop_at = min(total_steps, job_config.debug.exit_after_step or total_steps)
         tokens_per_step = (self.dataloader.global_batch_size * job_config.training.seq_len)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 
@@ -166,8 +167,16 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        # Set by parallelize_llama for --activation_checkpoint.mode full. A flag rather than
+        # checkpoint_wrapper, which would add `_checkpoint_wrapped_module` to every FQN.
+        self.activation_checkpoint = False
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if self.activation_checkpoint and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self._forward, x, cos, sin, use_reentrant=False)
+        return self._forward(x, cos, sin)
+
+    def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), cos, sin)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -198,6 +207,15 @@ class Transformer(nn.Module):
             h = layer(h, self.rope_cos, self.rope_sin)
         h = self.norm(h) if self.norm is not None else h
         return self.output(h) if self.output is not None else h
+
+    def _apply(self, fn, recurse=True):
+        # Module._apply gives each module a fresh Parameter where it cannot convert in place
+        # (meta -> cpu in to_empty, for one), which would untie output from tok_embeddings.
+        out = super()._apply(fn, recurse)
+        tied = self.args.tie_word_embeddings and self.tok_embeddings is not None and self.output is not None
+        if tied and self.output.weight is not self.tok_embeddings.weight:
+            self.output.weight = self.tok_embeddings.weight
+        return out
 
     @torch.no_grad()
     def init_buffers(self, device: torch.device | str | None = None) -> None:
