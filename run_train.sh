@@ -25,6 +25,5 @@ else
   launch+=(--standalone)
 fi
 if [[ -n "${MAX_RESTARTS:-}" ]]; then launch+=(--max-restarts="$MAX_RESTARTS"); fi
-cd "$root"
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 exec "$python" -m torch.distributed.run "${launch[@]}" -m cairn.train "${args[@]}" "$@"

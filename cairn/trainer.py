@@ -70,14 +70,20 @@ class Trainer:
         dp_mesh = self.parallel_dims.dp_mesh
         self.dp_rank, self.dp_degree = dp_mesh.get_local_rank(), dp_mesh.size()
 
-        self.tokenizer = Tokenizer(job_config.model.tokenizer_path)
+        try:
+            self.tokenizer = Tokenizer(job_config.model.tokenizer_path)
+        except FileNotFoundError as e:
+            raise ConfigError([str(e)]) from e
         self.model_spec = get_model_spec(job_config.model.name)
         self.model_args = self._model_args()
         training = job_config.training
-        self.dataloader = build_dataloader(
-            job_config.dataloader, self.tokenizer, seq_len=training.seq_len,
-            local_batch_size=training.local_batch_size, global_batch_size=training.global_batch_size,
-            dp_rank=self.dp_rank, dp_degree=self.dp_degree, seed=job_config.debug.seed)
+        try:
+            self.dataloader = build_dataloader(
+                job_config.dataloader, self.tokenizer, seq_len=training.seq_len,
+                local_batch_size=training.local_batch_size, global_batch_size=training.global_batch_size,
+                dp_rank=self.dp_rank, dp_degree=self.dp_degree, seed=job_config.debug.seed)
+        except (ValueError, FileNotFoundError) as e:  # the loader's messages name the flags
+            raise ConfigError([str(e)]) from e
         self.grad_accum_steps = self.dataloader.grad_accum_steps
 
         self._build_model()

@@ -309,9 +309,9 @@ class CheckpointManager:
         state: dict[str, Any] = dict(self.model.state_dict())
         for key in include_states:
             state[key] = self.states[key].state_dict()
-        reader = self.storage.reader(path, verify=self.config.verify)
-        self._check_against_metadata(path, reader, state)
-        dcp.load(state, storage_reader=reader, planner=self.storage.load_planner())
+        self._check_against_metadata(path, self.storage.reader(path), state)
+        # storage.load re-raises a corrupt file as CorruptCheckpointError on every rank.
+        self.storage.load(state, path, verify=self.config.verify)
         self.model.load_state_dict({k: v for k, v in state.items() if k not in self.states})
         for key in include_states:
             try:

@@ -1,0 +1,340 @@
+"""Reading checkpoints without running code that came from them.
+
+Stock DCP unpickles bytes from the checkpoint in two places: the ``.metadata`` file
+(``pickle.load``) and every non-tensor item (``torch.load(weights_only=False)`` in
+``DefaultLoadPlanner.load_bytes``). A crafted file runs its payload in either. Here:
+
+- ``.metadata`` goes through an allowlist unpickler that resolves only the classes DCP's
+  metadata is made of (its dataclasses, ``torch.Size``, dtypes, layouts, paths); any other
+  global is refused before it is imported, so a payload never runs;
+- non-tensor items load with ``torch.load(weights_only=True)`` (``SafeLoadPlanner``);
+- tensor items already load with ``weights_only=True`` in DCP's FileSystemReader; the tests
+  check that on every torch version they run on.
+
+``SafeFileSystemReader`` also checks every file's size against the cairn manifest before
+reading (a missing or truncated file is named, rather than failing deep inside a read),
+and with ``verify=True`` checks hashes: ``.metadata`` before it is parsed, each data file
+before the rank that reads it reads it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import io
+import logging
+import os
+import pickle
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint.metadata as metadata_module
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.filesystem import FileSystemReader
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
+from torch.futures import Future
+
+from cairn.checkpoint.storage import (
+    MANIFEST_NAME,
+    METADATA_NAME,
+    SAVE_ID_PREFIX,
+    CheckpointError,
+    UnsafeCheckpointError,
+    _corrupt,
+    _parse_manifest,
+    check_files,
+)
+
+logger = logging.getLogger("cairn")
+
+try:  # private in every torch release so far; the fallback below does the same walk
+    from torch.distributed.checkpoint._traverse import set_element
+except ImportError:  # pragma: no cover
+    def set_element(root: dict, path: Sequence, value: Any) -> None:
+        for key in path[:-1]:
+            root = root[key]
+        root[path[-1]] = value
+
+_DCP_METADATA_MODULE = "torch.distributed.checkpoint.metadata"
+_PATH_CLASSES = frozenset({"Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath"})
+# module -> names a DCP .metadata may reference. Also admitted (see find_class): any class
+# defined in DCP's metadata module (its plain dataclasses and enums, including ones a later
+# torch adds) and, from ``torch``, dtypes and layouts by value.
+_ALLOWED_GLOBALS: dict[str, frozenset[str]] = {
+    "torch.distributed.checkpoint.filesystem": frozenset({"_StorageInfo"}),
+    "torch.serialization": frozenset({"_get_layout"}),
+    "torch": frozenset({"Size"}),
+    "collections": frozenset({"OrderedDict"}),
+    "builtins": frozenset({"set", "frozenset"}),
+    "copyreg": frozenset({"_reconstructor"}),
+    "pathlib": _PATH_CLASSES,
+    "pathlib._local": _PATH_CLASSES,  # where Python 3.13+ pickles its paths
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP metadata; refuses every global outside ``_ALLOWED_GLOBALS``."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == _DCP_METADATA_MODULE:
+            value = getattr(metadata_module, name, None)
+            if isinstance(value, type) and value.__module__ == _DCP_METADATA_MODULE:
+                return value
+        elif module == "torch" and name not in _ALLOWED_GLOBALS["torch"]:
+            value = getattr(torch, name, None)
+            if isinstance(value, (torch.dtype, torch.layout)):
+                return value
+        elif name in _ALLOWED_GLOBALS.get(module, ()):
+            if module == "pathlib._local":
+                module = "pathlib"  # a file from Python 3.13+ read on an older Python
+            return getattr(importlib.import_module(module), name)
+        raise UnsafeCheckpointError(f"it references {module}.{name}, which DCP metadata never contains")
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise UnsafeCheckpointError("it holds a persistent reference, which DCP metadata never contains")
+
+
+def load_metadata_file(path: str | os.PathLike) -> Metadata:
+    """DCP metadata from ``path`` without running code from it; CheckpointError names the file."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing: {path.parent} is not a DCP checkpoint, or its save never "
+                              "finished") from None
+    except UnsafeCheckpointError as e:
+        raise UnsafeCheckpointError(f"refusing to load {path}: {e}; the file is crafted or not DCP metadata. "
+                                    "Nothing from it was run") from None
+    except Exception as e:  # truncated or garbled pickles raise a zoo of types
+        raise _corrupt(path.parent, [f"{path}: unreadable DCP metadata ({type(e).__name__}: {e})"]) from None
+    problems = _metadata_shape_problems(metadata, path)
+    if problems:
+        raise _corrupt(path.parent, problems)
+    return metadata
+
+
+def _metadata_shape_problems(metadata: Any, path: Path) -> list[str]:
+    if not isinstance(metadata, Metadata):
+        return [f"{path}: holds a {type(metadata).__name__}, not DCP Metadata"]
+    if not isinstance(metadata.state_dict_metadata, dict) or not isinstance(metadata.storage_data, dict):
+        return [f"{path}: DCP metadata without its state_dict_metadata/storage_data tables"]
+    problems = []
+    for index, info in metadata.storage_data.items():
+        relative_path = getattr(info, "relative_path", None)
+        offset, length = getattr(info, "offset", None), getattr(info, "length", None)
+        # A crafted entry could point outside the checkpoint (``../../etc/passwd``).
+        if (not isinstance(relative_path, str) or not relative_path or "/" in relative_path
+                or "\\" in relative_path or relative_path in (".", "..")):
+            problems.append(f"{path}: item {getattr(index, 'fqn', index)!r} points to an invalid file name "
+                            f"{relative_path!r}")
+        elif not (isinstance(offset, int) and isinstance(length, int) and offset >= 0 and length >= 0):
+            problems.append(f"{path}: item {index.fqn!r} has an invalid offset/length ({offset}, {length})")
+    return problems
+
+
+def written_by_cairn(metadata: Metadata) -> bool:
+    save_id = getattr(getattr(metadata, "storage_meta", None), "save_id", None)
+    return isinstance(save_id, str) and save_id.startswith(SAVE_ID_PREFIX)
+
+
+def check_dcp_structure(step_dir: str | os.PathLike, manifest_expected: bool = False) -> list[str]:
+    """Problems in a DCP dir's structure: unsafe/unreadable ``.metadata``, items outside their files.
+
+    ``manifest_expected``: the dir has no manifest; report that if cairn wrote the metadata.
+    """
+    step_dir = Path(step_dir)
+    try:
+        metadata = load_metadata_file(step_dir / METADATA_NAME)
+    except CheckpointError as e:
+        return list(getattr(e, "problems", None) or [str(e)])
+    problems = []
+    if manifest_expected and written_by_cairn(metadata):
+        problems.append(f"{step_dir / MANIFEST_NAME}: missing (cairn wrote this step, with a manifest)")
+    sizes: dict[str, int | None] = {}
+    for index, info in metadata.storage_data.items():
+        name = info.relative_path
+        if name not in sizes:
+            try:
+                sizes[name] = (step_dir / name).stat().st_size
+            except FileNotFoundError:
+                sizes[name] = None
+                problems.append(f"{step_dir / name}: missing (DCP metadata points to it)")
+        if sizes[name] is not None and info.offset + info.length > sizes[name]:
+            problems.append(f"{step_dir / name}: item {index.fqn!r} ends at byte {info.offset + info.length}, "
+                            f"past the end of the file ({sizes[name]} bytes)")
+    for fqn, item in metadata.state_dict_metadata.items():
+        if isinstance(item, TensorStorageMetadata):
+            indexes = [MetadataIndex(fqn, chunk.offsets) for chunk in item.chunks]
+        elif isinstance(item, BytesStorageMetadata):
+            indexes = [MetadataIndex(fqn)]
+        else:
+            continue
+        if any(index not in metadata.storage_data for index in indexes):
+            problems.append(f"{step_dir / METADATA_NAME}: {fqn!r} has no stored data")
+    return problems
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """DCP's FileSystemReader that never unpickles code and checks files against the manifest."""
+
+    def __init__(self, path: str | os.PathLike, *, verify: bool = False):
+        super().__init__(path)
+        self.verify = verify
+        self.last_error: CheckpointError | None = None
+        self._manifest: dict | None = None
+        self._manifest_checked = False
+        self._verified: set[str] = set()
+
+    def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
+        super().reset(checkpoint_id)
+        if checkpoint_id:
+            self._manifest, self._manifest_checked, self._verified = None, False, set()
+
+    def _check_manifest(self) -> None:
+        if self._manifest_checked:
+            return
+        step_dir = Path(self.path)
+        try:
+            raw = (step_dir / MANIFEST_NAME).read_bytes()
+        except FileNotFoundError:
+            raw = None
+        if raw is None and self.verify:
+            logger.warning("%s has no %s (not written by cairn): checksums cannot be verified", step_dir,
+                           MANIFEST_NAME)
+        if raw is not None:
+            manifest = _parse_manifest(raw, step_dir / MANIFEST_NAME)
+            problems = check_files(step_dir, manifest, checksums=False)
+            if not problems and self.verify:
+                problems = check_files(step_dir, manifest, checksums=True, only=[METADATA_NAME])
+                self._verified.add(METADATA_NAME)
+            if problems:
+                raise _corrupt(step_dir, problems)
+            self._manifest = manifest
+        self._manifest_checked = True
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        rank = kwargs.get("rank")
+        if rank is not None and self.last_error is not None:
+            raise self.last_error  # DCP's per-rank fallback after our refusal: same answer
+        try:
+            self._check_manifest()
+            metadata = load_metadata_file(self._get_metadata_path(rank))
+            if self._manifest is None and written_by_cairn(metadata):
+                raise _corrupt(Path(self.path), [f"{Path(self.path) / MANIFEST_NAME}: missing (cairn wrote this "
+                                                 "step, with a manifest)"])
+        except CheckpointError as e:
+            self.last_error = e
+            raise
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        try:
+            if self.verify and self._manifest is not None:
+                # Each rank hashes exactly the files it is about to read.
+                names = {self.storage_data[item.storage_index].relative_path for item in plan.items}
+                names -= self._verified
+                problems = check_files(Path(self.path), self._manifest, checksums=True, only=names)
+                if problems:
+                    raise _corrupt(Path(self.path), problems)
+                self._verified |= names
+            return super().read_data(plan, planner)
+        except CheckpointError as e:
+            self.last_error = e
+            raise
+        except pickle.UnpicklingError as e:  # a tensor item that is not a plain tensor
+            error = UnsafeCheckpointError(f"refusing to load a tensor item from {self.path}: "
+                                          f"{str(e).splitlines()[0]}")
+            self.last_error = error
+            raise error from None
+
+
+def _where(planner: DefaultLoadPlanner, read_item: ReadItem) -> str:
+    info = (getattr(planner.metadata, "storage_data", None) or {}).get(read_item.storage_index)
+    name = getattr(info, "relative_path", "?")
+    return f"{name} (item {read_item.storage_index.fqn!r})"
+
+
+class _WeightsOnlyObjects:
+    """``load_bytes`` with ``torch.load(weights_only=True)``, for DefaultLoadPlanner subclasses."""
+
+    safe_globals: tuple = ()
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        allow = torch.serialization.safe_globals(list(self.safe_globals)) if self.safe_globals else (
+            contextlib.nullcontext())
+        try:
+            with allow:
+                obj = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise UnsafeCheckpointError(
+                f"refusing to unpickle {_where(self, read_item)}: {str(e).splitlines()[0]} Loading never runs "
+                "code from checkpoint files: save such values as plain Python types, or allow the class with "
+                "load_planner(safe_globals=[...])") from None
+        except Exception as e:
+            raise CheckpointError(f"cannot read {_where(self, read_item)}: {type(e).__name__}: {e}") from None
+        fqn = read_item.dest_index.fqn
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[fqn], obj)
+        else:
+            self.state_dict[fqn] = obj
+
+
+class SafeLoadPlanner(_WeightsOnlyObjects, DefaultLoadPlanner):
+    """DefaultLoadPlanner whose non-tensor items load with ``torch.load(weights_only=True)``.
+
+    ``safe_globals`` admits extra classes (as ``torch.serialization.safe_globals`` does);
+    other options go to DefaultLoadPlanner (``allow_partial_load``, ...).
+    """
+
+    def __init__(self, *args: Any, safe_globals: Iterable = (), **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.safe_globals = tuple(safe_globals)
+
+
+try:
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+except ImportError:  # pragma: no cover
+    _EmptyStateDictLoadPlanner = None
+
+if _EmptyStateDictLoadPlanner is not None:
+    class SafeEmptyStateDictLoadPlanner(_WeightsOnlyObjects, _EmptyStateDictLoadPlanner):
+        """Rebuilds the whole saved state dict from metadata (as ``dcp_to_torch`` does), safely."""
+
+        def __init__(self, keys: Iterable[str] | None = None, *, safe_globals: Iterable = (), **kwargs: Any):
+            super().__init__(keys=set(keys) if keys is not None else None, **kwargs)
+            self.safe_globals = tuple(safe_globals)
+
+
+def load_full_state_dict(step_dir: str | os.PathLike, *, keys: Iterable[str] | None = None,
+                         verify: bool = False) -> dict[str, Any]:
+    """Everything (or ``keys``) saved in a DCP dir, in this process, without running checkpoint code."""
+    if _EmptyStateDictLoadPlanner is None:  # pragma: no cover
+        raise CheckpointError("this torch has no _EmptyStateDictLoadPlanner; cannot rebuild a state dict "
+                              "without a template")
+    import torch.distributed.checkpoint as dcp
+
+    from cairn.checkpoint.storage import find_checkpoint_error
+
+    reader = SafeFileSystemReader(step_dir, verify=verify)
+    planner = SafeEmptyStateDictLoadPlanner(keys)
+    try:
+        dcp.load({}, storage_reader=reader, planner=planner, no_dist=True)
+    except BaseException as e:
+        error = reader.last_error or find_checkpoint_error(e)
+        if error is not None and error is not e:
+            raise error from e
+        raise
+    return planner.original_state_dict  # the dict the planner rebuilt from the metadata and filled
