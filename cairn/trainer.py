@@ -202,6 +202,8 @@ class Trainer:
         loaded = self.checkpointer.load()
         self.metrics = MetricsLogger(job_config.metrics, job_config.job.dump_folder, rank=self.rank,
                                      append=loaded)
+        if loaded and self.checkpointer.last_load:  # where a resumed run picks up (`cairn checkpoint plot`)
+            self.metrics.event(self.train_state.step, "checkpoint_load", **self.checkpointer.last_load)
         total_steps = job_config.training.steps
         stop_at = min(total_steps, job_config.debug.exit_after_step or total_steps)
         tokens_per_step = (self.dataloader.global_batch_size * job_config.training.seq_len)

@@ -87,6 +87,7 @@ class CheckpointManager:
         self.tokenizer_dir = Path(tokenizer_path).parent if tokenizer_path else None
         self.rank = dist.get_rank()
         self.async_saver: AsyncSaver | None = None
+        self.last_load: dict | None = None  # what load() restored (kind, path, bytes, seconds), for metrics
         self._purge_thread: threading.Thread | None = None
         if not self.enabled:
             return
@@ -124,8 +125,9 @@ class CheckpointManager:
         info["stall_s"] = round(time.perf_counter() - start, 4)
         if last_step:
             self._finish_in_flight()
-        logger.info("checkpoint step %d: %s save of %.1f MB to %s, training stalled %.3f s", step, info["kind"],
-                    info["bytes"] / 1e6, self.storage.step_dir(step), info["stall_s"])
+        logger.info("checkpoint step %d: %s save of %.1f MB to %s, training stalled %.3f s%s", step, info["kind"],
+                    info["bytes"] / 1e6, self.storage.step_dir(step), info["stall_s"],
+                    "; writing in the background" if info.get("async") and not last_step else "")
         return info
 
     def save_seed(self) -> None:
@@ -155,9 +157,12 @@ class CheckpointManager:
             self._purge_async(step)
         else:
             writer = self.storage.writer(step, info)
+            started = time.perf_counter()
 
             def write(staged: dict) -> None:
                 dcp.save(staged, storage_writer=writer, process_group=self.async_group)
+                logger.info("checkpoint step %d: background write of %.1f MB to %s committed %.2f s after the "
+                            "save began", step, nbytes / 1e6, writer.final_dir, time.perf_counter() - started)
                 self._purge_now(protect=())
 
             self.async_saver.submit(step, state, write)
@@ -268,9 +273,9 @@ class CheckpointManager:
         kind = manifest.get("kind", SEED if step == 0 else FULL)
         start = time.perf_counter()
         if kind == HF:
-            self._load_hf(step_dir)
+            nbytes = self._read_hf(step_dir)
         elif kind in (MODEL_ONLY, SEED):
-            self._dcp_load(step_dir, include_states=())
+            nbytes = self._dcp_load(step_dir, include_states=())
         else:
             keys = [k for k in self.states if k not in self.config.exclude_from_loading]
             saved_layout = manifest.get("layout")
@@ -279,11 +284,14 @@ class CheckpointManager:
                                "rank instead of restored", step, saved_layout, self.parallel_dims.degrees)
                 keys.remove("rng")
                 self.rng.reseed(self.job_config.debug.seed)
-            self._dcp_load(step_dir, include_states=keys)
+            nbytes = self._dcp_load(step_dir, include_states=keys)
         if kind in (MODEL_ONLY, HF) and not explicit and step >= self.job_config.training.steps:
             self.train_state.step = step  # a finished run: the loop has nothing left to do
-        logger.info("loaded %s checkpoint %s in %.2f s (training step now %d)", kind, step_dir,
-                    time.perf_counter() - start, self.train_state.step)
+        seconds = time.perf_counter() - start
+        logger.info("loaded %s checkpoint %s: %.1f MB in %.2f s (training step now %d)", kind, step_dir, nbytes / 1e6,
+                    seconds, self.train_state.step)
+        self.last_load = {"kind": kind, "from_step": step, "path": str(step_dir), "bytes": nbytes,
+                          "seconds": round(seconds, 4)}
         return True
 
     def _load_initial(self, path: Path) -> bool:
@@ -291,33 +299,48 @@ class CheckpointManager:
             raise CheckpointError(f"--checkpoint.initial_load_path {path}: no such directory")
         states = () if self.config.initial_load_model_only else [
             k for k in self.states if k not in self.config.exclude_from_loading]
-        self._dcp_load(path, include_states=states)
-        logger.info("loaded initial checkpoint %s (%s)", path, "model only" if not states else ", ".join(states))
+        start = time.perf_counter()
+        nbytes = self._dcp_load(path, include_states=states)
+        seconds = time.perf_counter() - start
+        logger.info("loaded initial checkpoint %s (%s): %.1f MB in %.2f s", path,
+                    "model only" if not states else "model, " + ", ".join(states), nbytes / 1e6, seconds)
+        self.last_load = {"kind": "initial", "path": str(path), "bytes": nbytes, "seconds": round(seconds, 4)}
         return True
 
     def _load_hf(self, path: Path) -> bool:
+        start = time.perf_counter()
+        nbytes = self._read_hf(path)
+        seconds = time.perf_counter() - start
+        logger.info("loaded Hugging Face weights from %s: %.1f MB in %.2f s", path, nbytes / 1e6, seconds)
+        self.last_load = {"kind": "hf", "path": str(path), "bytes": nbytes, "seconds": round(seconds, 4)}
+        return True
+
+    def _read_hf(self, path: Path) -> int:
+        """Model weights from an HF directory; returns the bytes this rank read."""
         from cairn.checkpoint.hf import load_hf
 
         adapter = self.model_spec.state_dict_adapter(self.model_args)
         state = self.model.state_dict()
-        load_hf(state, path, adapter)
+        result = load_hf(state, path, adapter)
         self.model.load_state_dict(state)
-        logger.info("loaded Hugging Face weights from %s", path)
-        return True
+        return result["bytes"]
 
-    def _dcp_load(self, path: Path, include_states) -> None:
+    def _dcp_load(self, path: Path, include_states) -> int:
+        """Load the model (and ``include_states``) from a DCP dir; returns the tensor bytes this rank loaded."""
         state: dict[str, Any] = dict(self.model.state_dict())
         for key in include_states:
             state[key] = self.states[key].state_dict()
         self._check_against_metadata(path, self.storage.reader(path), state)
         # storage.load re-raises a corrupt file as CorruptCheckpointError on every rank.
         self.storage.load(state, path, verify=self.config.verify)
+        nbytes = _bytes_of(state)
         self.model.load_state_dict({k: v for k, v in state.items() if k not in self.states})
         for key in include_states:
             try:
                 self.states[key].load_state_dict(state[key])
             except (ValueError, KeyError) as e:
                 raise CheckpointError(f"{path}: cannot restore {key!r}: {e}") from e
+        return nbytes
 
     def _check_against_metadata(self, path: Path, reader, state: dict) -> None:
         """Name every missing key and shape mismatch before DCP reads a byte."""

@@ -5,10 +5,14 @@ Two modes, as torchtitan names them:
 - ``async_with_pinned_mem``: host buffers (pinned on CUDA hosts) allocated at the first
   save and reused by every later one, so no save after the first allocates or pins memory.
 
-Staging runs off the training thread (a side CUDA stream with non-blocking copies on GPU
-hosts; a worker thread on CPU, where ``copy_`` releases the GIL) and overlaps the next
-step's forward/backward; the trainer waits for it only before the optimizer step, the
-first moment the parameters change. At most one save is in flight.
+Staging runs on the save's worker thread on every device and overlaps the next step's
+forward/backward; the trainer waits for it only before the optimizer step, the first moment
+the parameters change. The training thread only takes the state dict and, on GPU hosts,
+records an event on its stream; the worker's copies go on a side CUDA stream that waits for
+that event, so they see the parameters as that step left them. Nothing the size of the
+state runs on the training thread: not the copy into pageable memory of ``async`` mode
+(which blocks the thread that issues it), not the first save's pinned allocation, not the
+per-tensor launches. ``copy_`` releases the GIL. At most one save is in flight.
 """
 
 from __future__ import annotations
@@ -62,37 +66,43 @@ class HostStager:
                 self._buffers[path] = buffer
         return buffer
 
-    def stage(self, state_dict: dict) -> tuple[dict, Callable[[], None]]:
-        """Start copying; returns (host state dict of the same structure, wait function).
+    def ready_marker(self) -> torch.cuda.Event | None:
+        """On GPU hosts, an event on the training stream now: the copies start after it."""
+        if self._stream is None:
+            return None
+        event = torch.cuda.Event()
+        event.record()
+        return event
 
-        The wait function blocks until every copy has landed; on CPU the copies are done
-        by the caller's thread when ``stage`` returns.
+    def stage(self, state_dict: dict, ready: torch.cuda.Event | None = None) -> dict:
+        """A host copy of ``state_dict`` (same structure); returns once every copy has landed.
+
+        ``ready`` (from ``ready_marker``, taken on the training thread) orders the copies
+        after the work that produced the state when ``stage`` runs on another thread.
         """
+        if self._stream is None:
+            return self._copy(state_dict)
+        # The device, not only the stream: a new thread's current device is 0, and pinned
+        # allocations or events made there would open a context on another rank's GPU.
+        with torch.cuda.device(self._stream.device), torch.cuda.stream(self._stream):
+            if ready is not None:
+                self._stream.wait_event(ready)
+            else:
+                self._stream.wait_stream(torch.cuda.default_stream(self._stream.device))
+            staged = self._copy(state_dict)
+            done = torch.cuda.Event()
+            done.record(self._stream)
+        done.synchronize()
+        return staged
+
+    def _copy(self, state_dict: dict) -> dict:
         copies: dict[int, torch.Tensor] = {}
-        if self._stream is not None:
-            # The copies must see the parameters as the finished optimizer step left them.
-            self._stream.wait_stream(torch.cuda.current_stream())
-        ctx = torch.cuda.stream(self._stream) if self._stream is not None else _nullcontext()
-        with ctx:
-            for path, tensor in _leaves(state_dict):
-                local = _local(tensor)
-                buffer = self._buffer(path, local)
-                buffer.copy_(local.detach(), non_blocking=self._stream is not None and local.is_cuda)
-                copies[id(tensor)] = buffer
-        event = None
-        if self._stream is not None:
-            event = torch.cuda.Event()
-            event.record(self._stream)
-        staged = _rebuild(state_dict, copies)
-        return staged, (event.synchronize if event is not None else (lambda: None))
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+        for path, tensor in _leaves(state_dict):
+            local = _local(tensor)
+            buffer = self._buffer(path, local)
+            buffer.copy_(local.detach(), non_blocking=local.is_cuda)
+            copies[id(tensor)] = buffer
+        return _rebuild(state_dict, copies)
 
 
 def _rebuild(obj: Any, copies: dict[int, torch.Tensor]) -> Any:
@@ -111,7 +121,7 @@ def _rebuild(obj: Any, copies: dict[int, torch.Tensor]) -> Any:
 
 
 class AsyncSaver:
-    """One background worker: stage (CPU) or wait for staging (CUDA), then write and commit."""
+    """One background worker: stage into host memory, then write and commit."""
 
     def __init__(self, *, reuse_buffers: bool):
         self.stager = HostStager(reuse=reuse_buffers, pin_memory=reuse_buffers)
@@ -127,18 +137,11 @@ class AsyncSaver:
         self._staged.clear()
         self.in_flight_step = step
         start = time.perf_counter()
-        if self.stager._stream is not None:
-            staged, wait_copies = self.stager.stage(state_dict)
-        else:
-            staged, wait_copies = None, None
+        ready = self.stager.ready_marker()
 
         def job():
-            nonlocal staged
             try:
-                if staged is None:
-                    staged, _ = self.stager.stage(state_dict)
-                else:
-                    wait_copies()
+                staged = self.stager.stage(state_dict, ready)
             finally:
                 self.last_stage_seconds = time.perf_counter() - start
                 self._staged.set()

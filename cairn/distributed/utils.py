@@ -33,9 +33,28 @@ def init_distributed(timeout_s: int = 600) -> tuple[torch.device, int, int]:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
-                                device_id=device if dtype == "cuda" else None)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        dist.init_process_group(backend=backend, timeout=timeout, device_id=device if dtype == "cuda" else None,
+                                **_restart_safe_store(timeout))
     return device, dist.get_rank(), dist.get_world_size()
+
+
+def _restart_safe_store(timeout: datetime.timedelta) -> dict:
+    """Under torchrun, a store whose keys are private to this restart attempt.
+
+    torchrun's workers share the agent's TCPStore across ``--max-restarts`` attempts without
+    a per-attempt prefix: a restarted rank can read the address a killed rank published in
+    the previous attempt and fail to connect (seen with gloo on torch 2.13). Prefixing the
+    keys with the restart count makes every attempt rendezvous afresh.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    world_size = int(os.environ["WORLD_SIZE"])
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=False, timeout=timeout)
+    return {"store": dist.PrefixStore(f"/cairn/attempt_{attempt}", store), "rank": int(os.environ["RANK"]),
+            "world_size": world_size}
 
 
 def _free_port() -> int:
