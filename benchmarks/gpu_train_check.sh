@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The platform on a GPU host: run_train.sh on 1 GPU and on 2 GPUs (FSDP, TP, PP; NCCL), then a
+# bit-exact resume of an async_with_pinned_mem run on 2 GPUs. Logs and a summary go to $OUT.
+#   OUT=/tmp/out bash benchmarks/gpu_train_check.sh
+# On an offline host with a CUDA torch, carry the wheels in .whl (tyro and its deps):
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+set -uo pipefail
+OUT="${OUT:-/tmp/cairn-gpu}"; LOGS=/tmp/cairn-logs; mkdir -p "$OUT" "$LOGS"
+if [[ -d .whl ]] && ! python3 -c "import tyro" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+fi
+export CAIRN_PYTHON="${CAIRN_PYTHON:-python3}" PYTHONPATH="$PWD:${PYTHONPATH:-}"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; python3 -c "import torch; print('torch', torch.__version__)"; } | tee "$OUT/host.txt"
+run() {  # name, NGPU, args...
+  local name=$1 ngpu=$2; shift 2
+  local t0=$SECONDS
+  NGPU=$ngpu ./run_train.sh --job.dump_folder "/tmp/cairn-runs/$name" --metrics.log_freq 10 "$@" > "$LOGS/$name.log" 2>&1
+  local rc=$?
+  local tps=$(python3 - "$name" <<'PY'
+import json, sys, statistics
+recs = [json.loads(l) for l in open(f"/tmp/cairn-runs/{sys.argv[1]}/metrics.jsonl") if '"loss"' in l]
+tail = recs[len(recs) // 2:]
+print(f"steps={len(recs)} loss {recs[0]['loss']:.3f}->{recs[-1]['loss']:.3f} "
+      f"tok/s(median 2nd half)={statistics.median(r['tokens_per_second'] for r in tail):.0f} "
+      f"step_ms={statistics.median(r['step_time_ms'] for r in tail):.1f} mem_gib={recs[-1]['memory_gib']:.2f}")
+PY
+)
+  echo "$name ngpu=$ngpu rc=$rc wall=$((SECONDS - t0))s $tps $*" | tee -a "$OUT/summary.txt"
+}
+run debug_1gpu 1 --training.steps 100
+run debug_2gpu_fsdp 2 --training.steps 100 --parallelism.data_parallel_shard_degree 2
+run debug_2gpu_tp 2 --training.steps 50 --parallelism.tensor_parallel_degree 2
+run debug_2gpu_pp 2 --training.steps 50 --parallelism.pipeline_parallel_degree 2
+run 1b_1gpu 1 --config llama3_1b --training.steps 30 --training.local_batch_size 2 --training.seq_len 2048
+# Bit-exact resume with pinned async staging on CUDA (deterministic kernels).
+resume=(--training.steps 20 --checkpoint.enable --checkpoint.interval 5 --checkpoint.async_mode async_with_pinned_mem
+        --checkpoint.no-last_save_model_only --debug.deterministic --parallelism.data_parallel_shard_degree 2)
+run resume_whole 2 "${resume[@]}"
+run resume_split 2 "${resume[@]}" --debug.exit_after_step 10 --job.description split
+NGPU=2 ./run_train.sh --job.dump_folder /tmp/cairn-runs/resume_split --metrics.log_freq 10 "${resume[@]}" > "$LOGS/resume_resumed.log" 2>&1
+python3 - <<'PY' | tee -a "$OUT/summary.txt"
+import json
+def losses(name):
+    return {r["step"]: r["loss"] for r in map(json.loads, open(f"/tmp/cairn-runs/{name}/metrics.jsonl")) if "loss" in r}
+a, b = losses("resume_whole"), losses("resume_split")
+same = [a[s] == b.get(s) for s in range(11, 21)]
+print(f"resume 2 GPU async_with_pinned_mem: steps 11-20 bitwise equal: {all(same)} ({sum(same)}/10)")
+PY
+for d in /tmp/cairn-runs/*/; do cp "$d/metrics.jsonl" "$LOGS/$(basename "$d").metrics.jsonl"; done
+tar czf "$OUT/logs.tgz" -C "$LOGS" .
