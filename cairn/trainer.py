@@ -158,7 +158,9 @@ class Trainer:
             if self.pp_schedule is not None:
                 local_loss += self._pipeline_forward_backward(inputs, labels)
             else:
-                loss = cross_entropy_loss(self.model_parts[0](inputs), labels) / self.grad_accum_steps
+                with self._autocast():
+                    logits = self.model_parts[0](inputs)
+                loss = cross_entropy_loss(logits, labels) / self.grad_accum_steps
                 loss.backward()
                 local_loss += loss.detach()
 
@@ -170,6 +172,13 @@ class Trainer:
         self.optimizers.step()
         self.lr_schedulers.step()
         return {"loss": self._global_loss(local_loss), "grad_norm": grad_norm.item(), "lr": lr}
+
+    def _autocast(self):
+        """bf16 compute on GPUs without FSDP (FSDP's MixedPrecisionPolicy covers the sharded case)."""
+        dtype = getattr(torch, self.job_config.training.mixed_precision_param)
+        enabled = (self.device.type == "cuda" and dtype != torch.float32 and not self.parallel_dims.dp_shard > 1
+                   and not self.parallel_dims.dp_replicate > 1)
+        return torch.autocast(self.device.type, dtype=dtype, enabled=enabled)
 
     def _pipeline_forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         targets = labels if self.has_last_stage else None

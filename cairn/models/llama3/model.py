@@ -230,6 +230,10 @@ class Transformer(nn.Module):
         if name.endswith("norm"):
             return "ones", 0.0
         if name == "tok_embeddings":
+            # Tied to the output projection (Llama 3.2 1B/3B), the table also makes the logits:
+            # the output's scale keeps the first loss near log(vocab) instead of in the thousands.
+            if self.args.tie_word_embeddings:
+                return "trunc_normal", self.args.dim ** -0.5
             return "normal", 1.0
         if name == "output":
             return "trunc_normal", self.args.dim ** -0.5

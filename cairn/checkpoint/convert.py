@@ -1,0 +1,253 @@
+"""Offline conversion between Hugging Face directories and cairn's DCP checkpoints, on one CPU process.
+
+Shared by ``scripts/checkpoint_conversion/convert_{from,to}_hf.py`` and ``cairn checkpoint
+convert``. Both directions stream one tensor at a time, so memory stays near the largest
+tensor whatever the model size:
+
+- HF -> DCP: ``dcp.save`` is handed a state dict of meta tensors (shapes only) and a planner
+  whose ``resolve_data`` reads, converts and returns each tensor only when the writer asks
+  for it. The result is an ordinary model-only DCP checkpoint (``.metadata`` and one
+  ``__0_<i>.distcp`` file per tensor) that ``--checkpoint.initial_load_path`` reshards onto
+  any layout.
+- DCP -> HF: each model key is read on its own from the DCP checkpoint (whatever layout
+  saved it, optimizer state left unread) and appended to the safetensors shard planned for it.
+
+Both write into a staging directory that is renamed onto the output only when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from cairn.checkpoint.hf import (
+    CONFIG_FILE,
+    DEFAULT_MAX_SHARD_BYTES,
+    HFCheckpointError,
+    HFExportWriter,
+    HFWeights,
+    natural_order,
+    read_hf_config,
+    resolve_dtype,
+    staged_output,
+)
+from cairn.checkpoint.safe_load import SafeFileSystemReader
+from cairn.models import ModelSpec, get_model_spec
+
+_METADATA_FILE = ".metadata"
+
+
+def convert_hf_to_dcp(hf_dir: str | Path, out_dir: str | Path, *, model_name: str = "llama3",
+                      flavor: str | None = None, dtype: torch.dtype | str | None = None,
+                      progress: bool = True) -> dict[str, Any]:
+    """Hugging Face safetensors directory -> model-only DCP checkpoint at ``out_dir``.
+
+    The model size comes from ``flavor``, else from the directory's config.json (which,
+    when both exist, must agree). Tensors keep their dtype unless ``dtype`` is given.
+    Returns {"tensors", "bytes", "seconds", "flavor"}.
+    """
+    start = time.perf_counter()
+    hf_dir = Path(hf_dir)
+    spec = get_model_spec(model_name)
+    weights = HFWeights(hf_dir)
+    config = read_hf_config(hf_dir)
+    args = _model_args(spec, flavor, config, str(hf_dir / CONFIG_FILE), lambda adapter: _fqn_shapes(
+        adapter, weights.shapes))
+    adapter = spec.state_dict_adapter(args)
+    if config is not None:
+        adapter.check_hf_config(config, source=str(hf_dir / CONFIG_FILE))
+    shapes = _model_shapes(spec, args)
+    weights.check(shapes, adapter, hint=_flavor_hint(flavor))
+    cast = None if dtype is None else resolve_dtype(dtype)
+    targets = {fqn: torch.empty(shape, dtype=cast or weights.dtypes[adapter.hf_source_key(fqn)], device="meta")
+               for fqn, shape in shapes.items()}
+    total = sum(t.numel() * t.element_size() for t in targets.values())
+    with staged_output(out_dir) as staging, _progress(total, "HF -> DCP", progress) as bar:
+        planner = _ConvertingSavePlanner(lambda fqn: adapter.tensor_from_hf(
+            fqn, weights.read(adapter.hf_source_key(fqn))), on_tensor=bar)
+        # One file per tensor: DCP's writer keeps every tensor of a file referenced until the file
+        # is complete (torch 2.13), so a single file would hold the whole model in memory here.
+        writer = FileSystemWriter(staging, single_file_per_rank=False, thread_count=1)
+        with _single_process_dcp():
+            dcp.save(targets, storage_writer=writer, planner=planner, no_dist=True)
+    if flavor is None and config is not None:
+        flavor = spec.state_dict_adapter.match_flavor(config)
+    return {"tensors": len(targets), "bytes": total, "seconds": time.perf_counter() - start, "flavor": flavor}
+
+
+def convert_dcp_to_hf(dcp_dir: str | Path, out_dir: str | Path, *, model_name: str = "llama3",
+                      flavor: str | None = None, hf_assets_path: str | Path | None = None,
+                      export_dtype: torch.dtype | str = "float32",
+                      max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = True) -> dict[str, Any]:
+    """cairn DCP checkpoint (full or model-only, any saving layout) -> Hugging Face directory.
+
+    The model size comes from ``flavor``, else from ``hf_assets_path/config.json``; the
+    vocabulary size from the checkpoint. Tokenizer files (and bos/eos ids) are taken from
+    ``hf_assets_path``. Returns {"tensors", "bytes", "seconds", "files"}.
+    """
+    start = time.perf_counter()
+    dcp_dir = Path(dcp_dir)
+    spec = get_model_spec(model_name)
+    reader = _dcp_reader(dcp_dir)
+    saved = {key: md for key, md in reader.read_metadata().state_dict_metadata.items()
+             if isinstance(md, TensorStorageMetadata)}
+    config = read_hf_config(hf_assets_path) if hf_assets_path else None
+    config_source = str(Path(hf_assets_path) / CONFIG_FILE) if hf_assets_path else "--hf_assets_path config.json"
+    saved_shapes = {key: tuple(md.size) for key, md in saved.items()}
+    args = _model_args(spec, flavor, config, config_source, lambda adapter: saved_shapes)
+    adapter = spec.state_dict_adapter(args)
+    if config is not None:
+        adapter.check_hf_config(config, source=config_source)
+    shapes = _model_shapes(spec, args)
+    _check_dcp_shapes(dcp_dir, saved_shapes, shapes, flavor)
+    export_dtype = resolve_dtype(export_dtype)
+    entries = [(fqn, shapes[fqn]) for fqn in natural_order(shapes) if adapter.hf_key(fqn) is not None]
+    total = sum(math.prod(shape) * saved[fqn].properties.dtype.itemsize for fqn, shape in entries)
+    with staged_output(out_dir) as staging, _progress(total, "DCP -> HF", progress) as bar:
+        with contextlib.closing(HFExportWriter(staging, adapter, export_dtype, entries, max_shard_bytes)) as writer:
+            for fqn, shape in entries:
+                tensor = _read_dcp_tensor(reader, fqn, shape, saved[fqn].properties.dtype)
+                bar(tensor)
+                writer.write(fqn, tensor)
+                del tensor
+            writer.finish(hf_assets_path)
+    return {"tensors": len(entries), "bytes": writer.total_bytes, "seconds": time.perf_counter() - start,
+            "files": list(writer.file_names)}
+
+
+# --- model resolution ------------------------------------------------------------------------
+
+
+def _model_args(spec: ModelSpec, flavor: str | None, config: dict | None, config_source: str,
+                checkpoint_shapes: Callable[[Any], dict[str, tuple[int, ...]]]):
+    """Model args from the flavor (else config.json), with the checkpoint's vocabulary size."""
+    adapter_cls = spec.state_dict_adapter
+    if flavor is not None:
+        if flavor not in spec.flavors:
+            raise HFCheckpointError(f"--model_flavor {flavor!r}: not a flavor of {spec.name}; choose from "
+                                    f"{', '.join(spec.flavors)}")
+        args = copy.deepcopy(spec.flavors[flavor])
+    elif config is not None:
+        args = adapter_cls.from_hf_config(config, source=config_source)
+    else:
+        raise HFCheckpointError(f"--model_flavor is required: there is no {config_source} to read the model "
+                                f"size from")
+    return adapter_cls.fit_to_checkpoint(args, checkpoint_shapes(adapter_cls(args)))
+
+
+def _fqn_shapes(adapter, hf_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    out = {}
+    for key, shape in hf_shapes.items():
+        with contextlib.suppress(HFCheckpointError):  # unknown keys are reported by HFWeights.check
+            fqn = adapter.fqn(key)
+            if fqn is not None:
+                out[fqn] = shape
+    return out
+
+
+def _model_shapes(spec: ModelSpec, args) -> dict[str, tuple[int, ...]]:
+    """Every FQN of the model's state dict (tied weights under both names) with its shape."""
+    with torch.device("meta"):
+        model = spec.model_cls(args)
+    return {fqn: tuple(t.shape) for fqn, t in model.state_dict().items()}
+
+
+def _flavor_hint(flavor: str | None) -> str:
+    return f" (is --model_flavor {flavor} right?)" if flavor else " (is config.json right?)"
+
+
+def _check_dcp_shapes(dcp_dir: Path, saved: dict, shapes: dict, flavor: str | None) -> None:
+    problems = [f"{fqn!r}: checkpoint shape {saved[fqn]} != model shape {shapes[fqn]}"
+                for fqn in natural_order(shapes) if fqn in saved and saved[fqn] != shapes[fqn]]
+    problems += [f"model key {fqn!r} is missing" for fqn in natural_order(shapes) if fqn not in saved]
+    if problems:
+        listed = "\n  ".join(problems[:12]) + (f"\n  ... and {len(problems) - 12} more" if len(problems) > 12 else "")
+        raise HFCheckpointError(f"{dcp_dir / _METADATA_FILE} does not match the model"
+                                f"{_flavor_hint(flavor)}:\n  {listed}")
+
+
+# --- DCP plumbing ----------------------------------------------------------------------------
+
+
+class _ConvertingSavePlanner(DefaultSavePlanner):
+    """Plans from meta tensors; produces each tensor only when the storage writer asks for it."""
+
+    def __init__(self, produce: Callable[[str], torch.Tensor], on_tensor: Callable[[torch.Tensor], None]):
+        super().__init__()
+        self._produce = produce
+        self._on_tensor = on_tensor
+
+    def resolve_data(self, write_item):
+        tensor = self._produce(write_item.index.fqn).to(write_item.tensor_data.properties.dtype)
+        self._on_tensor(tensor)
+        return tensor
+
+
+class _OnceReadMetadataReader(SafeFileSystemReader):
+    """Reads ``.metadata`` (without unpickling code) once for the many single-key loads of a conversion."""
+
+    def __init__(self, path: Path):
+        super().__init__(path)
+        self._metadata = None
+
+    def read_metadata(self, *args, **kwargs):
+        if self._metadata is None:
+            self._metadata = super().read_metadata(*args, **kwargs)
+        return self._metadata
+
+
+def _dcp_reader(dcp_dir: Path) -> SafeFileSystemReader:
+    if not (dcp_dir / _METADATA_FILE).is_file():
+        found = " (it holds safetensors: convert it with convert_from_hf)" if any(dcp_dir.glob("*.safetensors")) \
+            else ""
+        raise HFCheckpointError(f"{dcp_dir}: not a DCP checkpoint, no {_METADATA_FILE} file{found}")
+    reader = _OnceReadMetadataReader(dcp_dir)
+    try:
+        reader.read_metadata()
+    except Exception as e:
+        raise HFCheckpointError(f"{dcp_dir / _METADATA_FILE}: unreadable DCP metadata ({e})") from e
+    return reader
+
+
+def _read_dcp_tensor(reader: SafeFileSystemReader, fqn: str, shape, dtype: torch.dtype) -> torch.Tensor:
+    state = {fqn: torch.empty(shape, dtype=dtype)}
+    with _single_process_dcp():
+        dcp.load(state, storage_reader=reader, no_dist=True)
+    return state[fqn]
+
+
+@contextlib.contextmanager
+def _single_process_dcp():
+    """DCP in one process: no warning about it, and the error itself rather than DCP's wrapper."""
+    with warnings.catch_warnings():
+        # no_dist=True is the intent here; DCP warns about it on every call.
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        try:
+            yield
+        except CheckpointException as e:  # a BaseException holding {rank: (error, traceback)}
+            if len(e.failures) != 1:
+                raise
+            error = next(iter(e.failures.values()))[0]
+            raise error from None
+
+
+@contextlib.contextmanager
+def _progress(total_bytes: int, description: str, enabled: bool):
+    """A callable that advances a tqdm bar by a tensor's bytes."""
+    from tqdm import tqdm
+
+    with tqdm(total=total_bytes, desc=description, unit="B", unit_scale=True, disable=not enabled) as bar:
+        yield lambda tensor: bar.update(tensor.numel() * tensor.element_size())
+
