@@ -58,6 +58,11 @@ class ModelWrapper(Stateful):
             set_model_state_dict(part, {k: state_dict[k] for k in keys}, options=StateDictOptions(strict=True))
 
 
+def _per_rank() -> str:
+    """Byte counts in logs are this rank's (its shards), not the checkpoint's total: say so."""
+    return " (this rank's shards)" if dist.is_initialized() and dist.get_world_size() > 1 else ""
+
+
 def _bytes_of(state_dict: dict) -> int:
     total = 0
     for value in state_dict.values():
@@ -125,8 +130,8 @@ class CheckpointManager:
         info["stall_s"] = round(time.perf_counter() - start, 4)
         if last_step:
             self._finish_in_flight()
-        logger.info("checkpoint step %d: %s save of %.1f MB to %s, training stalled %.3f s%s", step, info["kind"],
-                    info["bytes"] / 1e6, self.storage.step_dir(step), info["stall_s"],
+        logger.info("checkpoint step %d: %s save of %.1f MB%s to %s, training stalled %.3f s%s", step, info["kind"],
+                    info["bytes"] / 1e6, _per_rank(), self.storage.step_dir(step), info["stall_s"],
                     "; writing in the background" if info.get("async") and not last_step else "")
         return info
 
@@ -288,8 +293,8 @@ class CheckpointManager:
         if kind in (MODEL_ONLY, HF) and not explicit and step >= self.job_config.training.steps:
             self.train_state.step = step  # a finished run: the loop has nothing left to do
         seconds = time.perf_counter() - start
-        logger.info("loaded %s checkpoint %s: %.1f MB in %.2f s (training step now %d)", kind, step_dir, nbytes / 1e6,
-                    seconds, self.train_state.step)
+        logger.info("loaded %s checkpoint %s: %.1f MB%s in %.2f s (training step now %d)", kind, step_dir,
+                    nbytes / 1e6, _per_rank(), seconds, self.train_state.step)
         self.last_load = {"kind": kind, "from_step": step, "path": str(step_dir), "bytes": nbytes,
                           "seconds": round(seconds, 4)}
         return True
@@ -302,8 +307,8 @@ class CheckpointManager:
         start = time.perf_counter()
         nbytes = self._dcp_load(path, include_states=states)
         seconds = time.perf_counter() - start
-        logger.info("loaded initial checkpoint %s (%s): %.1f MB in %.2f s", path,
-                    "model only" if not states else "model, " + ", ".join(states), nbytes / 1e6, seconds)
+        logger.info("loaded initial checkpoint %s (%s): %.1f MB%s in %.2f s", path,
+                    "model only" if not states else "model, " + ", ".join(states), nbytes / 1e6, _per_rank(), seconds)
         self.last_load = {"kind": "initial", "path": str(path), "bytes": nbytes, "seconds": round(seconds, 4)}
         return True
 
