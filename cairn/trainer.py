@@ -62,6 +62,10 @@ class Trainer:
     def __init__(self, job_config: JobConfig):
         self.job_config = job_config
         self.device, self.rank, self.world_size = init_distributed()
+        if job_config.checkpoint.create_seed_checkpoint:
+            # A seed is initialized on one CPU process, whatever the host has: a job on any
+            # number of GPUs then reshards it from step-0.
+            self.device = torch.device("cpu")
         setup_logging(self.rank, job_config.debug.log_level)
         self._set_determinism(job_config.debug)
 
