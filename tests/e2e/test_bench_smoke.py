@@ -1,0 +1,89 @@
+"""benchmarks/checkpoint_bench.py on the tiny flavor: every figure and ratio lands in its JSON.
+
+Values are not checked (a CPU under test load says nothing about checkpoint speed); that
+each one is produced, by the real Trainer and CheckpointManager, on 1 process and on 2
+gloo processes under torchrun, is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+BENCH = str(REPO / "benchmarks" / "checkpoint_bench.py")
+# --drop-caches never: evict only the benchmark's own files, not the page cache of the tests
+# running beside it.
+QUICK = ["--flavor", "tiny", "--config", "llama3_tiny", "--steps", "2", "--saves", "2", "--rss-saves", "3",
+         "--warmup", "1", "--loads", "1", "--ceiling-mb", "4", "--max-window-steps", "20", "--drop-caches", "never"]
+RATIOS = ("stall_over_sync_save", "staging_efficiency", "persist_efficiency", "load_efficiency",
+          "new_pinned_allocations_after_2nd_save", "rss_growth_pct", "pinned_over_shard",
+          "save_checksum_overhead", "load_checksum_overhead", "stall_vs_torchtitan", "durable_vs_torchtitan")
+# Present whatever the machine: the torchtitan pair has a value only where torchtitan imports.
+ALWAYS_VALUED = tuple(r for r in RATIOS if not r.endswith("torchtitan"))
+
+
+def run_bench(tmp_path, nproc: int) -> dict:
+    out = tmp_path / "bench.json"
+    args = [BENCH, *QUICK, "--folder", str(tmp_path / "ckpt"), "--out", str(out)]
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                    "--nproc_per_node", str(nproc)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([*launcher, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    assert "ratios:" in proc.stdout and "stall_over_sync_save" in proc.stdout  # the printed table
+    assert not (tmp_path / "ckpt").exists()  # cleaned up without --keep
+    return json.loads(out.read_text())
+
+
+def check_report(report: dict, world: int) -> None:
+    assert report["host"]["world_size"] == world
+    copy, disk = report["ceilings"]["copy"], report["ceilings"]["disk"]
+    assert len(copy["per_rank"]) == world and copy["together_gbps_per_rank_min"] > 0
+    for key in ("rank0_alone", "all_ranks"):
+        assert disk[key]["write_fsync_gbps"] > 0 and disk[key]["cold_read_gbps"] > 0
+    assert disk["cache_drop"] == "posix_fadvise(DONTNEED)"
+
+    cairn = report["cairn"]
+    for mode in ("disabled", "async", "async_with_pinned_mem"):
+        result = cairn[mode]
+        assert "error" not in result, result.get("error")
+        for key in ("baseline_step_s", "blocked_s", "stall_s", "durable_s", "disk_bytes"):
+            assert result[key] is not None, (mode, key)
+        assert len(result["stall_s_per_save"]) == 2
+        if mode != "disabled":
+            assert result["stage_s_from_2nd"] is not None, mode
+    assert cairn["disabled"]["durable_s_without_checksums"] is not None
+    memory = cairn["memory"]
+    assert memory["saves"] == 3 and len(memory["per_rank"]) == world
+    assert memory["per_rank"][0]["new_buffer_allocations_per_save"][0] > 0  # the first save allocates
+    assert cairn["load"]["load_s"] > 0 and cairn["load"]["load_verify_s"] > 0
+    reshard = cairn["reshard"]
+    assert "error" not in reshard, reshard.get("error")
+    assert reshard["load_s"] > 0 and reshard["layout"] != report["config"]["layout"]
+
+    titan = report["torchtitan"]
+    assert titan["available"] or titan["reason"]
+    for name in RATIOS:
+        ratio = report["ratios"][name]
+        assert {"value", "target", "pass", "meaning"} <= ratio.keys(), name
+        if name in ALWAYS_VALUED:
+            assert ratio["value"] is not None, name
+
+
+def test_bench_one_process(tmp_path):
+    check_report(run_bench(tmp_path, 1), world=1)
+
+
+def test_bench_two_gloo_processes(tmp_path):
+    report = run_bench(tmp_path, 2)
+    check_report(report, world=2)
+    assert report["config"]["layout"]["dp_shard"] == 2
+    assert report["cairn"]["reshard"]["layout"]["tp"] == 2  # loaded as TP 2 instead of FSDP 2
