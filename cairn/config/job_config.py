@@ -226,6 +226,9 @@ class CheckpointSection:
     """On auto-resume, skip a corrupt newest step and load the newest valid one (logged)."""
 
     def normalize(self) -> None:
+        # Seed 000's command gives --checkpoint.create_seed_checkpoint without --checkpoint.enable.
+        if self.create_seed_checkpoint:
+            self.enable = True
         keys = _split_commas(self.exclude_from_loading)
         self.exclude_from_loading = [STATE_KEY_ALIASES.get(k, k) for k in keys]
 

@@ -63,6 +63,15 @@ def test_cli_forms():
     assert not config.checkpoint.last_save_model_only
 
 
+def test_seed_000_seed_checkpoint_command_parses_as_written():
+    config = parse_args(["--module", "llama3", "--config", "llama3_debugmodel", "--checkpoint.create_seed_checkpoint",
+                         "--parallelism.data_parallel_replicate_degree", "1",
+                         "--parallelism.data_parallel_shard_degree", "1", "--parallelism.tensor_parallel_degree", "1",
+                         "--parallelism.pipeline_parallel_degree", "1", "--parallelism.context_parallel_degree", "1",
+                         "--parallelism.expert_parallel_degree", "1"])
+    assert config.checkpoint.create_seed_checkpoint and config.checkpoint.enable
+
+
 def test_all_problems_reported_once():
     with pytest.raises(ConfigError) as info:
         parse_args(["--checkpoint.interval", "0", "--checkpoint.export_dtype", "int8",
