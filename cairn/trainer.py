@@ -180,8 +180,9 @@ class Trainer:
     def _autocast(self):
         """bf16 compute on GPUs without FSDP (FSDP's MixedPrecisionPolicy covers the sharded case)."""
         dtype = getattr(torch, self.job_config.training.mixed_precision_param)
-        enabled = (self.device.type == "cuda" and dtype != torch.float32 and not self.parallel_dims.dp_shard > 1
-                   and not self.parallel_dims.dp_replicate > 1)
+        dims = self.parallel_dims
+        enabled = (self.device.type == "cuda" and dtype != torch.float32
+                   and not (dims.fsdp_enabled or dims.dp_replicate_enabled))
         return torch.autocast(self.device.type, dtype=dtype, enabled=enabled)
 
     def _pipeline_forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
