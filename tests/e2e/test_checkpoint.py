@@ -217,6 +217,10 @@ def test_bad_input_errors_and_nothing_touched(tmp_path):
     assert wrong_model.returncode != 0 and "does not match this model" in wrong_model.output
     assert "layers.0.attention.wq.weight" in wrong_model.output
 
+    other_batch = train(tmp_path, *CKPT, "--training.steps", "4", "--training.local_batch_size", "8", check=False)
+    assert other_batch.returncode != 0 and "--training.global_batch_size" in other_batch.output
+    assert "--checkpoint.exclude_from_loading dataloader" in other_batch.output
+
     as_file = tmp_path / "file_not_folder"
     as_file.write_text("x")
     not_dir = train(tmp_path / "other", "--checkpoint.enable", "--checkpoint.folder", str(as_file), check=False)
