@@ -243,13 +243,7 @@ class SafeFileSystemReader(FileSystemReader):
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         try:
             if self.verify and self._manifest is not None:
-                # Each rank hashes exactly the files it is about to read.
-                names = {self.storage_data[item.storage_index].relative_path for item in plan.items}
-                names -= self._verified
-                problems = check_files(Path(self.path), self._manifest, checksums=True, only=names)
-                if problems:
-                    raise _corrupt(Path(self.path), problems)
-                self._verified |= names
+                return self._read_verified(plan, planner)
             return super().read_data(plan, planner)
         except CheckpointError as e:
             self.last_error = e
@@ -259,6 +253,32 @@ class SafeFileSystemReader(FileSystemReader):
                                           f"{str(e).splitlines()[0]}")
             self.last_error = error
             raise error from None
+
+
+    def _read_verified(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        """Hash the files this rank reads while DCP reads them: one pass over a cold disk, not two.
+
+        A mismatch is raised once both are done, naming the file (in preference to whatever
+        error the damaged bytes caused in DCP's read); nothing loaded is used before that.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        names = {self.storage_data[item.storage_index].relative_path for item in plan.items} - self._verified
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cairn-verify") as pool:
+            hashing = pool.submit(check_files, Path(self.path), self._manifest, checksums=True, only=names)
+            read_error = None
+            try:
+                future = super().read_data(plan, planner)
+                future.wait()
+            except BaseException as e:  # judged after the hashes: corruption explains it best
+                read_error = e
+            problems = hashing.result()
+        if problems:
+            raise _corrupt(Path(self.path), problems) from read_error
+        if read_error is not None:
+            raise read_error
+        self._verified |= names
+        return future
 
 
 def _where(planner: DefaultLoadPlanner, read_item: ReadItem) -> str:
