@@ -13,7 +13,6 @@ import dataclasses
 import logging
 import os
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist

@@ -157,7 +157,6 @@ class CheckpointManager:
         info = self._info(FULL, "mixed")
         nbytes = _bytes_of(state)
         if self.async_saver is None:
-            self._finish_in_flight()
             dcp.save(state, storage_writer=self.storage.writer(step, info), planner=None)
             self._purge_async(step)
         else:

@@ -129,13 +129,11 @@ class AsyncSaver:
         self._staged = threading.Event()
         self._staged.set()
         self._future: Future | None = None
-        self.in_flight_step: int | None = None
         self.last_stage_seconds = 0.0
 
     def submit(self, step: int, state_dict: dict, write: Callable[[dict], Any]) -> None:
         self.wait()  # at most one save in flight
         self._staged.clear()
-        self.in_flight_step = step
         start = time.perf_counter()
         ready = self.stager.ready_marker()
 
@@ -157,10 +155,7 @@ class AsyncSaver:
         future, self._future = self._future, None
         if future is None:
             return None
-        try:
-            return future.result()
-        finally:
-            self.in_flight_step = None
+        return future.result()
 
     def close(self) -> None:
         try:
