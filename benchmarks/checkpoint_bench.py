@@ -103,6 +103,14 @@ def parse_bench_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--reshard-args", default=None,
                         help="cairn parallelism flags of the reshard run, as one string; default: TP 2 x FSDP "
                              "(or pure FSDP) on the same world size, 2-way FSDP for a 1-process CPU run")
+    parser.add_argument("--torchtitan-modes", default=",".join(MODES),
+                        help="torchtitan async modes to measure, comma-separated")
+    parser.add_argument("--checksum-pairs", type=int, default=-1,
+                        help="measured sync saves followed by one without checksums (overhead figure); "
+                             "-1: all of them")
+    parser.add_argument("--keep-steps", type=int, choices=(0, 1), default=1,
+                        help="committed steps left on disk while the next save is written: 0 deletes the last "
+                             "one first (a disk that holds one checkpoint of a large flavor)")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints under --folder afterwards")
     parser.add_argument("--child-load", default=None, help=argparse.SUPPRESS)  # internal: reshard child
     parser.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
@@ -427,6 +435,12 @@ class CairnSubject:
             self.manager.storage.purge(1)
         dist.barrier()
 
+    def delete_steps(self) -> None:
+        if dist.get_rank() == 0:
+            for path in self.manager.storage.folder.glob("step-*"):
+                shutil.rmtree(path)
+        dist.barrier()
+
     def load(self, verify: bool) -> None:
         self.manager.config.verify = verify
         if not self.manager.load():
@@ -499,6 +513,12 @@ class TorchtitanSubject:
                     shutil.rmtree(path, ignore_errors=True)
         dist.barrier()
 
+    def delete_steps(self) -> None:
+        if dist.get_rank() == 0:
+            for path in self.folder.glob("step-*"):
+                shutil.rmtree(path, ignore_errors=True)
+        dist.barrier()
+
     def load(self, verify: bool) -> None:
         if not self.manager.load():
             raise RuntimeError(f"torchtitan found no checkpoint in {self.folder}")
@@ -552,11 +572,14 @@ def run_mode(trainer, subject, args, result: dict[str, Any], *, saves: int, extr
         result["state_dict_s"] = median([subject.state_dict_seconds() for _ in range(3)])
     baseline: list[float] = result.setdefault("baseline_step_s", [])
     records: list[dict] = result.setdefault("saves", [])
+    pairs = saves if args.checksum_pairs < 0 else min(saves, args.checksum_pairs)
     for i in range(saves + extra_saves):
-        variants = (True, False) if checksum_toggle and i < saves else (True,)
+        variants = (True, False) if checksum_toggle and i < pairs else (True,)
         for checksums in variants:
             if hasattr(subject, "checksums"):
                 subject.checksums = checksums
+            if args.keep_steps == 0:
+                subject.delete_steps()
             before = [timed_step(trainer) for _ in range(args.steps if i < saves else 1)]
             baseline.extend(before)
             window = args.steps if i < saves else 1
@@ -973,7 +996,7 @@ def measure_torchtitan(trainer, args, folder: Path, report: dict[str, Any]) -> N
     report["torchtitan"] = {"available": available, "version" if available else "reason": detail}
     if not available:
         return
-    for mode in MODES:
+    for mode in [m.strip() for m in args.torchtitan_modes.split(",") if m.strip()]:
         outcome = run_subject_mode(trainer, lambda: TorchtitanSubject(trainer, mode, folder / f"torchtitan-{mode}"),
                                    args, saves=args.saves)
         report["torchtitan"][mode] = mode_report(outcome)

@@ -157,10 +157,11 @@ class CheckpointManager:
         info = self._info(FULL, "mixed")
         nbytes = _bytes_of(state)
         if self.async_saver is None:
-            dcp.save(state, storage_writer=self.storage.writer(step, info), planner=None)
+            dcp.save(state, storage_writer=self.storage.writer(step, info, thread_count=self.config.write_threads),
+                     planner=None)
             self._purge_async(step)
         else:
-            writer = self.storage.writer(step, info)
+            writer = self.storage.writer(step, info, thread_count=self.config.write_threads)
             started = time.perf_counter()
 
             def write(staged: dict) -> None:

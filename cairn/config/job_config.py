@@ -222,6 +222,8 @@ class CheckpointSection:
     """disabled, async (background write), or async_with_pinned_mem (reused pinned staging buffers)."""
     verify: bool = False
     """Verify every file's checksum before loading (sizes are always checked)."""
+    write_threads: int = 1
+    """Threads (and files) per rank writing a full save: more can help fast disks and many cores."""
     fallback_on_corrupt: bool = False
     """On auto-resume, skip a corrupt newest step and load the newest valid one (logged)."""
 
@@ -246,6 +248,8 @@ class CheckpointSection:
             out.append(f"--checkpoint.async_mode must be one of {', '.join(ASYNC_MODES)} (got {self.async_mode!r})")
         if not self.folder:
             out.append("--checkpoint.folder must not be empty")
+        if self.write_threads < 1:
+            out.append(f"--checkpoint.write_threads must be >= 1 (got {self.write_threads})")
         for key in self.exclude_from_loading:
             if key == "model":
                 out.append("--checkpoint.exclude_from_loading cannot exclude 'model': a checkpoint "

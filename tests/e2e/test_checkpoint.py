@@ -46,7 +46,11 @@ def test_resume_is_bit_exact(tmp_path, async_mode, nproc):
               "--checkpoint.last_save_model_only", "--training.steps", "20"]
     if nproc == 4:
         common += ["--parallelism.data_parallel_shard_degree", "4", "--training.local_batch_size", "1"]
+    if async_mode == "async_with_pinned_mem":  # with two writer threads (and files) per rank
+        common += ["--checkpoint.write_threads", "2"]
     whole = train(tmp_path / "whole", *common, nproc=nproc)
+    if async_mode == "async_with_pinned_mem":
+        assert len(list((tmp_path / "whole" / "checkpoint" / "step-15").glob("*.distcp"))) == 2 * nproc
     train(tmp_path / "split", *common, "--debug.exit_after_step", "10", nproc=nproc)
     assert steps_in(tmp_path / "split" / "checkpoint")[-1] == 10
     resumed = train(tmp_path / "split", *common, nproc=nproc)

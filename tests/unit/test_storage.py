@@ -6,6 +6,7 @@ tests/distributed/test_storage_dist.py). Crashes are real SIGKILLs of forked chi
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import io
 import json
@@ -26,7 +27,8 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
-from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
+from torch.distributed.checkpoint.planner import LoadPlan
 
 from cairn.checkpoint import storage as storage_module
 from cairn.checkpoint.safe_load import load_full_state_dict, load_metadata_file
@@ -228,6 +230,79 @@ def test_writer_uses_threads_and_files_per_item(storage):
     assert len(manifest["files"]) > 3
     assert storage.verify(storage.step_dir(1)) == []
     assert_same(load(storage, 1), state)
+
+
+def _zip_crcs(step_dir: Path, fqn: str) -> list[int]:
+    """The zip CRC32 fields of the torch.save payload that holds ``fqn`` in a DCP step."""
+    import zipfile
+
+    metadata = load_metadata_file(step_dir / ".metadata")
+    (index, info), = [(i, v) for i, v in metadata.storage_data.items() if i.fqn == fqn]
+    with open(step_dir / info.relative_path, "rb") as f:
+        f.seek(info.offset)
+        payload = f.read(info.length)
+    with zipfile.ZipFile(io.BytesIO(payload)) as archive:
+        return [entry.CRC for entry in archive.infolist() if "/data/" in entry.filename]
+
+
+@pytest.mark.parametrize("checksums", [True, False], ids=["xxh3", "no-checksums"])
+def test_writer_skips_torch_save_crc32_and_restores_the_setting(storage, checksums):
+    # torch.load never checks the zip CRC32 torch.save computes; cairn's writer skips it (the
+    # manifest's xxh3 is the check) and leaves the process-wide switch as it found it.
+    assert torch.serialization.get_crc32_options() is True
+    state = make_state(1)
+    dcp.save(state, storage_writer=storage.writer(1, {"kind": "full"}, checksums=checksums), no_dist=True)
+    assert torch.serialization.get_crc32_options() is True
+    assert _zip_crcs(storage.step_dir(1), "tok_embeddings.weight") == [0]
+    # stock DCP (and the weights-only torch.load in it) reads the payloads as before
+    loaded = make_state(10_000)
+    dcp.load(loaded, storage_reader=FileSystemReader(storage.step_dir(1)), no_dist=True)
+    assert_same(loaded, state)
+    # a plain torch.save afterwards computes its CRC again
+    torch.serialization.set_crc32_options(False)
+    try:
+        dcp.save(state, storage_writer=storage.writer(2, {"kind": "full"}), no_dist=True)
+        assert torch.serialization.get_crc32_options() is False  # the caller's setting, restored
+    finally:
+        torch.serialization.set_crc32_options(True)
+
+
+def test_read_ahead_budget_and_shared_items(storage, monkeypatch):
+    from cairn.checkpoint import safe_load
+
+    saved = save(storage, 1)
+    # A budget smaller than any item: the reader still goes one item at a time.
+    monkeypatch.setattr(safe_load, "READ_AHEAD_BYTES", 1)
+    assert_same(load(storage, 1, verify=False), saved)
+    # Two requests served by one stored item (a row split of one saved tensor) read it once.
+    reads = []
+    real = torch.load
+    monkeypatch.setattr(safe_load.torch, "load", lambda f, **kw: reads.append(f) or real(f, **kw))
+    reader = storage.reader(storage.step_dir(1))
+    metadata = reader.read_metadata()
+    reader.set_up_storage_reader(metadata, True)
+    target = torch.zeros(32, 16)
+    planner = DefaultLoadPlanner()
+    planner.set_up_planner({"tok_embeddings.weight": target}, metadata, True)
+    items = [i for i in planner.create_local_plan().items if i.dest_index.fqn == "tok_embeddings.weight"]
+    top = dataclasses.replace(items[0], dest_offsets=torch.Size([0, 0]), storage_offsets=torch.Size([0, 0]),
+                              lengths=torch.Size([16, 16]))
+    bottom = dataclasses.replace(items[0], dest_offsets=torch.Size([16, 0]), storage_offsets=torch.Size([16, 0]),
+                                 lengths=torch.Size([16, 16]))
+    reader.read_data(LoadPlan([top, bottom]), planner).wait()
+    assert torch.equal(target, saved["tok_embeddings.weight"])
+    assert len(reads) == 1
+
+
+def test_read_of_a_short_file_names_it(storage):
+    # A stock DCP step (no manifest, so no size check first) whose data file was cut short.
+    saved = make_state(4)
+    dcp.save(saved, storage_writer=FileSystemWriter(storage.folder / "step-4"), no_dist=True)
+    data = storage.step_dir(4) / "__0_0.distcp"
+    with open(data, "r+b") as f:
+        f.truncate(data.stat().st_size // 2)
+    with pytest.raises(CheckpointError, match="__0_0.distcp: ends at byte"):
+        load(storage, 4, verify=False)
 
 
 def test_bad_arguments(storage, tmp_path):
