@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint.metadata as metadata_module
+import xxhash
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.metadata import (
@@ -46,12 +47,14 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from torch.futures import Future
 
 from cairn.checkpoint.storage import (
+    CHECKSUM_ALGORITHM,
     MANIFEST_NAME,
     METADATA_NAME,
     SAVE_ID_PREFIX,
     CheckpointError,
     UnsafeCheckpointError,
     _corrupt,
+    _holds,
     _parse_manifest,
     check_files,
 )
@@ -258,23 +261,42 @@ class SafeFileSystemReader(FileSystemReader):
 
 
     def _read_verified(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
-        """Hash the files this rank reads while DCP reads them: one pass over a cold disk, not two.
+        """Hash the files this rank reads while it reads them: one pass over a cold disk, not two.
 
-        A mismatch is raised once both are done, naming the file (in preference to whatever
-        error the damaged bytes caused in DCP's read); nothing loaded is used before that.
+        A file this rank reads whole is hashed by the read-ahead thread from the bytes it reads
+        anyway; any other file (read in part, as when resharding) by a thread of its own, in
+        parallel. A mismatch is raised once both are done, naming the file (in preference to
+        whatever error the damaged bytes caused in the read); nothing loaded is used before that.
         """
         from concurrent.futures import ThreadPoolExecutor
 
-        names = {self.storage_data[item.storage_index].relative_path for item in plan.items} - self._verified
+        files = self._manifest["files"]
+        ranges: dict[str, list[tuple[int, int]]] = {}
+        for item in plan.items:
+            info = self.storage_data[item.storage_index]
+            ranges.setdefault(info.relative_path, []).append((info.offset, info.length))
+        names = set(ranges) - self._verified
+        whole = {name for name in names if name in files and _tiles(ranges[name], files[name].get("size"))}
+        digests: dict[str, str] = {}
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cairn-verify") as pool:
-            hashing = pool.submit(check_files, Path(self.path), self._manifest, checksums=True, only=names)
+            rest = sorted(names - whole)
+            hashing = pool.submit(check_files, Path(self.path), self._manifest, checksums=True, only=rest) if rest \
+                else None
             read_error = None
             try:
-                future = self._read(plan, planner)
+                future = self._read(plan, planner, hash_files=whole, digests=digests)
                 future.wait()
             except BaseException as e:  # judged after the hashes: corruption explains it best
                 read_error = e
-            problems = hashing.result()
+            problems = hashing.result() if hashing is not None else []
+        unfinished = sorted(whole - set(digests))  # the read stopped before these were hashed
+        if unfinished:
+            problems += check_files(Path(self.path), self._manifest, checksums=True, only=unfinished)
+        for name, checksum in sorted(digests.items()):
+            record = files[name]
+            if record.get("checksum") and checksum != record["checksum"]:
+                problems.append(f"{Path(self.path) / name}: checksum mismatch ({CHECKSUM_ALGORITHM} {checksum}, "
+                                f"manifest says {record['checksum']}){_holds(record)}")
         if problems:
             raise _corrupt(Path(self.path), problems) from read_error
         if read_error is not None:
@@ -282,12 +304,13 @@ class SafeFileSystemReader(FileSystemReader):
         self._verified |= names
         return future
 
-
-    def _read(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+    def _read(self, plan: LoadPlan, planner: LoadPlanner, *, hash_files: Iterable[str] = (),
+              digests: dict[str, str] | None = None) -> Future[None]:
         """DCP's read, with the disk kept busy: a thread reads the items' bytes into the page
         cache in file order, up to ``READ_AHEAD_BYTES`` ahead, while this thread deserializes
         them (tensors with ``weights_only=True``, as DCP does) and copies them into place.
-        Each stored item is deserialized once, however many requests it serves."""
+        Each stored item is deserialized once, however many requests it serves. The files in
+        ``hash_files`` (read whole) are hashed on the way, into ``digests``."""
         infos = {item.storage_index: self.storage_data[item.storage_index] for item in plan.items}
         if any(getattr(info, "transform_descriptors", None) for info in infos.values()):
             return super().read_data(plan, planner)  # stream transforms (extensions): DCP's own path
@@ -297,7 +320,7 @@ class SafeFileSystemReader(FileSystemReader):
             by_key.setdefault((info.relative_path, info.offset, info.length), []).append(item)
         order = sorted(by_key)  # by file, then offset: one sequential pass per file
         folder = Path(self.path)
-        prefetch = _Prefetch(folder, order, READ_AHEAD_BYTES)
+        prefetch = _Prefetch(folder, order, READ_AHEAD_BYTES, hash_files)
         handle, name = None, None
         try:
             for index, key in enumerate(order):
@@ -313,6 +336,8 @@ class SafeFileSystemReader(FileSystemReader):
             if handle is not None:
                 handle.close()
             prefetch.close()
+            if digests is not None:
+                digests.update(prefetch.digests)
         future: Future[None] = Future()
         future.set_result(None)
         return future
@@ -324,10 +349,15 @@ _READ_CHUNK = 8 << 20  # kernel readahead keeps up with reads of this size; much
 
 class _Prefetch:
     """A thread that reads ``keys`` = (file, offset, length), in order, into the page cache (a
-    reused scratch buffer, no allocation), at most ``budget`` bytes ahead of the consumer."""
+    reused scratch buffer, no allocation), at most ``budget`` bytes ahead of the consumer;
+    it hashes the files in ``hash_files`` as it goes (``digests``: the files it finished)."""
 
-    def __init__(self, folder: Path, keys: Sequence[tuple[str, int, int]], budget: int):
+    def __init__(self, folder: Path, keys: Sequence[tuple[str, int, int]], budget: int,
+                 hash_files: Iterable[str] = ()):
         self._keys = list(keys)
+        self._hash_files = set(hash_files)
+        self._last_key = {key[0]: index for index, key in enumerate(self._keys)}
+        self.digests: dict[str, str] = {}
         self._budget = budget
         self._done = -1  # index of the last key fully read
         self._consumed = -1
@@ -352,12 +382,17 @@ class _Prefetch:
                     if handle is not None:
                         os.close(handle)
                     handle, name = os.open(self._folder / path, os.O_RDONLY), path
+                    digest = xxhash.xxh3_128() if path in self._hash_files else None
                 got = 0
                 while got < length:  # preadv releases the GIL; a short file ends early (the reader names it)
                     n = os.preadv(handle, [scratch[:min(_READ_CHUNK, length - got)]], offset + got)
                     if n == 0:
                         break
+                    if digest is not None:
+                        digest.update(scratch[:n])
                     got += n
+                if digest is not None and index == self._last_key[path]:
+                    self.digests[path] = digest.hexdigest()
                 with self._cond:
                     self._ahead += length
                     self._done = index
@@ -429,6 +464,16 @@ class _FileSlice(io.RawIOBase):
         out = bytearray(max(0, want))
         self.readinto(out)
         return bytes(out)
+
+
+def _tiles(ranges: list[tuple[int, int]], size: int | None) -> bool:
+    """Whether (offset, length) ranges cover bytes 0..size exactly, each once."""
+    end = 0
+    for offset, length in sorted(set(ranges)):
+        if offset != end:
+            return False
+        end = offset + length
+    return size is not None and end == size
 
 
 def _place(planner: LoadPlanner, items: list[ReadItem], stored: _FileSlice) -> None:

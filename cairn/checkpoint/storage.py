@@ -433,8 +433,29 @@ def _zip_crc32_off():
                 torch.serialization.set_crc32_options(_crc32_before)
 
 
+_PARALLEL_HASH_BYTES = 1 << 20
+_hash_pool_lock = threading.Lock()
+_hash_pool_instance = None
+
+
+def _hash_pool():
+    """Threads that hash large writes while the writing thread is in the kernel (xxhash releases the GIL)."""
+    global _hash_pool_instance
+    with _hash_pool_lock:
+        if _hash_pool_instance is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            _hash_pool_instance = ThreadPoolExecutor(max_workers=4, thread_name_prefix="cairn-hash")
+        return _hash_pool_instance
+
+
 class _HashingFile:
-    """A write-only file that hashes every byte on its way to the kernel."""
+    """A write-only file that hashes every byte on its way to the kernel.
+
+    A large write is hashed on a pool thread while this thread copies it into the kernel, so
+    the hash costs the save little beyond the write itself; ``write`` returns once both are
+    done (the caller may reuse its buffer), which also keeps the hash in file order.
+    """
 
     def __init__(self, file: io.BufferedWriter, fault_mid_data: bool, rank: int | None):
         self._file = file
@@ -448,8 +469,15 @@ class _HashingFile:
 
     def write(self, data) -> int:
         view = memoryview(data)
-        self._file.write(view)
-        self._digest.update(view)
+        if view.nbytes >= _PARALLEL_HASH_BYTES:
+            hashed = _hash_pool().submit(self._digest.update, view)
+            try:
+                self._file.write(view)
+            finally:
+                hashed.result()
+        else:
+            self._file.write(view)
+            self._digest.update(view)
         self.size += view.nbytes
         if self._fault_mid_data:
             self._file.flush()
