@@ -28,6 +28,8 @@ import os
 import pickle
 import threading
 from collections.abc import Iterable, Sequence
+from concurrent.futures import Future as _TaskFuture
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -268,8 +270,6 @@ class SafeFileSystemReader(FileSystemReader):
         parallel. A mismatch is raised once both are done, naming the file (in preference to
         whatever error the damaged bytes caused in the read); nothing loaded is used before that.
         """
-        from concurrent.futures import ThreadPoolExecutor
-
         files = self._manifest["files"]
         ranges: dict[str, list[tuple[int, int]]] = {}
         for item in plan.items:
@@ -321,20 +321,39 @@ class SafeFileSystemReader(FileSystemReader):
         order = sorted(by_key)  # by file, then offset: one sequential pass per file
         folder = Path(self.path)
         prefetch = _Prefetch(folder, order, READ_AHEAD_BYTES, hash_files)
-        handle, name = None, None
+        handles: dict[str, int] = {}
+        pending: list[_TaskFuture] = []
+        slots = threading.Semaphore(2 * PLACE_THREADS)
+        pool = ThreadPoolExecutor(max_workers=PLACE_THREADS, thread_name_prefix="cairn-load")
+
+        def place(index: int, items: list[ReadItem], stored: _FileSlice) -> None:
+            try:
+                _place(planner, items, stored)
+            finally:
+                prefetch.consumed(index)
+                slots.release()
+
         try:
             for index, key in enumerate(order):
                 path, offset, length = key
                 prefetch.wait_for(index)
-                if path != name:
-                    if handle is not None:
-                        handle.close()
-                    handle, name = open(folder / path, "rb"), path
-                _place(planner, by_key[key], _FileSlice(handle, offset, length, folder / path))
-                prefetch.consumed(index)
+                if path not in handles:
+                    handles[path] = os.open(folder / path, os.O_RDONLY)
+                stored = _FileSlice(handles[path], offset, length, folder / path)
+                if by_key[key][0].type == LoadItemType.BYTE_IO:  # sets into the state dict: this thread only
+                    place(index, by_key[key], stored)
+                    continue
+                slots.acquire()
+                if any(f.done() and f.exception() for f in pending):
+                    slots.release()
+                    break
+                pending.append(pool.submit(place, index, by_key[key], stored))
+            for f in pending:
+                f.result()  # the first error, in file order
         finally:
-            if handle is not None:
-                handle.close()
+            pool.shutdown(wait=True)
+            for handle in handles.values():
+                os.close(handle)
             prefetch.close()
             if digests is not None:
                 digests.update(prefetch.digests)
@@ -344,6 +363,10 @@ class SafeFileSystemReader(FileSystemReader):
 
 
 READ_AHEAD_BYTES = 1 << 30
+# Threads deserializing and placing tensors (torch.load's copy out of the page cache and the
+# copy into the target, a host-to-device one on GPUs, both release the GIL): one alone could
+# not keep up with the disk on the H100 host of benchmarks/RESULTS.md.
+PLACE_THREADS = 4
 _READ_CHUNK = 8 << 20  # kernel readahead keeps up with reads of this size; much larger ones measured slower
 
 
@@ -424,11 +447,12 @@ class _Prefetch:
 
 
 class _FileSlice(io.RawIOBase):
-    """Bytes ``offset .. offset + length`` of an open file, as a seekable file of their own."""
+    """Bytes ``offset .. offset + length`` of a file (an fd, read with pread: threads may share
+    it), as a seekable file of their own."""
 
-    def __init__(self, file, offset: int, length: int, path: Path):
+    def __init__(self, fd: int, offset: int, length: int, path: Path):
         super().__init__()
-        self._file, self._start, self._length, self._path = file, offset, length, path
+        self._fd, self._start, self._length, self._path = fd, offset, length, path
         self._pos = 0
 
     def readable(self) -> bool:
@@ -448,10 +472,9 @@ class _FileSlice(io.RawIOBase):
     def readinto(self, out) -> int:
         view = memoryview(out).cast("B")
         want = max(0, min(len(view), self._length - self._pos))
-        self._file.seek(self._start + self._pos)
         got = 0
-        while got < want:
-            n = self._file.readinto(view[got:want])
+        while got < want:  # preadv releases the GIL
+            n = os.preadv(self._fd, [view[got:want]], self._start + self._pos + got)
             if not n:
                 raise CheckpointError(f"{self._path}: ends at byte {self._start + self._pos + got}, but the checkpoint "
                                       f"metadata places an item at bytes {self._start}..{self._start + self._length}")

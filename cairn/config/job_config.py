@@ -222,9 +222,11 @@ class CheckpointSection:
     """disabled, async (background write), or async_with_pinned_mem (reused pinned staging buffers)."""
     verify: bool = False
     """Verify every file's checksum before loading (sizes are always checked)."""
-    write_threads: int = 4
-    """Threads (and files) per rank writing a full save. Several keep a disk busier than one
-    (benchmarks/RESULTS.md: 4 wrote 1.5x faster than 1 on an H100 host's disk)."""
+    write_threads: int = 1
+    """Threads (and files) per rank writing a full save. More write host-memory state faster
+    (benchmarks/storage_bench.py), but DCP then copies GPU tensors without overlap and the
+    threads compete with training: on the 1B/H100 benchmark 4 made sync saves 1.5x slower
+    and the async stall 2x larger (benchmarks/RESULTS.md)."""
     fallback_on_corrupt: bool = False
     """On auto-resume, skip a corrupt newest step and load the newest valid one (logged)."""
 
