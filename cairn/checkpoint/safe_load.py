@@ -307,8 +307,9 @@ class SafeFileSystemReader(FileSystemReader):
     def _read(self, plan: LoadPlan, planner: LoadPlanner, *, hash_files: Iterable[str] = (),
               digests: dict[str, str] | None = None) -> Future[None]:
         """DCP's read, with the disk kept busy: a thread reads the items' bytes into the page
-        cache in file order, up to ``READ_AHEAD_BYTES`` ahead, while this thread deserializes
-        them (tensors with ``weights_only=True``, as DCP does) and copies them into place.
+        cache in file order, up to ``READ_AHEAD_BYTES`` ahead, while ``PLACE_THREADS`` threads
+        deserialize them (tensors with ``weights_only=True``, as DCP does) and copy them into
+        place (non-tensor items on this thread, which owns the state dict's structure).
         Each stored item is deserialized once, however many requests it serves. The files in
         ``hash_files`` (read whole) are hashed on the way, into ``digests``."""
         infos = {item.storage_index: self.storage_data[item.storage_index] for item in plan.items}
@@ -340,10 +341,10 @@ class SafeFileSystemReader(FileSystemReader):
                 if path not in handles:
                     handles[path] = os.open(folder / path, os.O_RDONLY)
                 stored = _FileSlice(handles[path], offset, length, folder / path)
+                slots.acquire()
                 if by_key[key][0].type == LoadItemType.BYTE_IO:  # sets into the state dict: this thread only
                     place(index, by_key[key], stored)
                     continue
-                slots.acquire()
                 if any(f.done() and f.exception() for f in pending):
                     slots.release()
                     break

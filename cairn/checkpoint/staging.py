@@ -135,7 +135,8 @@ def _writer_switch_interval() -> float:
     try:
         return DEFAULT_SWITCH_INTERVAL if raw is None else float(raw)
     except ValueError:
-        raise ValueError(f"{SWITCH_INTERVAL_ENV}={raw!r}: expected seconds, e.g. 0.0005 (0: Python's default)")
+        raise ValueError(f"{SWITCH_INTERVAL_ENV}={raw!r}: expected seconds, e.g. 0.0005 (0: Python's default)") \
+            from None
 
 
 class AsyncSaver:
