@@ -26,22 +26,18 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
-import gc
 import json
 import logging
 import math
-import mmap
 import os
 import re
 import shutil
-import struct
 import sys
 import textwrap
 import time
 import uuid
 import warnings
 import zipfile
-import zlib
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -1317,140 +1313,6 @@ def _split_groups(values: list[str] | None, path: Path) -> list[str] | None:
 # --- convert -------------------------------------------------------------------------------------
 
 
-def _get_path(root: Any, path: Iterable[Any]) -> Any:
-    for part in path:
-        root = root[part]
-    return root
-
-
-def _copy_tensors_into(target: Any, source: Any) -> None:
-    """Copy the tensors inside a (nested) value into the same places of ``target``."""
-    import torch
-
-    if isinstance(target, torch.Tensor):
-        target.copy_(source)
-    elif isinstance(target, dict):
-        for key in target:
-            _copy_tensors_into(target[key], source[key])
-    elif isinstance(target, (list, tuple)):
-        for t, s in zip(target, source):
-            _copy_tensors_into(t, s)
-
-
-def _cast_dtype(dtype: Any, export_dtype: Any) -> Any:
-    return export_dtype if export_dtype is not None and dtype.is_floating_point else dtype
-
-
-def fix_zip_crcs(path: Path) -> int:
-    """Rewrite every record's CRC-32 from the bytes now in the file; returns how many changed.
-
-    ``torch.save`` under ``skip_data`` records the CRC of the empty space it leaves; once the
-    tensors are filled in, stock zip tools would call the file corrupt. Patched: the central
-    directory entry, the data descriptor after the record (torch's writer uses them) and the
-    local header when it holds a CRC.
-    """
-    with zipfile.ZipFile(path) as archive:
-        infos, start_dir = archive.infolist(), archive.start_dir
-    fixed: dict[str, int] = {}
-    with open(path, "r+b") as f:
-        for info in infos:
-            f.seek(info.header_offset)
-            local = f.read(30)
-            name_length, extra_length = struct.unpack("<HH", local[26:30])
-            f.seek(info.header_offset + 30 + name_length + extra_length)
-            crc, remaining = 0, info.compress_size
-            while remaining:
-                chunk = f.read(min(8 << 20, remaining))
-                if not chunk:
-                    raise zipfile.BadZipFile(f"{path}: record {info.filename} is truncated")
-                crc, remaining = zlib.crc32(chunk, crc), remaining - len(chunk)
-            if crc == info.CRC:
-                continue
-            fixed[info.filename] = crc
-            end_of_data = f.tell()
-            if info.flag_bits & 0x08:
-                start = end_of_data + (4 if f.read(4) == b"PK\x07\x08" else 0)
-                f.seek(start)
-                f.write(struct.pack("<I", crc))
-            if struct.unpack("<I", local[14:18])[0] != 0 or not info.flag_bits & 0x08:
-                f.seek(info.header_offset + 14)
-                f.write(struct.pack("<I", crc))
-        position = start_dir
-        for _ in infos:
-            f.seek(position)
-            entry = f.read(46)
-            if entry[:4] != b"PK\x01\x02":
-                raise zipfile.BadZipFile(f"{path}: unexpected central directory layout")
-            flags = struct.unpack("<H", entry[8:10])[0]
-            name_length, extra_length, comment_length = struct.unpack("<HHH", entry[28:34])
-            name = f.read(name_length).decode("utf-8" if flags & 0x800 else "cp437")
-            if name in fixed:
-                f.seek(position + 16)
-                f.write(struct.pack("<I", fixed[name]))
-            position += 46 + name_length + extra_length + comment_length
-        f.flush()
-        os.fsync(f.fileno())
-    return len(fixed)
-
-
-def dcp_to_torch_file(src: Path, dst: Path, *, export_dtype: Any = None, progress: bool = False) -> dict:
-    """A DCP checkpoint as one ``torch.save`` file: what ``dcp_to_torch_save`` writes, streamed.
-
-    The nested state dict DCP's own converter builds (same keys, same nesting, same values)
-    is written by ``torch.save`` with its tensor bytes left empty (``skip_data``); the file
-    is then memory-mapped shared and every tensor is read from the checkpoint straight into
-    its place, a batch at a time. Memory stays near one batch whatever the model size;
-    non-tensor values load with ``weights_only=True``. Floating tensors are cast to
-    ``export_dtype`` if given.
-    """
-    import torch
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from cairn.checkpoint.safe_load import set_element
-    from cairn.checkpoint.storage import _fsync_dir
-
-    start = time.perf_counter()
-    ckpt = DcpCheckpoint(src)
-    entries = ckpt.entries()
-    paths = ckpt.metadata.planner_data or {}
-    tensor_keys = [key for key, e in entries.items() if e.is_tensor]
-    value_keys = [key for key, e in entries.items() if not e.is_tensor]
-    values = ckpt.read(value_keys) if value_keys else {}
-    skeleton: dict[str, Any] = {}
-    with FakeTensorMode():
-        for key, entry in entries.items():
-            value = (torch.empty(entry.shape, dtype=_cast_dtype(entry.dtype, export_dtype)) if entry.is_tensor
-                     else values[key])
-            set_element(skeleton, paths.get(key, (key,)), value)
-    staging = dst.parent / f".{dst.name}.staging-{uuid.uuid4().hex[:8]}"
-    staging.mkdir(parents=True)
-    try:
-        partial = staging / dst.name  # the same file name: torch.save names the archive's folder after it
-        with torch.serialization.skip_data(materialize_fake_tensors=True):
-            torch.save(skeleton, partial)
-        del skeleton
-        with torch.serialization.set_default_mmap_options(mmap.MAP_SHARED):
-            mapped = torch.load(partial, mmap=True, weights_only=True)
-        targets = {key: _get_path(mapped, paths.get(key, (key,))) for key in tensor_keys}
-        total = sum(entries[key].num_bytes for key in tensor_keys)
-        with _progress_bar(total, "DCP -> torch", progress) as advance:
-            for batch in read_batches(tensor_keys, entries):
-                ckpt.read(batch, into=targets)
-                advance(sum(entries[key].num_bytes for key in batch))
-        for key in value_keys:  # values holding tensors (RNG states) were saved without their bytes too
-            _copy_tensors_into(_get_path(mapped, paths.get(key, (key,))), values[key])
-        del targets, mapped
-        gc.collect()  # unmap before the CRCs are read back
-        fix_zip_crcs(partial)
-        os.replace(partial, dst)
-        _fsync_dir(dst.parent)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return {"tensors": len(tensor_keys), "values": len(value_keys),
-            "bytes": sum(math.prod(entries[k].shape) * _cast_dtype(entries[k].dtype, export_dtype).itemsize
-                         for k in tensor_keys), "seconds": time.perf_counter() - start}
-
-
 def torch_file_to_dcp(src: Path, dst: Path, *, export_dtype: Any = None, progress: bool = False) -> dict:
     """A ``torch.save`` state dict (memory-mapped) as a DCP checkpoint, one tensor read at a time."""
     import torch
@@ -1460,6 +1322,7 @@ def torch_file_to_dcp(src: Path, dst: Path, *, export_dtype: Any = None, progres
     from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
     from torch.distributed.checkpoint.planner import WriteItemType
 
+    from cairn.checkpoint.convert import _cast_dtype
     from cairn.checkpoint.hf import staged_output
 
     start = time.perf_counter()
@@ -1529,7 +1392,7 @@ def _defaults_from_manifest(src: Path, options: ConvertOptions) -> ConvertOption
 
 def convert_checkpoint(src: Path, dst: Path, to: str, options: ConvertOptions) -> dict:
     """Any of DCP / HF / .pt to any other; HF <-> .pt goes through a temporary DCP beside ``dst``."""
-    from cairn.checkpoint.convert import convert_dcp_to_hf, convert_hf_to_dcp
+    from cairn.checkpoint.convert import convert_dcp_to_hf, convert_hf_to_dcp, dcp_to_torch_file
 
     source = detect_format(src)
     if source == to:
