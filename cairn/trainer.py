@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import logging
 import os
+import sys
 import time
 
 import torch
@@ -52,9 +53,31 @@ def cross_entropy_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
 
 
 def setup_logging(rank: int, level: str) -> None:
+    """Log lines on stderr, rank 0's from ``level``, the others' warnings only, each naming its rank once."""
+    prefix = "" if _torchrun_captures_stderr() else f"[rank{rank}] "
     logging.basicConfig(level=getattr(logging, level.upper()) if rank == 0 else logging.WARNING,
-                        format=f"[rank{rank}] %(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
+                        format=f"{prefix}%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
                         force=True)
+
+
+def _torchrun_captures_stderr() -> bool:
+    """Whether torchrun writes this worker's stderr to a log file of the rank's own, which names the rank.
+
+    Under ``--tee`` or ``--redirects`` torchrun starts the worker with stderr open on
+    ``<attempt log dir>/<local rank>/stderr.log``, beside the ``TORCHELASTIC_ERROR_FILE`` it
+    exports. A tee'd file is copied to the console with every line prefixed
+    ``[<role><local rank>]:`` (or per ``TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE``); a redirected
+    one, or one ``--local-ranks-filter`` leaves out, stays on disk in the rank's folder.
+    Otherwise stderr is the console's (or the caller's), unprefixed.
+    """
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not error_file:
+        return False
+    log_file = os.path.join(os.path.dirname(error_file), "stderr.log")
+    try:
+        return os.path.samestat(os.fstat(sys.stderr.fileno()), os.stat(log_file))
+    except (OSError, ValueError):  # no such file, or a stderr without a descriptor
+        return False
 
 
 class Trainer:

@@ -43,6 +43,8 @@ def test_run_train_sh_without_arguments_trains_and_loss_falls(tmp_path):
     last = sum(losses[s] for s in range(46, 51)) / 5
     assert last < first - 1.0, (first, last)
     assert (tmp_path / "outputs" / "tb").is_dir()
+    logged = [line for line in proc.stderr.splitlines() if " INFO " in line]
+    assert logged and all(line.startswith("[rank0]: ") and line.count("[rank") == 1 for line in logged), logged[:3]
     record = result.records[-1]
     for key in ("loss", "tokens_per_second", "step_time_ms", "memory_gib", "lr", "grad_norm"):
         assert key in record
