@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The platform on a GPU host: run_train.sh on 1 GPU and on 2 GPUs (FSDP, TP, PP; NCCL), then a
-# bit-exact resume of an async_with_pinned_mem run on 2 GPUs. Logs and a summary go to $OUT.
+# The platform on a GPU host: run_train.sh on 1 GPU and on 2 GPUs (FSDP, TP, PP; NCCL), then
+# bit-exact resumes of async_with_pinned_mem runs on 2 GPUs (writer process, device snapshot,
+# writer thread). Logs and a summary go to $OUT.
 #   OUT=/tmp/out bash benchmarks/gpu_train_check.sh
 # On an offline host with a CUDA torch, carry the wheels in .whl (tyro and its deps):
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
@@ -28,24 +29,37 @@ PY
 )
   echo "$name ngpu=$ngpu rc=$rc wall=$((SECONDS - t0))s $tps $*" | tee -a "$OUT/summary.txt"
 }
-run debug_1gpu 1 --training.steps 100
-run debug_2gpu_fsdp 2 --training.steps 100 --parallelism.data_parallel_shard_degree 2
-run debug_2gpu_tp 2 --training.steps 50 --parallelism.tensor_parallel_degree 2
-run debug_2gpu_pp 2 --training.steps 50 --parallelism.pipeline_parallel_degree 2
-run 1b_1gpu 1 --config llama3_1b --training.steps 30 --training.local_batch_size 2 --training.seq_len 2048
-# Bit-exact resume with pinned async staging on CUDA (deterministic kernels).
-resume=(--training.steps 20 --checkpoint.enable --checkpoint.interval 5 --checkpoint.async_mode async_with_pinned_mem
-        --checkpoint.no-last_save_model_only --debug.deterministic --parallelism.data_parallel_shard_degree 2)
-run resume_whole 2 "${resume[@]}"
-run resume_split 2 "${resume[@]}" --debug.exit_after_step 10 --job.description split
-NGPU=2 ./run_train.sh --job.dump_folder /tmp/cairn-runs/resume_split --metrics.log_freq 10 "${resume[@]}" > "$LOGS/resume_resumed.log" 2>&1
-python3 - <<'PY' | tee -a "$OUT/summary.txt"
-import json
-def losses(name):
-    return {r["step"]: r["loss"] for r in map(json.loads, open(f"/tmp/cairn-runs/{name}/metrics.jsonl")) if "loss" in r}
-a, b = losses("resume_whole"), losses("resume_split")
+if [[ "${ONLY:-all}" != resume ]]; then
+  run debug_1gpu 1 --training.steps 100
+  run debug_2gpu_fsdp 2 --training.steps 100 --parallelism.data_parallel_shard_degree 2
+  run debug_2gpu_tp 2 --training.steps 50 --parallelism.tensor_parallel_degree 2
+  run debug_2gpu_pp 2 --training.steps 50 --parallelism.pipeline_parallel_degree 2
+  run 1b_1gpu 1 --config llama3_1b --training.steps 30 --training.local_batch_size 2 --training.seq_len 2048
+fi
+# Bit-exact resume with pinned async staging on CUDA (deterministic kernels): a run of 20 steps
+# against one stopped after step 10 and resumed. ONLY=resume runs just these (NGPU_RESUME GPUs).
+ngpu_resume=${NGPU_RESUME:-2}
+resume_check() {  # name, extra flags...
+  local name=$1; shift
+  local resume=(--training.steps 20 --checkpoint.enable --checkpoint.interval 5 --checkpoint.async_mode async_with_pinned_mem
+                --checkpoint.no-last_save_model_only --debug.deterministic
+                --parallelism.data_parallel_shard_degree "$ngpu_resume" "$@")
+  run "${name}_whole" "$ngpu_resume" "${resume[@]}"
+  run "${name}_split" "$ngpu_resume" "${resume[@]}" --debug.exit_after_step 10 --job.description split
+  NGPU=$ngpu_resume ./run_train.sh --job.dump_folder "/tmp/cairn-runs/${name}_split" --metrics.log_freq 10 "${resume[@]}" \
+    > "$LOGS/${name}_resumed.log" 2>&1
+  python3 - "$name" "$ngpu_resume" "$*" <<'PY' | tee -a "$OUT/summary.txt"
+import json, sys
+name, ngpu, flags = sys.argv[1:]
+def losses(run):
+    return {r["step"]: r["loss"] for r in map(json.loads, open(f"/tmp/cairn-runs/{run}/metrics.jsonl")) if "loss" in r}
+a, b = losses(f"{name}_whole"), losses(f"{name}_split")
 same = [a[s] == b.get(s) for s in range(11, 21)]
-print(f"resume 2 GPU async_with_pinned_mem: steps 11-20 bitwise equal: {all(same)} ({sum(same)}/10)")
+print(f"resume {ngpu} GPU async_with_pinned_mem {flags}: steps 11-20 bitwise equal: {all(same)} ({sum(same)}/10)")
 PY
+}
+resume_check resume
+resume_check resume_snapshot --checkpoint.device_snapshot
+resume_check resume_thread --checkpoint.async_writer thread
 for d in /tmp/cairn-runs/*/; do cp "$d/metrics.jsonl" "$LOGS/$(basename "$d").metrics.jsonl"; done
 tar czf "$OUT/logs.tgz" -C "$LOGS" .

@@ -92,6 +92,7 @@ class CheckpointManager:
         self.tokenizer_dir = Path(tokenizer_path).parent if tokenizer_path else None
         self.rank = dist.get_rank()
         self.async_saver: AsyncSaver | None = None
+        self._async_prepared = False
         self.last_load: dict | None = None  # what load() restored (kind, path, bytes, seconds), for metrics
         self._purge_thread: threading.Thread | None = None
         if not self.enabled:
@@ -105,10 +106,17 @@ class CheckpointManager:
             # Background saves run their collectives on a group of their own, so they never
             # interleave with the training step's collectives on the default group.
             self.async_group = dist.new_group(backend="gloo")
-            self.async_saver = AsyncSaver(reuse_buffers=config.async_mode == "async_with_pinned_mem")
+            self.async_saver = AsyncSaver(reuse_buffers=config.async_mode == "async_with_pinned_mem",
+                                          writer=config.async_writer, device_snapshot=config.device_snapshot)
         dist.barrier()
 
     # --- saving -------------------------------------------------------------------------
+
+    def prepare_async(self) -> None:
+        """Once, after the first step: allocate the reused async staging buffers in the background."""
+        if self.async_saver is not None and not self._async_prepared:
+            self._async_prepared = True
+            self.async_saver.prepare(self._full_state_dict())
 
     def _should_save(self, step: int, last_step: bool) -> bool:
         if not self.enabled or self.config.load_only:
@@ -119,6 +127,7 @@ class CheckpointManager:
 
     def save(self, step: int, last_step: bool = False) -> dict | None:
         """Save if the policy says so; returns what was saved (for logs/metrics) or None."""
+        self.prepare_async()
         if not self._should_save(step, last_step):
             return None
         start = time.perf_counter()
@@ -162,6 +171,8 @@ class CheckpointManager:
             self._purge_async(step)
         else:
             writer = self.storage.writer(step, info, thread_count=self.config.write_threads)
+            if self.async_saver.writer_process is not None:
+                writer.delegate = self.async_saver.write_data
             started = time.perf_counter()
 
             def write(staged: dict) -> None:

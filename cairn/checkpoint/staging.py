@@ -5,19 +5,31 @@ Two modes, as torchtitan names them:
 - ``async_with_pinned_mem``: host buffers (pinned on CUDA hosts) allocated at the first
   save and reused by every later one, so no save after the first allocates or pins memory.
 
-Staging runs on the save's worker thread on every device and overlaps the next step's
-forward/backward; the trainer waits for it only before the optimizer step, the first moment
-the parameters change. The training thread only takes the state dict and, on GPU hosts,
-records an event on its stream; the worker's copies go on a side CUDA stream that waits for
-that event, so they see the parameters as that step left them. Nothing the size of the
-state runs on the training thread: not the copy into pageable memory of ``async`` mode
-(which blocks the thread that issues it), not the first save's pinned allocation, not the
-per-tensor launches. ``copy_`` releases the GIL. At most one save is in flight.
+Host buffers live in one block per save layout (``HostArena``: a Linux memfd, pinned with
+``cudaHostRegister`` on CUDA hosts), with one tensor per state entry whose storage is
+exactly its bytes. The block can be mapped by another process: by default the files are
+written by a child process (``writer_process``), so serializing, hashing and writing never
+hold the training process's GIL; ``--checkpoint.async_writer thread`` writes from a thread.
+
+Staging runs on the save's worker thread and overlaps the next step's forward/backward.
+The training thread only takes the state dict and, on GPU hosts, records an event on its
+stream; the worker's copies go on a side CUDA stream that waits for that event. Before the
+optimizer step (the first moment the state changes) the training thread waits until the
+copies are queued (milliseconds) and then makes its stream wait for them on the GPU, so the
+CPU keeps dispatching. With ``--checkpoint.device_snapshot`` the state is first copied into
+device buffers (HBM to HBM, milliseconds) and the optimizer waits only for that; the copy to
+host then runs from the snapshot while training goes on, at the price of device memory equal
+to the rank's checkpoint shard. On CPU hosts the copies finish before the optimizer step.
+At most one save is in flight.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import itertools
 import logging
+import mmap
 import os
 import sys
 import threading
@@ -26,9 +38,17 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
 import torch
+from torch.distributed.checkpoint.planner import WriteItemType
 from torch.distributed.tensor import DTensor
 
+from cairn.checkpoint import writer_process
+from cairn.checkpoint.storage import CheckpointError, _zip_crc32_off
+from cairn.config.job_config import ASYNC_WRITERS
+
 logger = logging.getLogger("cairn")
+
+_ALIGN = 4096  # each tensor starts on a page of its own in the arena
+_D2H_PIECE = 64 << 20  # bytes per device-to-host copy from a device snapshot
 
 
 def _leaves(obj: Any, prefix: str = ""):
@@ -47,26 +67,171 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
-class HostStager:
-    """Copies a state dict's tensors into host buffers; keeps the buffers when ``reuse``."""
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
 
-    def __init__(self, *, reuse: bool, pin_memory: bool):
+
+@functools.lru_cache(maxsize=None)
+def _cudart_host_register():
+    """(cudaHostRegister, cudaHostUnregister) of the CUDA runtime torch loaded, called through
+    ctypes, which lets go of the GIL while the driver pins gigabytes (torch's binding holds
+    it); None where no shared libcudart is loaded."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = sorted({line.split()[-1] for line in maps if "libcudart.so" in line})
+    except OSError:
+        return None
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path)
+            register, unregister = lib.cudaHostRegister, lib.cudaHostUnregister
+        except (OSError, AttributeError):
+            continue
+        register.argtypes, register.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint], ctypes.c_int
+        unregister.argtypes, unregister.restype = [ctypes.c_void_p], ctypes.c_int
+        return register, unregister
+    return None
+
+
+def _host_register(ptr: int, nbytes: int) -> int:
+    # Portable: page-locked for every CUDA context, as DCP registers its shared buffers.
+    calls = _cudart_host_register()
+    return calls[0](ptr, nbytes, 1) if calls else int(torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 1))
+
+
+def _host_unregister(ptr: int) -> None:
+    calls = _cudart_host_register()
+    if calls:
+        calls[1](ptr)
+    else:
+        torch.cuda.cudart().cudaHostUnregister(ptr)
+
+
+class HostArena:
+    """One block of host memory holding a save's tensors, shareable with the writer process."""
+
+    _ids = itertools.count()
+
+    def __init__(self, nbytes: int, *, pin: bool, device: torch.device | None = None):
+        self.id = next(HostArena._ids)
+        self.nbytes = max(nbytes, mmap.PAGESIZE)
+        self.fd: int | None = None
+        if writer_process.supported():
+            self.fd = os.memfd_create("cairn-staging", os.MFD_CLOEXEC)
+            try:
+                os.ftruncate(self.fd, self.nbytes)
+                self.mmap = mmap.mmap(self.fd, self.nbytes)
+            except BaseException:
+                os.close(self.fd)
+                raise
+        else:
+            self.mmap = mmap.mmap(-1, self.nbytes)
+        self._base = torch.frombuffer(self.mmap, dtype=torch.uint8)
+        self.base_ptr = self._base.data_ptr()
+        self.pinned = False
+        if pin:
+            with torch.cuda.device(device):
+                rc = _host_register(self.base_ptr, self.nbytes)
+            if rc != 0:
+                logger.warning("cudaHostRegister of %.1f MB of staging memory failed (error %d); staging "
+                               "into pageable memory (slower)", self.nbytes / 1e6, rc)
+            self.pinned = rc == 0
+
+    def tensor(self, offset: int, like: torch.Tensor) -> torch.Tensor:
+        """A contiguous tensor shaped like ``like`` at ``offset``, whose storage is exactly its bytes."""
+        nbytes = _nbytes(like)
+        if nbytes == 0:
+            return torch.empty(like.shape, dtype=like.dtype)
+        flat = torch.frombuffer(self.mmap, dtype=torch.uint8, count=nbytes, offset=offset)
+        return flat.view(like.dtype).view(like.shape)
+
+    def offset_of(self, tensor: torch.Tensor) -> int | None:
+        offset = tensor.data_ptr() - self.base_ptr
+        return offset if 0 <= offset and offset + _nbytes(tensor) <= self.nbytes else None
+
+    def close(self) -> None:
+        if self.pinned:
+            _host_unregister(self.base_ptr)
+            self.pinned = False
+        del self._base
+        try:
+            self.mmap.close()
+        except BufferError:  # tensors still point into it; the mapping goes when they do
+            pass
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+class HostStager:
+    """Copies a state dict's tensors into host buffers; keeps the buffers when ``reuse``.
+
+    ``device_snapshot``: copy into device buffers first (see the module doc).
+    """
+
+    def __init__(self, *, reuse: bool, pin_memory: bool, device_snapshot: bool = False):
         self.reuse = reuse
         self.pin_memory = pin_memory and torch.cuda.is_available()
-        self._buffers: dict[str, torch.Tensor] = {}
+        self.device_snapshot = device_snapshot and torch.cuda.is_available()
         self._stream = torch.cuda.Stream() if torch.cuda.is_available() else None
+        self._layout: list[tuple[str, torch.Size, torch.dtype]] | None = None
+        self._buffers: dict[str, torch.Tensor] = {}  # path -> host buffer (a view into the arena)
+        self._device_buffers: dict[str, torch.Tensor] = {}
+        self.arena: HostArena | None = None
+        self.on_release: Callable[[HostArena], None] | None = None  # before an arena is closed
         self.allocated_bytes = 0
-        self.allocations = 0
+        self.allocations = 0  # arenas made: one per save layout when reusing, one per save otherwise
+        self.device_allocated_bytes = 0
 
-    def _buffer(self, path: str, local: torch.Tensor) -> torch.Tensor:
-        buffer = self._buffers.get(path)
-        if buffer is None or buffer.shape != local.shape or buffer.dtype != local.dtype:
-            buffer = torch.empty(local.shape, dtype=local.dtype, device="cpu", pin_memory=self.pin_memory)
-            self.allocated_bytes += buffer.numel() * buffer.element_size()
-            self.allocations += 1
-            if self.reuse:
-                self._buffers[path] = buffer
-        return buffer
+    @property
+    def retained_bytes(self) -> int:
+        return sum(_nbytes(b) for b in self._buffers.values()) if self.reuse else 0
+
+    def prepare(self, state_dict: dict) -> None:
+        """Make the buffers for ``state_dict``'s layout now (the first save then finds them)."""
+        leaves = [(path, _local(tensor).detach()) for path, tensor in _leaves(state_dict)]
+        if self._stream is None:
+            self._prepare(leaves)
+            return
+        with torch.cuda.device(self._stream.device), torch.cuda.stream(self._stream):
+            self._prepare(leaves)
+
+    def _prepare(self, leaves: list[tuple[str, torch.Tensor]]) -> None:
+        """Buffers for this layout: the kept ones when it has not changed, else new ones."""
+        layout = [(path, local.shape, local.dtype) for path, local in leaves]
+        if self.arena is not None and layout == self._layout:
+            return
+        self.release()
+        offsets, total = [], 0
+        for _, local in leaves:
+            offsets.append(total)
+            total += -(-_nbytes(local) // _ALIGN) * _ALIGN
+        device = self._stream.device if self._stream is not None else None
+        self.arena = HostArena(total, pin=self.pin_memory, device=device)
+        self.allocations += 1
+        self.allocated_bytes += self.arena.nbytes
+        self._buffers = {path: self.arena.tensor(offset, local) for (path, local), offset in zip(leaves, offsets)}
+        if self.device_snapshot:
+            self._device_buffers = {path: torch.empty(local.shape, dtype=local.dtype, device=local.device)
+                                    for path, local in leaves}
+            self.device_allocated_bytes += sum(_nbytes(b) for b in self._device_buffers.values())
+        self._layout = layout
+
+    def release(self) -> None:
+        """Give the buffers back (the next save makes new ones)."""
+        self._buffers, self._device_buffers, self._layout = {}, {}, None
+        if self.arena is not None:
+            if self.on_release is not None:
+                self.on_release(self.arena)
+            self.arena.close()
+            self.arena = None
+
+    def locate(self, tensor: torch.Tensor) -> tuple[HostArena, int] | None:
+        """The arena and byte offset of a staged tensor, if it is one."""
+        if self.arena is None or tensor.device.type != "cpu" or not tensor.is_contiguous():
+            return None
+        offset = self.arena.offset_of(tensor)
+        return None if offset is None else (self.arena, offset)
 
     def ready_marker(self) -> torch.cuda.Event | None:
         """On GPU hosts, an event on the training stream now: the copies start after it."""
@@ -76,35 +241,76 @@ class HostStager:
         event.record()
         return event
 
-    def stage(self, state_dict: dict, ready: torch.cuda.Event | None = None) -> dict:
-        """A host copy of ``state_dict`` (same structure); returns once every copy has landed.
+    def enqueue(self, state_dict: dict, ready: torch.cuda.Event | None = None
+                ) -> tuple[dict, torch.cuda.Event | None, Callable[[], None]]:
+        """Queue the copies of ``state_dict`` into host buffers; returns (host copy, gate, drain).
 
-        ``ready`` (from ``ready_marker``, taken on the training thread) orders the copies
-        after the work that produced the state when ``stage`` runs on another thread.
+        ``gate``: the state may change once it has passed (None: already); ``drain()`` returns
+        once the host copy is complete. ``ready`` (from ``ready_marker``, taken on the training
+        thread) orders the copies after the work that produced the state.
         """
+        leaves = [(path, _local(tensor).detach()) for path, tensor in _leaves(state_dict)]
+        copies: dict[str, torch.Tensor] = {}
         if self._stream is None:
-            return self._copy(state_dict)
+            self._prepare(leaves)
+            for path, local in leaves:
+                copies[path] = self._buffers[path].copy_(local)
+            return _rebuild(state_dict, _by_id(state_dict, copies)), None, lambda: None
         # The device, not only the stream: a new thread's current device is 0, and pinned
         # allocations or events made there would open a context on another rank's GPU.
         with torch.cuda.device(self._stream.device), torch.cuda.stream(self._stream):
+            self._prepare(leaves)
             if ready is not None:
                 self._stream.wait_event(ready)
             else:
                 self._stream.wait_stream(torch.cuda.default_stream(self._stream.device))
-            staged = self._copy(state_dict)
+            if self.device_snapshot:
+                for path, local in leaves:
+                    self._device_buffers[path].copy_(local, non_blocking=True)
+                    copies[path] = self._buffers[path]
+                gate = torch.cuda.Event()
+                gate.record(self._stream)
+                return _rebuild(state_dict, _by_id(state_dict, copies)), gate, self._drain_snapshot
+            for path, local in leaves:
+                copies[path] = self._buffers[path].copy_(local, non_blocking=local.is_cuda)
             done = torch.cuda.Event()
             done.record(self._stream)
-        done.synchronize()
+        return _rebuild(state_dict, _by_id(state_dict, copies)), done, done.synchronize
+
+    def _drain_snapshot(self) -> None:
+        """Copy the device snapshot to host in pieces of ``_D2H_PIECE`` bytes, two in flight.
+
+        Copies in one direction share the GPU's copy engine in the order they were queued: the
+        whole state queued at once would hold every small device-to-host copy of the training
+        loop (a loss's ``.item()``) behind it for the length of the transfer. Queued piece by
+        piece, such a copy waits for one piece at most.
+        """
+        pieces = []
+        for path, snapshot in self._device_buffers.items():
+            source, target = snapshot.view(-1), self._buffers[path].view(-1)
+            step = max(1, _D2H_PIECE // max(1, snapshot.element_size()))
+            pieces += [(source[i:i + step], target[i:i + step]) for i in range(0, source.numel(), step)]
+        in_flight: list[torch.cuda.Event] = []
+        with torch.cuda.device(self._stream.device), torch.cuda.stream(self._stream):
+            for source, target in pieces:
+                target.copy_(source, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(self._stream)
+                in_flight.append(event)
+                if len(in_flight) > 2:
+                    in_flight.pop(0).synchronize()
+            for event in in_flight:
+                event.synchronize()
+
+    def stage(self, state_dict: dict, ready: torch.cuda.Event | None = None) -> dict:
+        """A host copy of ``state_dict`` (same structure); returns once every copy has landed."""
+        staged, _, drain = self.enqueue(state_dict, ready)
+        drain()
         return staged
 
-    def _copy(self, state_dict: dict) -> dict:
-        copies: dict[int, torch.Tensor] = {}
-        for path, tensor in _leaves(state_dict):
-            local = _local(tensor)
-            buffer = self._buffer(path, local)
-            buffer.copy_(local.detach(), non_blocking=local.is_cuda)
-            copies[id(tensor)] = buffer
-        return _rebuild(state_dict, copies)
+
+def _by_id(state_dict: dict, copies: dict[str, torch.Tensor]) -> dict[int, torch.Tensor]:
+    return {id(tensor): copies[path] for path, tensor in _leaves(state_dict)}
 
 
 def _rebuild(obj: Any, copies: dict[int, torch.Tensor]) -> Any:
@@ -122,10 +328,11 @@ def _rebuild(obj: Any, copies: dict[int, torch.Tensor]) -> Any:
     return obj
 
 
-# While a background write runs, the training thread may wait up to Python's GIL switch
-# interval (5 ms) each time it wants the GIL back from the writer (after every CUDA sync it
-# made without the GIL). A shorter interval hands it back sooner; the writer spends most of
-# its time in system calls without the GIL and loses little. Seconds; 0 leaves Python's own.
+# While a save's worker thread runs Python (planning and committing; with
+# ``--checkpoint.async_writer thread`` also the writes), the training thread may wait up to
+# Python's GIL switch interval (5 ms) each time it wants the GIL back (after every op it
+# dispatched without the GIL). A shorter interval hands it back sooner; the worker spends most
+# of its time waiting or in system calls and loses little. Seconds; 0 leaves Python's own.
 SWITCH_INTERVAL_ENV = "CAIRN_WRITER_SWITCH_INTERVAL"
 DEFAULT_SWITCH_INTERVAL = 0.0005
 
@@ -140,30 +347,60 @@ def _writer_switch_interval() -> float:
 
 
 class AsyncSaver:
-    """One background worker: stage into host memory, then write and commit."""
+    """One background worker: stage into host memory, then write (in the writer process) and commit.
 
-    def __init__(self, *, reuse_buffers: bool):
-        self.stager = HostStager(reuse=reuse_buffers, pin_memory=reuse_buffers)
+    ``timeline`` holds the last save's phases in seconds after ``submit`` (for logs and the
+    benchmark): ``queued`` (copies queued), ``gate`` (the state may change), ``staged`` (host
+    copy complete), ``data_start``/``data_done`` (the files being written), ``done``.
+    """
+
+    def __init__(self, *, reuse_buffers: bool, writer: str = "process", device_snapshot: bool = False):
+        if writer not in ASYNC_WRITERS:
+            raise ValueError(f"async writer must be one of {ASYNC_WRITERS} (got {writer!r})")
+        self.stager = HostStager(reuse=reuse_buffers, pin_memory=reuse_buffers, device_snapshot=device_snapshot)
+        self.writer_process: writer_process.WriterProcess | None = None
+        if writer == "process":
+            if writer_process.supported():
+                self.writer_process = writer_process.WriterProcess()
+                self.stager.on_release = lambda arena: self.writer_process.release(arena.id)
+            else:
+                logger.warning("--checkpoint.async_writer process needs Linux (memfd); writing from a thread")
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cairn-ckpt")
-        self._staged = threading.Event()
-        self._staged.set()
+        self._queued = threading.Event()
+        self._queued.set()
+        self._gate: torch.cuda.Event | None = None
         self._future: Future | None = None
         self.last_stage_seconds = 0.0
+        self.prepare_seconds: float | None = None
+        self.timeline: dict[str, float] = {}
+        self._start = 0.0
 
     def submit(self, step: int, state_dict: dict, write: Callable[[dict], Any]) -> None:
         self.wait()  # at most one save in flight
-        self._staged.clear()
-        start = time.perf_counter()
+        self._queued.clear()
+        self._gate = None
+        start = self._start = time.perf_counter()
+        timeline: dict[str, float] = {}
+        self.timeline = timeline
         ready = self.stager.ready_marker()
-
         interval = _writer_switch_interval()
+
+        def mark(name: str) -> None:
+            timeline[name] = round(time.perf_counter() - start, 6)
 
         def job():
             try:
-                staged = self.stager.stage(state_dict, ready)
+                staged, gate, drain = self.stager.enqueue(state_dict, ready)
+                self._gate = gate
             finally:
-                self.last_stage_seconds = time.perf_counter() - start
-                self._staged.set()
+                mark("queued")
+                self._queued.set()
+            if gate is not None:
+                gate.synchronize()
+            mark("gate")
+            drain()
+            mark("staged")
+            self.last_stage_seconds = timeline["staged"]
             before = sys.getswitchinterval()
             if 0 < interval < before:
                 sys.setswitchinterval(interval)
@@ -171,11 +408,65 @@ class AsyncSaver:
                 return write(staged)
             finally:
                 sys.setswitchinterval(before)
+                del staged
+                if not self.stager.reuse:
+                    self.stager.release()
+                mark("done")
 
         self._future = self._executor.submit(job)
 
+    def prepare(self, state_dict: dict) -> None:
+        """Allocate (and pin) the reused host buffers for ``state_dict``'s layout in the background.
+
+        Called once training has taken its first step (the optimizer state exists then), so the
+        first save neither waits for gigabytes to be pinned nor stalls training meanwhile.
+        """
+        if not self.stager.reuse or self.stager.arena is not None or self._future is not None:
+            return
+        start = time.perf_counter()
+
+        def job() -> None:
+            try:
+                self.stager.prepare(state_dict)
+            except Exception as e:  # noqa: BLE001 - the first save allocates instead, and reports
+                logger.warning("could not allocate the async staging buffers in advance (%s: %s); the first "
+                               "save will", type(e).__name__, e)
+            self.prepare_seconds = time.perf_counter() - start
+
+        self._future = self._executor.submit(job)
+
+    def write_data(self, writer, plan, planner) -> list:
+        """``CairnStorageWriter.write_data`` in the writer process (set as the writer's delegate)."""
+        sources: list = []
+        arenas: dict[int, tuple[int, int]] = {}
+        with _zip_crc32_off():  # resolving a non-tensor item torch.saves it: the same bytes as a local write
+            resolved = [planner.resolve_data(item) for item in plan.items]
+        for item, data in zip(plan.items, resolved):
+            if item.type == WriteItemType.BYTE_IO:
+                sources.append(("bytes", data.getvalue() if hasattr(data, "getvalue") else bytes(data)))
+                continue
+            found = self.stager.locate(data)
+            if found is None:  # not a staged buffer (nothing cairn saves today): send it by value
+                sources.append(("tensor", data.detach().cpu().contiguous().clone()))
+                continue
+            arena, offset = found
+            arenas[arena.id] = (arena.fd, arena.nbytes)
+            sources.append(("arena", arena.id, offset, _nbytes(data), data.dtype, list(data.shape)))
+        self.timeline["data_start"] = round(time.perf_counter() - self._start, 6)
+        try:
+            return self.writer_process.write(writer, plan, sources, arenas)
+        except writer_process.WriterProcessError as e:
+            raise CheckpointError(f"rank {writer.rank}: {e}. Step {writer.step} was not committed; earlier "
+                                  f"steps in {writer.folder} are untouched") from e
+        finally:
+            self.timeline["data_done"] = round(time.perf_counter() - self._start, 6)
+
     def wait_for_staging(self) -> None:
-        self._staged.wait()
+        """Before the state changes: wait until the copies are queued, then (GPU) order the stream after them."""
+        self._queued.wait()
+        gate, self._gate = self._gate, None
+        if gate is not None:
+            torch.cuda.current_stream().wait_event(gate)
 
     def wait(self) -> Any:
         """Block until the in-flight save (if any) is written and committed; re-raise its error."""
@@ -189,3 +480,6 @@ class AsyncSaver:
             self.wait()
         finally:
             self._executor.shutdown(wait=True)
+            self.stager.release()
+            if self.writer_process is not None:
+                self.writer_process.close()

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 DTYPES = ("float32", "bfloat16", "float16")
 ASYNC_MODES = ("disabled", "async", "async_with_pinned_mem")
+ASYNC_WRITERS = ("process", "thread")
 # What a full checkpoint holds besides the model; keys a user may exclude from loading.
 EXCLUDABLE_STATES = ("optimizer", "lr_scheduler", "dataloader", "train_state", "rng")
 # Spellings users paste from torchtitan's docs, mapped to cairn's state keys.
@@ -220,6 +221,13 @@ class CheckpointSection:
     """Load checkpoints but never save any."""
     async_mode: str = "disabled"
     """disabled, async (background write), or async_with_pinned_mem (reused pinned staging buffers)."""
+    async_writer: str = "process"
+    """Who writes an async save's files: process (a child process, so the writes never take
+    the training loop's GIL; Linux) or thread (a thread of the training process)."""
+    device_snapshot: bool = False
+    """Async saves first copy the state into device memory (HBM to HBM, milliseconds), so the
+    optimizer step waits only for that, not for the copy to host. Costs device memory equal
+    to the rank's checkpoint shard, kept for the run with async_with_pinned_mem."""
     verify: bool = False
     """Verify every file's checksum before loading (sizes are always checked)."""
     write_threads: int = 1
@@ -251,6 +259,9 @@ class CheckpointSection:
             out.append(f"--checkpoint.async_mode must be one of {', '.join(ASYNC_MODES)} (got {self.async_mode!r})")
         if not self.folder:
             out.append("--checkpoint.folder must not be empty")
+        if self.async_writer not in ASYNC_WRITERS:
+            out.append(f"--checkpoint.async_writer must be one of {', '.join(ASYNC_WRITERS)} "
+                       f"(got {self.async_writer!r})")
         if self.write_threads < 1:
             out.append(f"--checkpoint.write_threads must be >= 1 (got {self.write_threads})")
         for key in self.exclude_from_loading:

@@ -76,12 +76,14 @@ def test_all_problems_reported_once():
     with pytest.raises(ConfigError) as info:
         parse_args(["--checkpoint.interval", "0", "--checkpoint.export_dtype", "int8",
                     "--checkpoint.exclude_from_loading", "model,bogus", "--training.seq_len", "0",
-                    "--parallelism.context_parallel_degree", "2", "--checkpoint.write_threads", "0"])
+                    "--parallelism.context_parallel_degree", "2", "--checkpoint.write_threads", "0",
+                    "--checkpoint.async_writer", "fork"])
     message = str(info.value)
     for flag in ("--checkpoint.interval", "--checkpoint.export_dtype", "'model'", "'bogus'",
-                 "--training.seq_len", "--parallelism.context_parallel_degree", "--checkpoint.write_threads"):
+                 "--training.seq_len", "--parallelism.context_parallel_degree", "--checkpoint.write_threads",
+                 "--checkpoint.async_writer"):
         assert flag in message
-    assert len(info.value.problems) == 7
+    assert len(info.value.problems) == 8
 
 
 def test_excluding_optimizer_needs_lr_scheduler():

@@ -331,6 +331,13 @@ def _crash_child(folder: str, point: str, action: str, step: int, mode: str) -> 
         if mode == "async":
             future = dcp.async_save(state, storage_writer=writer, no_dist=True)
             getattr(future, "upload_completion", future).result()
+        elif mode == "saver":  # cairn's async save: the files are written by its writer process
+            from cairn.checkpoint.staging import AsyncSaver
+
+            saver = AsyncSaver(reuse_buffers=True)
+            writer.delegate = saver.write_data
+            saver.submit(step, state, lambda staged: dcp.save(staged, storage_writer=writer, no_dist=True))
+            saver.wait()
         else:
             dcp.save(state, storage_writer=writer, no_dist=True)
     os._exit(0)  # the fault point was not reached: the test fails on the exit code
@@ -344,13 +351,15 @@ def _run_crashing(folder: Path, point: str, action: str = "save", step: int = 3,
     assert child.exitcode == -signal.SIGKILL, f"child exited {child.exitcode}, expected SIGKILL at {point}"
 
 
-CRASHES = [  # (fault point, what the child does, step it writes, sync/async)
+CRASHES = [  # (fault point, what the child does, step it writes, sync/async/saver)
     ("before_data", "save", 3, "sync"),
     ("mid_data", "save", 3, "sync"),
     ("after_data_before_commit", "save", 3, "sync"),
     ("during_publish", "save", 3, "sync"),
     ("mid_data", "save", 3, "async"),
     ("after_data_before_commit", "save", 3, "async"),
+    ("mid_data", "save", 3, "saver"),  # the writer process takes the training process down with it
+    ("after_data_before_commit", "save", 3, "saver"),
     ("during_publish", "save", 2, "sync"),  # replacing an existing step
     ("during_replace", "save", 2, "sync"),
     ("during_purge", "purge", 0, "sync"),

@@ -1,0 +1,158 @@
+"""Async saves through AsyncSaver: host staging arenas and the writer process.
+
+Real DCP saves into CheckpointStorage (single process), written by the real child process;
+the GPU side (pinned arenas, the stream gate, device snapshots) is exercised by
+benchmarks/gpu_train_check.sh and the benchmark on GPU hosts.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+from cairn.checkpoint.staging import AsyncSaver
+from cairn.checkpoint.storage import FAULT_ENV, CheckpointError, CheckpointStorage, find_checkpoint_error
+from test_storage import assert_same, folder_names, load, make_state, save
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # DCP warns that no process group exists
+
+
+@pytest.fixture
+def storage(tmp_path) -> CheckpointStorage:
+    return CheckpointStorage(tmp_path / "checkpoint")
+
+
+def submit(saver: AsyncSaver, storage: CheckpointStorage, step: int, state: dict):
+    writer = storage.writer(step, {"kind": "full"})
+    if saver.writer_process is not None:
+        writer.delegate = saver.write_data
+    saver.submit(step, state, lambda staged: dcp.save(staged, storage_writer=writer, no_dist=True))
+    return writer
+
+
+def data_checksums(storage: CheckpointStorage, step: int) -> dict:
+    files = storage.read_manifest(storage.step_dir(step))["files"]
+    return {name: record["checksum"] for name, record in files.items() if name.endswith(".distcp")}
+
+
+@pytest.fixture
+def saver():
+    made = []
+
+    def make(**kwargs) -> AsyncSaver:
+        made.append(AsyncSaver(**kwargs))
+        return made[-1]
+
+    yield make
+    for s in made:
+        s.close()
+
+
+def test_writer_process_writes_what_a_local_save_writes(storage, saver):
+    s = saver(reuse_buffers=True)
+    assert s.writer_process is not None  # Linux: the default writes in a child process
+    state = make_state(3)
+    submit(s, storage, 3, state)
+    s.wait_for_staging()
+    s.wait()
+    assert {"queued", "gate", "staged", "data_start", "data_done", "done"} <= s.timeline.keys()
+    dcp.save(make_state(3), storage_writer=storage.writer(4, {"kind": "full"}), no_dist=True)  # by this process
+    assert data_checksums(storage, 3) == data_checksums(storage, 4)  # byte for byte
+    assert_same(load(storage, 3), state)
+    assert storage.verify(storage.step_dir(3)) == []
+
+
+def test_pinned_mode_keeps_one_arena_and_one_writer(storage, saver):
+    s = saver(reuse_buffers=True)
+    s.prepare(make_state(1))  # what the manager does after the first training step
+    s.wait()
+    assert s.stager.allocations == 1 and s.prepare_seconds is not None
+    pid = s.writer_process.pid
+    for step in (1, 2, 3):
+        submit(s, storage, step, make_state(step))
+        s.wait()
+    assert s.stager.allocations == 1 and s.stager.arena is not None
+    assert s.writer_process.pid == pid and s.writer_process.starts == 1
+    for step in (1, 2, 3):
+        assert_same(load(storage, step), make_state(step))
+    bigger = make_state(4)
+    bigger["norm.weight"] = torch.rand(32)
+    submit(s, storage, 4, bigger)  # another layout: a new arena, the old one released
+    s.wait()
+    assert s.stager.allocations == 2
+    template = make_state(0)
+    template["norm.weight"] = torch.zeros(32)
+    storage.load(template, storage.step_dir(4), verify=True, no_dist=True)
+    assert_same(template, bigger)
+
+
+def test_async_mode_returns_the_arena_after_each_save(storage, saver):
+    s = saver(reuse_buffers=False)
+    for step in (1, 2):
+        submit(s, storage, step, make_state(step))
+        s.wait()
+        assert s.stager.arena is None and s.stager.retained_bytes == 0
+    assert s.stager.allocations == 2
+    assert_same(load(storage, 2), make_state(2))
+
+
+@pytest.mark.parametrize("writer", ["process", "thread"])
+def test_state_may_change_once_staging_is_waited_for(storage, saver, writer):
+    s = saver(reuse_buffers=True, writer=writer)
+    state = make_state(5)
+    expected = make_state(5)
+    submit(s, storage, 5, state)
+    s.wait_for_staging()  # what the trainer does before the optimizer step
+    state["tok_embeddings.weight"].add_(1.0)
+    state["optimizer"]["state"]["norm.weight"]["exp_avg"].zero_()
+    s.wait()
+    assert_same(load(storage, 5), expected)
+
+
+def test_writer_process_dying_fails_the_save_and_the_next_one_restarts_it(storage, saver, monkeypatch):
+    saved = save(storage, 1)
+    monkeypatch.setenv(FAULT_ENV, "mid_data:exit")  # inherited by the writer process only at its start
+    s = saver(reuse_buffers=True)
+    monkeypatch.delenv(FAULT_ENV)
+    submit(s, storage, 2, make_state(2))
+    with pytest.raises(BaseException) as raised:  # DCP wraps a rank's error in its CheckpointException
+        s.wait()
+    error = find_checkpoint_error(raised.value)
+    assert isinstance(error, CheckpointError)
+    message = str(error)
+    assert "writer process" in message and "exited with code 99" in message and "step 2" in message
+    assert "untouched" in message
+    assert storage.committed_steps() == [1]
+    assert_same(load(storage, 1), saved)
+    submit(s, storage, 3, make_state(3))  # a fresh writer process
+    s.wait()
+    assert s.writer_process.starts == 2
+    assert storage.committed_steps() == [1, 3]
+    assert_same(load(storage, 3), make_state(3))
+    storage.cleanup_incomplete()
+    assert folder_names(storage) == ["step-1", "step-3"]
+
+
+def test_disk_full_in_the_writer_process_is_reported_with_the_step(storage, saver, monkeypatch):
+    saved = save(storage, 1)
+    monkeypatch.setenv(FAULT_ENV, "mid_data:enospc")
+    s = saver(reuse_buffers=True)
+    monkeypatch.delenv(FAULT_ENV)
+    writer = submit(s, storage, 2, make_state(2))
+    with pytest.raises(BaseException) as raised:
+        s.wait()
+    assert "disk full" in str(raised.value) and "step 2" in str(raised.value)
+    assert writer.last_error is not None and "disk full" in str(writer.last_error)
+    assert storage.committed_steps() == [1]
+    assert_same(load(storage, 1), saved)
+
+
+def test_writer_process_exits_with_the_saver(storage, saver):
+    s = saver(reuse_buffers=True)
+    process = s.writer_process._proc
+    submit(s, storage, 1, make_state(1))
+    s.close()
+    assert process.poll() == 0
