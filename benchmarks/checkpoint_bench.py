@@ -64,6 +64,10 @@ import torch.distributed as dist  # noqa: E402
 
 MODES = ("disabled", "async", "async_with_pinned_mem")
 PINNED = "async_with_pinned_mem"
+# A cairn mode may carry variants after "+": snapshot (--checkpoint.device_snapshot), thread or
+# process (--checkpoint.async_writer), e.g. async_with_pinned_mem+snapshot.
+VARIANTS = {"snapshot": {"device_snapshot": True}, "thread": {"async_writer": "thread"},
+            "process": {"async_writer": "process"}}
 CHUNK = 8 << 20
 # Variables torchrun sets for its workers: a nested torchrun must not inherit them.
 _LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
@@ -95,7 +99,9 @@ def parse_bench_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                         help="MB per rank for the bandwidth ceilings; 0: the rank's shard size, clamped to 256..2048")
     parser.add_argument("--drop-caches", choices=("auto", "never"), default="auto",
                         help="auto: write /proc/sys/vm/drop_caches when root and allowed, else fadvise the files")
-    parser.add_argument("--modes", default=",".join(MODES), help="cairn async modes to measure, comma-separated")
+    parser.add_argument("--modes", default=",".join(MODES),
+                        help="cairn async modes to measure, comma-separated; a mode may name variants after '+' "
+                             f"({', '.join(VARIANTS)}), e.g. {PINNED}+snapshot")
     parser.add_argument("--torchtitan", choices=("auto", "off"), default="auto",
                         help="auto: measure torchtitan's CheckpointManager side by side when it imports")
     parser.add_argument("--reshard-nproc", type=int, default=0,
@@ -359,9 +365,15 @@ class CairnSubject:
     def __init__(self, trainer, mode: str, folder: Path):
         from cairn.checkpoint.manager import CheckpointManager
 
+        base, *variants = mode.split("+")
+        overrides: dict[str, Any] = {}
+        for variant in variants:
+            if variant not in VARIANTS:
+                raise ValueError(f"--modes: unknown variant {variant!r} in {mode!r} (known: {', '.join(VARIANTS)})")
+            overrides.update(VARIANTS[variant])
         config = dataclasses.replace(trainer.job_config.checkpoint, enable=True, folder=str(folder), interval=1,
-                                     keep_latest_k=0, async_mode=mode, last_save_model_only=False, load_step=-1,
-                                     load_only=False, verify=False)
+                                     keep_latest_k=0, async_mode=base, last_save_model_only=False, load_step=-1,
+                                     load_only=False, verify=False, **overrides)
         self.mode = mode
         self.manager = CheckpointManager(
             config, job_config=trainer.job_config, dump_folder=trainer.job_config.job.dump_folder,
@@ -371,23 +383,21 @@ class CairnSubject:
             tokenizer_path=trainer.tokenizer.path)
         self.folder = self.manager.folder
         self.checksums = True
-        self.commit_at: float | None = None
+        self._writer = None
         self.local_bytes = 0
         storage = self.manager.storage
         make_writer = storage.writer
 
         def writer(step, info=None, **options):
-            made = make_writer(step, info, checksums=self.checksums, **options)
-            finish = made.finish
-
-            def timed_finish(metadata, results):
-                finish(metadata, results)
-                self.commit_at = time.perf_counter()
-
-            made.finish = timed_finish
-            return made
+            self._writer = make_writer(step, info, checksums=self.checksums, **options)
+            return self._writer
 
         storage.writer = writer
+        # What a training run does after its first step: the reused staging buffers are allocated
+        # (and pinned) in the background long before the first save; here, before it is timed.
+        self.manager.prepare_async()
+        if self.manager.async_saver is not None:
+            self.manager.async_saver.wait()
 
     @property
     def checkpointer(self):
@@ -399,8 +409,12 @@ class CairnSubject:
         self.manager._full_state_dict()
         return time.perf_counter() - start
 
+    @property
+    def commit_at(self) -> float | None:
+        return self._writer.committed_at if self._writer is not None else None
+
     def save(self, step: int) -> None:
-        self.commit_at = None
+        self._writer = None
         info = self.manager.save(step)
         self.local_bytes = info["bytes"]
 
@@ -416,14 +430,22 @@ class CairnSubject:
         saver = self.manager.async_saver
         return saver.last_stage_seconds if saver is not None else None
 
+    def timeline(self) -> dict[str, float]:
+        saver = self.manager.async_saver
+        return dict(saver.timeline) if saver is not None else {}
+
     def memory(self) -> dict[str, Any]:
         saver = self.manager.async_saver
         out: dict[str, Any] = {"rss_bytes": rss_bytes(), "host_allocator": host_allocator_stats()}
         if saver is not None:
             stager = saver.stager
+            arena = stager.arena
             out.update(buffer_allocations=stager.allocations, buffer_allocated_bytes=stager.allocated_bytes,
-                       buffers_pinned=stager.pin_memory,
-                       buffers_retained_bytes=sum(b.numel() * b.element_size() for b in stager._buffers.values()))
+                       buffers_pinned=arena.pinned if arena is not None else stager.pin_memory,
+                       buffers_retained_bytes=arena.nbytes if arena is not None and stager.reuse else 0,
+                       device_snapshot_bytes=stager.device_allocated_bytes,
+                       buffers_prepare_s=saver.prepare_seconds,
+                       writer_process_starts=saver.writer_process.starts if saver.writer_process else 0)
         return out
 
     def newest_step_dir(self) -> Path | None:
@@ -559,6 +581,7 @@ def measure_save(trainer, subject, *, min_window: int, max_window: int) -> dict[
             "durable_in_window": durable_in_window,
             "durable_s": None if commit_at is None else commit_at - start,
             "stage_s": subject.stage_seconds(), "local_bytes": subject.local_bytes,
+            "timeline": subject.timeline() if hasattr(subject, "timeline") else {},
             "memory_before": memory_before, "memory_after": subject.memory()}
 
 
@@ -611,6 +634,8 @@ def summarize_mode(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "baseline_step_s": median([median(p["baseline_step_s"]) for p in per_rank]),
         "stall_s": median(stall_per_save), "stall_s_per_save": stall_per_save,
+        # the first save of a pinned mode also allocates and pins its buffers (once per run)
+        "stall_s_from_2nd": median(stall_per_save[1:]) if len(stall_per_save) > 1 else None,
         "blocked_s": median(blocked), "blocked_s_per_save": blocked,
         "state_dict_s": max((p.get("state_dict_s") or 0.0) for p in per_rank) if "state_dict_s" in per_rank[0]
         else None,
@@ -624,6 +649,9 @@ def summarize_mode(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
         "window_steps": [len(rank0[i]["window_s"]) for i in measured],
         "disk_bytes": rank0[measured[-1]].get("disk_bytes") if measured else None,
         "local_bytes_per_rank": [p["saves"][0]["local_bytes"] for p in per_rank],
+        # rank 0's save phases, seconds after save() (cairn async modes; see AsyncSaver.timeline)
+        "timeline": {key: median([rank0[i]["timeline"][key] for i in measured if key in rank0[i].get("timeline", {})])
+                     for key in (rank0[measured[0]].get("timeline", {}) if measured else {})},
     }
 
 
@@ -840,6 +868,8 @@ def physical(stall: float | None) -> float | None:
 def compute_ratios(report: dict[str, Any]) -> dict[str, Any]:
     cairn, ceilings = report["cairn"], report["ceilings"]
     pinned = cairn.get(PINNED, {})
+    variants = {mode: result for mode, result in cairn.items() if mode.startswith(PINNED + "+")
+                and isinstance(result, dict)}
     sync_save = cairn.get("disabled", {}).get("blocked_s")
     copy_gbps = ceilings["copy"]["together_gbps_per_rank_min"]
     write_gbps = ceilings["disk"]["all_ranks"]["write_fsync_gbps"]
@@ -867,8 +897,8 @@ def compute_ratios(report: dict[str, Any]) -> dict[str, Any]:
     titan = report.get("torchtitan", {})
     if titan.get("available"):
         def best(results: dict, key: str) -> float | None:
-            found = [results[m][key] for m in MODES if m != "disabled" and isinstance(results.get(m), dict)
-                     and results[m].get(key) is not None]
+            found = [r[key] for m, r in results.items() if m.split("+")[0] in MODES and m != "disabled"
+                     and isinstance(r, dict) and r.get(key) is not None]
             return min(found) if found else None
 
         values["stall_vs_torchtitan"] = ratio(physical(best(cairn, "stall_s")), physical(best(titan, "stall_s")))
@@ -878,6 +908,12 @@ def compute_ratios(report: dict[str, Any]) -> dict[str, Any]:
         value = values.get(name)
         passed = None if value is None else {"<=": value <= target, ">=": value >= target, "<": value < target}[op]
         out[name] = {"value": value, "target": f"{op} {target}", "pass": passed, "meaning": meaning}
+    for mode, result in variants.items():  # the stall target, for each variant of the pinned mode
+        value = ratio(physical(result.get("stall_s")), sync_save)
+        op, target, meaning = TARGETS["stall_over_sync_save"]
+        out[f"stall_over_sync_save[{mode.split('+', 1)[1]}]"] = {
+            "value": value, "target": f"{op} {target}", "pass": None if value is None else value <= target,
+            "meaning": meaning.replace(PINNED, mode)}
     return out
 
 
@@ -906,18 +942,17 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(f"  disk, {label}: write+fsync {_fmt(d['write_fsync_gbps'], ' GB/s', 2)} (buffered "
                      f"{_fmt(d['write_buffered_gbps'], ' GB/s', 2)}), cold read {_fmt(d['cold_read_gbps'], ' GB/s', 2)}"
                      f" [{d['cache_drop']}]")
-    header = f"  {'who':<11}{'mode':<23}{'step':>9}{'blocked':>10}{'stall':>10}{'staging':>10}{'durable':>10}"
+    header = f"  {'who':<11}{'mode':<32}{'step':>9}{'blocked':>10}{'stall':>10}{'staging':>10}{'durable':>10}"
     lines += ["saves (median over saves; seconds):", header]
     for who in ("cairn", "torchtitan"):
         results = report.get(who, {})
-        for mode in MODES:
-            r = results.get(mode)
-            if not isinstance(r, dict):
+        for mode, r in results.items():
+            if mode.split("+")[0] not in MODES or not isinstance(r, dict):
                 continue
             if "error" in r:
-                lines.append(f"  {who:<11}{mode:<23}  error: {r['error'][:90]}")
+                lines.append(f"  {who:<11}{mode:<32}  error: {r['error'][:90]}")
                 continue
-            lines.append(f"  {who:<11}{mode:<23}{_fmt(r['baseline_step_s'], '', 4):>9}{_fmt(r['blocked_s']):>10}"
+            lines.append(f"  {who:<11}{mode:<32}{_fmt(r['baseline_step_s'], '', 4):>9}{_fmt(r['blocked_s']):>10}"
                          f"{_fmt(r['stall_s']):>10}{_fmt(r['stage_s_from_2nd']):>10}{_fmt(r['durable_s']):>10}")
     titan = report.get("torchtitan", {})
     if not titan.get("available"):
@@ -973,14 +1008,20 @@ def local_state_bytes(trainer) -> int:
 def measure_cairn(trainer, args, folder: Path, report: dict[str, Any]) -> Any:
     """Every requested cairn mode; returns the subject whose newest step the loads use."""
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    # The host memory series runs in the first pinned mode listed (variants included).
+    series = next((m for m in modes if m.split("+")[0] == PINNED), None)
     last = None
     for mode in modes:
-        extra = max(0, args.rss_saves - args.saves) if mode == PINNED else 0
+        if last is not None and args.keep_steps == 0:  # the disk holds one checkpoint of this flavor
+            retire(last)
+            last = None
+        extra = max(0, args.rss_saves - args.saves) if mode == series else 0
         outcome = run_subject_mode(trainer, lambda: CairnSubject(trainer, mode, folder / f"cairn-{mode}"), args,
                                    saves=args.saves, extra_saves=extra, checksum_toggle=mode == "disabled")
         report["cairn"][mode] = mode_report(outcome)
-        if outcome["per_rank"] is not None and mode == PINNED:
+        if outcome["per_rank"] is not None and mode == series:
             report["cairn"]["memory"] = memory_summary(outcome["per_rank"])
+            report["cairn"]["memory"]["mode"] = mode
         if outcome["subject"] is not None:
             if last is not None:
                 retire(last)

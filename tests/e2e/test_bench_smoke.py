@@ -30,9 +30,9 @@ RATIOS = ("stall_over_sync_save", "staging_efficiency", "persist_efficiency", "l
 ALWAYS_VALUED = tuple(r for r in RATIOS if not r.endswith("torchtitan"))
 
 
-def run_bench(tmp_path, nproc: int) -> dict:
+def run_bench(tmp_path, nproc: int, extra: tuple[str, ...] = ()) -> dict:
     out = tmp_path / "bench.json"
-    args = [BENCH, *QUICK, "--folder", str(tmp_path / "ckpt"), "--out", str(out)]
+    args = [BENCH, *QUICK, "--folder", str(tmp_path / "ckpt"), "--out", str(out), *extra]
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                     "--nproc_per_node", str(nproc)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -60,10 +60,14 @@ def check_report(report: dict, world: int) -> None:
         assert len(result["stall_s_per_save"]) == 2
         if mode != "disabled":
             assert result["stage_s_from_2nd"] is not None, mode
+            # the phases of an async save; the files are written by the writer process
+            assert {"queued", "gate", "staged", "data_start", "data_done", "done"} <= result["timeline"].keys()
     assert cairn["disabled"]["durable_s_without_checksums"] is not None
     memory = cairn["memory"]
     assert memory["saves"] == 3 and len(memory["per_rank"]) == world
-    assert memory["per_rank"][0]["new_buffer_allocations_per_save"][0] > 0  # the first save allocates
+    # allocated before the first save (as a run does after its first step), never again
+    assert memory["per_rank"][0]["new_buffer_allocations_per_save"] == [0, 0, 0]
+    assert memory["per_rank"][0]["buffer_bytes"] >= memory["per_rank"][0]["shard_bytes"]
     assert cairn["load"]["load_s"] > 0 and cairn["load"]["load_verify_s"] > 0
     reshard = cairn["reshard"]
     assert "error" not in reshard, reshard.get("error")
@@ -79,7 +83,13 @@ def check_report(report: dict, world: int) -> None:
 
 
 def test_bench_one_process(tmp_path):
-    check_report(run_bench(tmp_path, 1), world=1)
+    variant = "async_with_pinned_mem+thread"
+    report = run_bench(tmp_path, 1, ("--modes", f"disabled,async,async_with_pinned_mem,{variant}"))
+    check_report(report, world=1)
+    thread = report["cairn"][variant]
+    assert "error" not in thread and thread["stall_s"] is not None
+    assert "staged" in thread["timeline"] and "data_start" not in thread["timeline"]  # written by a thread
+    assert report["ratios"]["stall_over_sync_save[thread]"]["value"] is not None
 
 
 def test_bench_two_gloo_processes(tmp_path):
