@@ -321,8 +321,11 @@ def _rebuild(obj: Any, copies: dict[int, torch.Tensor]) -> Any:
     if isinstance(obj, tuple):
         return tuple(_rebuild(value, copies) for value in obj)
     if isinstance(obj, DTensor):
-        return DTensor.from_local(copies[id(obj)], obj.device_mesh, obj.placements, run_check=False,
-                                  shape=obj.shape, stride=obj.stride())
+        # The host copy as the local tensor of a DTensor with the original's layout. Not
+        # DTensor.from_local: it moves a CPU local tensor to the mesh's device (the calling
+        # thread's current GPU), which on a GPU mesh copied every staged shard back to device
+        # memory, on device 0 for every rank.
+        return DTensor(copies[id(obj)], obj._spec, requires_grad=False)
     if isinstance(obj, torch.Tensor):
         return copies[id(obj)]
     return obj

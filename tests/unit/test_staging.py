@@ -156,3 +156,25 @@ def test_writer_process_exits_with_the_saver(storage, saver):
     submit(s, storage, 1, make_state(1))
     s.close()
     assert process.poll() == 0
+
+
+def test_staged_dtensors_keep_their_layout_and_host_buffers(monkeypatch):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(29400 + os.getpid() % 1000))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        sharded = distribute_tensor(torch.randn(8, 4), init_device_mesh("cpu", (1,)), [Shard(0)])
+        s = AsyncSaver(reuse_buffers=True, writer="thread")
+        staged = s.stager.stage({"w": sharded})["w"]
+        assert isinstance(staged, DTensor) and staged.placements == sharded.placements
+        assert staged.shape == sharded.shape and torch.equal(staged.to_local(), sharded.to_local())
+        # the staged shard is the host buffer itself, not a copy of it on some device
+        assert staged.to_local().device.type == "cpu"
+        assert staged.to_local().data_ptr() == s.stager._buffers["w/"].data_ptr()
+        s.close()
+    finally:
+        dist.destroy_process_group()
