@@ -25,6 +25,7 @@ At most one save is in flight.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import itertools
@@ -190,11 +191,21 @@ class HostStager:
     def prepare(self, state_dict: dict) -> None:
         """Make the buffers for ``state_dict``'s layout now (the first save then finds them)."""
         leaves = [(path, _local(tensor).detach()) for path, tensor in _leaves(state_dict)]
+        with self._on_stream():
+            self._prepare(leaves)
+
+    def _on_stream(self) -> contextlib.AbstractContextManager:
+        """Make the side stream and its device current (nothing on CPU hosts).
+
+        The device, not only the stream: a new thread's current device is 0, and pinned
+        allocations or events made there would open a context on another rank's GPU.
+        """
         if self._stream is None:
-            self._prepare(leaves)
-            return
-        with torch.cuda.device(self._stream.device), torch.cuda.stream(self._stream):
-            self._prepare(leaves)
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.cuda.device(self._stream.device))
+        stack.enter_context(torch.cuda.stream(self._stream))
+        return stack
 
     def _prepare(self, leaves: list[tuple[str, torch.Tensor]]) -> None:
         """Buffers for this layout: the kept ones when it has not changed, else new ones."""
@@ -256,9 +267,7 @@ class HostStager:
             for path, local in leaves:
                 copies[path] = self._buffers[path].copy_(local)
             return _rebuild(state_dict, _by_id(state_dict, copies)), None, lambda: None
-        # The device, not only the stream: a new thread's current device is 0, and pinned
-        # allocations or events made there would open a context on another rank's GPU.
-        with torch.cuda.device(self._stream.device), torch.cuda.stream(self._stream):
+        with self._on_stream():
             self._prepare(leaves)
             if ready is not None:
                 self._stream.wait_event(ready)
@@ -291,7 +300,7 @@ class HostStager:
             step = max(1, _D2H_PIECE // max(1, snapshot.element_size()))
             pieces += [(source[i:i + step], target[i:i + step]) for i in range(0, source.numel(), step)]
         in_flight: list[torch.cuda.Event] = []
-        with torch.cuda.device(self._stream.device), torch.cuda.stream(self._stream):
+        with self._on_stream():
             for source, target in pieces:
                 target.copy_(source, non_blocking=True)
                 event = torch.cuda.Event()
