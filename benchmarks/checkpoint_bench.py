@@ -61,6 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout run w
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from page_cache import evict, files_under, try_drop_caches  # noqa: E402  (benchmarks/, the script's folder)
 
 MODES = ("disabled", "async", "async_with_pinned_mem")
 PINNED = "async_with_pinned_mem"
@@ -205,16 +206,6 @@ def host_allocator_stats() -> dict[str, float]:
 
 # --- page cache ---------------------------------------------------------------------------------
 
-def _try_drop_caches() -> bool:
-    try:
-        os.sync()
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
-
-
 def drop_page_cache(files: list[Path], policy: str) -> str:
     """Make the next read of ``files`` come from the disk; returns the method used (on every rank).
 
@@ -222,22 +213,12 @@ def drop_page_cache(files: list[Path], policy: str) -> str:
     host could not, every rank evicts the files with ``posix_fadvise(DONTNEED)`` instead.
     """
     tried = policy == "auto" and int(os.environ.get("LOCAL_RANK", 0)) == 0 and os.geteuid() == 0
-    outcomes = [o for o in gather(_try_drop_caches() if tried else None) if o is not None]
+    outcomes = [o for o in gather(try_drop_caches() if tried else None) if o is not None]
     if outcomes and all(outcomes):
         return "drop_caches"
-    for path in files:  # any rank may read any file, so each evicts them all (one call per file)
-        with contextlib.suppress(OSError):
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+    evict(files)  # any rank may read any file, so each evicts them all
     dist.barrier()
     return "posix_fadvise(DONTNEED)"
-
-
-def files_under(path: Path) -> list[Path]:
-    return sorted(p for p in Path(path).rglob("*") if p.is_file())
 
 
 # --- ceilings -------------------------------------------------------------------------------------

@@ -24,7 +24,6 @@ checksum overhead = save time with checksums / without, load time with verify / 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -42,6 +41,7 @@ import torch.distributed.checkpoint as dcp  # noqa: E402
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter  # noqa: E402
 
 from cairn.checkpoint.storage import CheckpointStorage  # noqa: E402
+from page_cache import evict, files_under, try_drop_caches  # noqa: E402  (benchmarks/, the script's folder)
 
 CHUNK = 8 << 20
 
@@ -64,26 +64,10 @@ def make_state(nbytes: int) -> dict[str, torch.Tensor]:
 
 
 def drop_cache(paths: list[Path], policy: str) -> str:
-    if policy == "auto" and os.geteuid() == 0:
-        try:
-            os.sync()
-            Path("/proc/sys/vm/drop_caches").write_text("3\n")
-            return "drop_caches"
-        except OSError:
-            pass
-    for path in paths:
-        with contextlib.suppress(OSError):
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fdatasync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+    if policy == "auto" and os.geteuid() == 0 and try_drop_caches():
+        return "drop_caches"
+    evict(paths)
     return "posix_fadvise(DONTNEED)"
-
-
-def files_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file())
 
 
 def ceilings(folder: Path, nbytes: int, policy: str) -> dict[str, Any]:
@@ -125,7 +109,7 @@ def save_once(folder: Path, state: dict, variant: dict[str, Any]) -> float:
 
 
 def load_once(step_dir: Path, target: dict, reader: str, policy: str) -> tuple[float, str]:
-    method = drop_cache(files_in(step_dir), policy)
+    method = drop_cache(files_under(step_dir), policy)
     start = time.perf_counter()
     if reader == "stock":
         dcp.load(target, storage_reader=FileSystemReader(step_dir), no_dist=True)
