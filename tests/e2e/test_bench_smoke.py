@@ -63,6 +63,9 @@ def check_report(report: dict, world: int) -> None:
             # the phases of an async save; the files are written by the writer process
             assert {"queued", "gate", "staged", "data_start", "data_done", "done"} <= result["timeline"].keys()
     assert cairn["disabled"]["durable_s_without_checksums"] is not None
+    # one unmeasured sync save first: the checksum pairs and the sync save time start warm
+    assert len(cairn["disabled"]["warmup_durable_s"]) == 1 and cairn["disabled"]["warmup_durable_s"][0] > 0
+    assert cairn["disabled"]["checksum_ratio_per_pair"]
     memory = cairn["memory"]
     assert memory["saves"] == 3 and len(memory["per_rank"]) == world
     # allocated before the first save (as a run does after its first step), never again
