@@ -92,7 +92,8 @@ def parse_bench_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before anything is measured")
     parser.add_argument("--max-window-steps", type=int, default=200,
                         help="stop extending a stall window after this many steps even if the save is not durable")
-    parser.add_argument("--loads", type=int, default=2, help="cold loads per variant (verify on/off)")
+    parser.add_argument("--loads", type=int, default=2,
+                        help="cold loads per variant (verify on/off); 0 skips the loads and the reshard run")
     parser.add_argument("--folder", default="outputs/checkpoint_bench",
                         help="where checkpoints and ceiling files are written: put it on the checkpoint disk")
     parser.add_argument("--out", default="checkpoint_bench.json", help="JSON results (written by rank 0)")
@@ -536,10 +537,16 @@ class TorchtitanSubject:
 
 # --- the measuring loop -------------------------------------------------------------------------
 
+# The training loop's garbage collection schedule (--training.gc_freq), entered in main().
+COLLECTOR = None
+
+
 def timed_step(trainer) -> float:
     sync()
     start = time.perf_counter()
     trainer.train_state.step += 1
+    if COLLECTOR is not None:
+        COLLECTOR.run(trainer.train_state.step)
     trainer.train_step()
     sync()
     return time.perf_counter() - start
@@ -705,6 +712,7 @@ def measure_loads(trainer, subject, args) -> dict[str, Any]:
     files = files_under(Path(step_dir))
     variants = (False, True) if subject.name == "cairn" else (False,)
     times: dict[bool, list[float]] = {v: [] for v in variants}
+    phases: list[dict[str, Any]] = []
     method = None
     subject.load(verify=False)  # warm: lazy imports and first-call costs are not the disk's
     dist.barrier()
@@ -718,8 +726,10 @@ def measure_loads(trainer, subject, args) -> dict[str, Any]:
             elapsed = time.perf_counter() - start
             dist.barrier()
             times[verify].append(max(gather(elapsed)))
+            if dist.get_rank() == 0 and getattr(subject.checkpointer, "load_phases", None):
+                phases.append({"verify": verify, **subject.checkpointer.load_phases})  # rank 0's, seconds
     out = {"step_dir": step_dir, "bytes": dir_bytes(Path(step_dir)), "cache_drop": method,
-           "load_s": median(times[False]), "load_s_all": times[False]}
+           "load_s": median(times[False]), "load_s_all": times[False], "phases": phases}
     if True in times:
         out.update(load_verify_s=median(times[True]), load_verify_s_all=times[True])
     return out
@@ -959,6 +969,10 @@ def format_table(report: dict[str, Any]) -> str:
             extra = f", with verify {_fmt(load.get('load_verify_s'), ' s')}" if "load_verify_s" in load else ""
             lines.append(f"  {who:<11}same layout {_fmt(load['load_s'], ' s')}{extra} "
                          f"({_fmt(load['bytes'] / load['load_s'] / 1e9, ' GB/s', 2)})")
+            plain = [p for p in load.get("phases", []) if not p["verify"]]
+            if plain:
+                lines.append(f"  {'':<11}parts of the last: " + ", ".join(
+                    f"{k} {_fmt(v, ' s')}" for k, v in plain[-1].items() if k != "verify"))
     reshard = report["cairn"].get("reshard")
     if isinstance(reshard, dict):
         if "load_s" in reshard:
@@ -1074,7 +1088,7 @@ def measure_torchtitan(trainer, args, folder: Path, report: dict[str, Any]) -> N
         subject = outcome["subject"]
         if subject is None:
             continue
-        if mode == "disabled":  # its own load of its own checkpoint
+        if mode == "disabled" and args.loads > 0:  # its own load of its own checkpoint
             trainer.checkpointer = subject.checkpointer
             try:
                 report["torchtitan"]["load"] = measure_loads(trainer, subject, args)
@@ -1089,10 +1103,12 @@ def main(argv: list[str]) -> None:
         child_load(args, cairn_argv)
         return
     from cairn.config.manager import parse_args
-    from cairn.trainer import Trainer
+    from cairn.trainer import GarbageCollection, Trainer
 
+    global COLLECTOR
     folder = Path(args.folder).resolve()
     trainer = Trainer(parse_args(cairn_flags(args, cairn_argv, folder / "dump")))
+    COLLECTOR = GarbageCollection(trainer.job_config.training.gc_freq).__enter__()  # as Trainer.train does
     rank, world = trainer.rank, trainer.world_size
     if rank == 0 and folder.exists() and not args.keep:
         for path in folder.glob("*"):
@@ -1122,6 +1138,9 @@ def main(argv: list[str]) -> None:
 
     checkpoint()
     loaded_from = measure_cairn(trainer, args, folder, report)
+    if loaded_from is not None and args.loads == 0:
+        retire(loaded_from)
+        loaded_from = None
     if loaded_from is not None:
         trainer.checkpointer = loaded_from.checkpointer
         try:
@@ -1154,7 +1173,9 @@ def main(argv: list[str]) -> None:
     dist.destroy_process_group()
     if rank != 0:
         return
-    if step_dir is None:
+    if args.loads == 0:
+        report["cairn"]["reshard"] = {"skipped": "--loads 0"}
+    elif step_dir is None:
         report["cairn"]["reshard"] = {"skipped": "no cairn checkpoint was written"}
     elif isinstance(reshard, str):
         report["cairn"]["reshard"] = {"skipped": reshard}

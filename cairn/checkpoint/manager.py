@@ -29,6 +29,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
+from cairn.checkpoint.planner import BytesMemo, CairnSavePlanner
 from cairn.checkpoint.staging import AsyncSaver
 from cairn.checkpoint.storage import CheckpointError, CheckpointStorage, CorruptCheckpointError
 from cairn.config.job_config import CheckpointSection, JobConfig
@@ -94,6 +95,7 @@ class CheckpointManager:
         self.async_saver: AsyncSaver | None = None
         self._async_prepared = False
         self.last_load: dict | None = None  # what load() restored (kind, path, bytes, seconds), for metrics
+        self.load_phases: dict[str, float] = {}  # the last DCP load's parts, seconds (see _dcp_load)
         self._purge_thread: threading.Thread | None = None
         if not self.enabled:
             return
@@ -108,6 +110,7 @@ class CheckpointManager:
             self.async_group = dist.new_group(backend="gloo")
             self.async_saver = AsyncSaver(reuse_buffers=config.async_mode == "async_with_pinned_mem",
                                           writer=config.async_writer, device_snapshot=config.device_snapshot)
+            self._bytes_memo = BytesMemo()  # used by the save worker thread only
         dist.barrier()
 
     # --- saving -------------------------------------------------------------------------
@@ -176,7 +179,8 @@ class CheckpointManager:
             started = time.perf_counter()
 
             def write(staged: dict) -> None:
-                dcp.save(staged, storage_writer=writer, process_group=self.async_group)
+                dcp.save(staged, storage_writer=writer, process_group=self.async_group,
+                         planner=CairnSavePlanner(self._bytes_memo))
                 logger.info("checkpoint step %d: background write of %.1f MB to %s committed %.2f s after the "
                             "save began", step, nbytes / 1e6, writer.final_dir, time.perf_counter() - started)
                 self._purge_now(protect=())
@@ -308,6 +312,8 @@ class CheckpointManager:
                     nbytes / 1e6, _per_rank(), seconds, self.train_state.step)
         self.last_load = {"kind": kind, "from_step": step, "path": str(step_dir), "bytes": nbytes,
                           "seconds": round(seconds, 4)}
+        if kind != HF:
+            self.last_load["phases"] = self.load_phases
         return True
 
     def _load_initial(self, path: Path) -> bool:
@@ -342,13 +348,30 @@ class CheckpointManager:
         return result["bytes"]
 
     def _dcp_load(self, path: Path, include_states) -> int:
-        """Load the model (and ``include_states``) from a DCP dir; returns the tensor bytes this rank loaded."""
+        """Load the model (and ``include_states``) from a DCP dir; returns the tensor bytes this rank loaded.
+
+        ``self.load_phases`` gets the seconds of each part: ``state_dict`` (the state to load
+        into), ``check`` (metadata read and matched), ``read`` (the files read into it),
+        ``restore`` (handed to the model and the other states).
+        """
+        phases: dict[str, float] = {}
+        mark = time.perf_counter()
+
+        def lap(name: str) -> None:
+            nonlocal mark
+            now = time.perf_counter()
+            phases[name] = round(now - mark, 4)
+            mark = now
+
         state: dict[str, Any] = dict(self.model.state_dict())
         for key in include_states:
             state[key] = self.states[key].state_dict()
+        lap("state_dict")
         self._check_against_metadata(path, self.storage.reader(path), state)
+        lap("check")
         # storage.load re-raises a corrupt file as CorruptCheckpointError on every rank.
         self.storage.load(state, path, verify=self.config.verify)
+        lap("read")
         nbytes = _bytes_of(state)
         self.model.load_state_dict({k: v for k, v in state.items() if k not in self.states})
         for key in include_states:
@@ -356,6 +379,8 @@ class CheckpointManager:
                 self.states[key].load_state_dict(state[key])
             except (ValueError, KeyError) as e:
                 raise CheckpointError(f"{path}: cannot restore {key!r}: {e}") from e
+        lap("restore")
+        self.load_phases = phases
         return nbytes
 
     def _check_against_metadata(self, path: Path, reader, state: dict) -> None:

@@ -78,6 +78,11 @@ class TrainingSection:
     """Parameter dtype for compute under FSDP on GPUs (CPU runs always compute in float32)."""
     mixed_precision_reduce: str = "float32"
     """Gradient reduction dtype under FSDP on GPUs."""
+    gc_freq: int = 50
+    """Python garbage collection every this many steps (generation 1), with automatic
+    collection off meanwhile; 0 leaves Python's automatic collection on. A full automatic
+    collection walks every object of the process (~0.1 s) whenever allocations cross a
+    threshold, in whichever thread allocates, and an async save's planning triggers one."""
 
     def problems(self) -> list[str]:
         out = []
@@ -89,6 +94,8 @@ class TrainingSection:
             out.append(f"--training.global_batch_size must be -1 or >= 1 (got {self.global_batch_size})")
         if self.seq_len < 1:
             out.append(f"--training.seq_len must be >= 1 (got {self.seq_len})")
+        if self.gc_freq < 0:
+            out.append(f"--training.gc_freq must be >= 0 (0: Python's automatic collection; got {self.gc_freq})")
         for flag, value in (("mixed_precision_param", self.mixed_precision_param),
                             ("mixed_precision_reduce", self.mixed_precision_reduce)):
             if value not in DTYPES:

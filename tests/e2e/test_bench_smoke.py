@@ -72,6 +72,7 @@ def check_report(report: dict, world: int) -> None:
     assert memory["per_rank"][0]["new_buffer_allocations_per_save"] == [0, 0, 0]
     assert memory["per_rank"][0]["buffer_bytes"] >= memory["per_rank"][0]["shard_bytes"]
     assert cairn["load"]["load_s"] > 0 and cairn["load"]["load_verify_s"] > 0
+    assert {"state_dict", "check", "read", "restore"} <= cairn["load"]["phases"][0].keys()
     reshard = cairn["reshard"]
     assert "error" not in reshard, reshard.get("error")
     assert reshard["load_s"] > 0 and reshard["layout"] != report["config"]["layout"]
