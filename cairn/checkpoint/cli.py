@@ -36,41 +36,46 @@ import sys
 import textwrap
 import time
 import uuid
-import warnings
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from cairn.checkpoint.readers import (  # noqa: F401 - part of this module's interface too
+    GROUPS,
+    READ_BATCH_BYTES,
+    CheckFailed,
+    DcpCheckpoint,
+    Entry,
+    HfAsFqns,
+    HfCheckpoint,
+    TorchCheckpoint,
+    UsageError,
+    _dcp_error,
+    _file_order,
+    _first_line,
+    _flatten,
+    _progress_bar,
+    _quiet_dcp,
+    detect_format,
+    display_path,
+    group_of,
+    is_step_folder,
+    open_checkpoint,
+    read_batches,
+    read_manifest_quietly,
+)
+
 WIDTH = 80
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-GROUPS = ("model", "optimizer", "lr_scheduler", "dataloader", "train_state", "rng")
 FORMATS = ("dcp", "hf", "torch")
 KIND_NAMES = {"full": "full", "model_only": "model-only", "seed": "seed", "hf": "HF"}
-# Bytes of tensors read per side in one DCP read during diff/convert: bounds memory, keeps reads few.
-READ_BATCH_BYTES = 256 << 20
 _SHORT_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64", "int64": "i64",
                  "int32": "i32", "int16": "i16", "int8": "i8", "uint8": "u8", "bool": "bool",
                  "float8_e4m3fn": "fp8", "float8_e5m2": "fp8e5"}
 _LAYOUT_NAMES = (("dp_replicate", "rep"), ("dp_shard", "fsdp"), ("tp", "tp"), ("pp", "pp"))
 
 logger = logging.getLogger("cairn")
-
-
-class UsageError(Exception):
-    """Exit 2: a missing path, something that is not a checkpoint, a bad combination of options."""
-
-    def __init__(self, what: str, path: str | os.PathLike | None = None):
-        super().__init__(what)
-        self.what, self.path = what, path
-
-
-class CheckFailed(Exception):
-    """Exit 1: the checkpoint is corrupt or unsafe to read."""
-
-    def __init__(self, what: str, path: str | os.PathLike | None = None):
-        super().__init__(what)
-        self.what, self.path = what, path
 
 
 # --- output: colours, sizes, tables ------------------------------------------------------------
@@ -151,14 +156,6 @@ def iso_time(unix: float | None) -> str | None:
     return datetime.datetime.fromtimestamp(unix, datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def display_path(path: str | os.PathLike) -> str:
-    """``path`` relative to the working directory when it lies inside it (shorter lines)."""
-    path = Path(path)
-    with contextlib.suppress(ValueError, OSError):
-        return str(path.absolute().relative_to(Path.cwd()))
-    return str(path)
-
-
 def elide(text: str, width: int) -> str:
     """``text`` cut in the middle to ``width`` characters (keys keep their head and tail)."""
     if len(text) <= width:
@@ -194,309 +191,6 @@ def table_line(columns: list[Column], cells: list[str], styles: list[Callable[[s
         style = styles[i] if styles else None
         parts.append(style(padded) if style else padded)
     return (indent + " ".join(parts)).rstrip()
-
-
-# --- reading checkpoints of any format -------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Entry:
-    """One key of a checkpoint: a tensor (shape, dtype) or another value (stored bytes only)."""
-
-    key: str
-    is_tensor: bool
-    shape: tuple[int, ...] | None = None
-    dtype: Any = None  # torch.dtype
-    num_bytes: int = 0
-    files: list[str] = dataclasses.field(default_factory=list)
-
-    @property
-    def group(self) -> str:
-        return group_of(self.key)
-
-
-def group_of(key: str) -> str:
-    """The state a key belongs to: one of GROUPS (model FQNs sit at the top level)."""
-    head = key.split(".", 1)[0]
-    return head if head in GROUPS[1:] else "model"
-
-
-def is_step_folder(path: Path) -> bool:
-    """A folder holding ``step-N`` (or leftover ``.tmp-step-N``) directories."""
-    from cairn.checkpoint.storage import _STAGING_RE, _STEP_RE
-
-    if not path.is_dir():
-        return False
-    return any((_STEP_RE.match(p.name) or _STAGING_RE.match(p.name)) and p.is_dir() for p in path.iterdir())
-
-
-def detect_format(path: Path) -> str:
-    """"dcp", "hf" or "torch" for a checkpoint path; UsageError for anything else."""
-    from cairn.checkpoint.storage import MANIFEST_NAME, METADATA_NAME, is_hf_dir
-
-    if not path.exists():
-        raise UsageError("no such file or directory", path)
-    if path.is_file():
-        if path.suffix == ".safetensors":
-            raise UsageError("a single safetensors file: pass the directory that holds it", path)
-        if zipfile.is_zipfile(path) or path.suffix in (".pt", ".pth", ".bin"):
-            return "torch"
-        raise UsageError("not a checkpoint: expected a step directory, a Hugging Face directory or a .pt file",
-                         path)
-    if (path / METADATA_NAME).exists():
-        return "dcp"
-    if is_hf_dir(path):
-        return "hf"
-    if (path / MANIFEST_NAME).is_file():  # a cairn step whose data files went missing: readers say what
-        with contextlib.suppress(OSError, ValueError):
-            if json.loads((path / MANIFEST_NAME).read_text()).get("storage") == "hf":
-                return "hf"
-        return "dcp"
-    if is_step_folder(path) or is_step_folder(path / "checkpoint"):
-        folder = path if is_step_folder(path) else path / "checkpoint"
-        raise UsageError(f"a checkpoint folder, not a step: pick one of its steps (`cairn checkpoint ls "
-                         f"{display_path(folder)}`)", path)
-    raise UsageError("not a checkpoint: no .metadata, cairn_manifest.json or *.safetensors", path)
-
-
-def read_manifest_quietly(path: Path) -> tuple[dict | None, list[str]]:
-    """(manifest or None, problems): a damaged manifest is reported, not raised."""
-    from cairn.checkpoint.storage import CheckpointStorage, CorruptCheckpointError
-
-    try:
-        return CheckpointStorage(path.parent).read_manifest(path), []
-    except CorruptCheckpointError as e:
-        return None, list(e.problems) or [str(e)]
-
-
-def _dcp_error(reader, error: BaseException) -> BaseException:
-    from cairn.checkpoint.storage import find_checkpoint_error
-
-    return getattr(reader, "last_error", None) or find_checkpoint_error(error) or error
-
-
-class DcpCheckpoint:
-    """A DCP step folder: keys from its metadata (read safely), values with ``dcp.load`` (no process group)."""
-
-    format = "dcp"
-
-    def __init__(self, path: Path, *, tolerate_corrupt: bool = False):
-        from cairn.checkpoint.safe_load import SafeFileSystemReader, load_metadata_file
-        from cairn.checkpoint.storage import METADATA_NAME, CorruptCheckpointError
-
-        class _MetadataOnce(SafeFileSystemReader):
-            """Parses (and checks) ``.metadata`` once for the many reads of one command."""
-
-            metadata = None
-
-            def read_metadata(self, *args, **kwargs):
-                if self.metadata is None:
-                    self.metadata = super().read_metadata(*args, **kwargs)
-                return self.metadata
-
-        self.path = path
-        self.manifest, self.problems = read_manifest_quietly(path)
-        self.reader = _MetadataOnce(path)
-        try:
-            self.metadata = self.reader.read_metadata()
-        except CorruptCheckpointError as e:
-            if not tolerate_corrupt:
-                raise
-            self.problems = list(e.problems) or [str(e)]
-            self.metadata = load_metadata_file(path / METADATA_NAME)  # still never unpickles code
-        self._entries: dict[str, Entry] | None = None
-
-    def entries(self) -> dict[str, Entry]:
-        if self._entries is None:
-            from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-            files: dict[str, set[str]] = {}
-            stored: dict[str, int] = {}
-            for index, info in self.metadata.storage_data.items():
-                files.setdefault(index.fqn, set()).add(info.relative_path)
-                stored[index.fqn] = stored.get(index.fqn, 0) + int(info.length)
-            self._entries = {}
-            for key, item in self.metadata.state_dict_metadata.items():
-                if isinstance(item, TensorStorageMetadata):
-                    shape, dtype = tuple(item.size), item.properties.dtype
-                    entry = Entry(key, True, shape, dtype, math.prod(shape) * dtype.itemsize)
-                else:
-                    entry = Entry(key, False, num_bytes=stored.get(key, 0))
-                entry.files = sorted(files.get(key, ()), key=_file_order)
-                self._entries[key] = entry
-        return self._entries
-
-    def read(self, keys: Iterable[str], into: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Values of ``keys`` (flat DCP keys); tensors land in ``into``'s tensors when given."""
-        import torch
-        import torch.distributed.checkpoint as dcp
-
-        from cairn.checkpoint.safe_load import SafeLoadPlanner
-
-        entries = self.entries()
-        state = {}
-        for key in keys:
-            entry = entries[key]
-            if into is not None and key in into:
-                state[key] = into[key]
-            else:
-                state[key] = torch.empty(entry.shape, dtype=entry.dtype) if entry.is_tensor else None
-        try:
-            with _quiet_dcp():
-                dcp.load(state, storage_reader=self.reader, planner=SafeLoadPlanner(), no_dist=True)
-        except BaseException as e:
-            error = _dcp_error(self.reader, e)
-            if error is not e:
-                raise error from e
-            raise
-        return state
-
-
-class HfCheckpoint:
-    """A Hugging Face directory: keys and shapes from the safetensors headers, tensors with safe_open."""
-
-    format = "hf"
-
-    def __init__(self, path: Path):
-        from cairn.checkpoint.hf import HFWeights, read_hf_config
-
-        self.path = path
-        self.manifest, self.problems = read_manifest_quietly(path)
-        self.weights = HFWeights(path)
-        self.config = read_hf_config(path)
-
-    def entries(self) -> dict[str, Entry]:
-        from cairn.checkpoint.hf import natural_order
-
-        weights = self.weights
-        return {key: Entry(key, True, weights.shapes[key], weights.dtypes[key],
-                           math.prod(weights.shapes[key]) * weights.dtypes[key].itemsize, [weights.files[key].name])
-                for key in natural_order(weights.shapes)}
-
-    def read(self, keys: Iterable[str], into: dict[str, Any] | None = None) -> dict[str, Any]:
-        return {key: self.weights.read(key) for key in keys}
-
-
-class HfAsFqns:
-    """An HF directory seen under cairn's names and layouts, to compare it with a DCP step or a .pt."""
-
-    format = "hf"
-
-    def __init__(self, hf: HfCheckpoint, model_name: str):
-        from cairn.models import get_model_spec
-
-        self.hf, self.path, self.manifest, self.problems = hf, hf.path, hf.manifest, hf.problems
-        adapter_cls = get_model_spec(model_name).state_dict_adapter
-        self.adapter = adapter_cls(adapter_cls.from_hf_config(hf.config, source=str(hf.path / "config.json")))
-        self.source: dict[str, str] = {}  # cairn FQN -> HF key
-        for key in hf.weights.shapes:
-            fqn = self.adapter.fqn(key)
-            if fqn is not None:
-                self.source[fqn] = key
-        if self.adapter.model_args.tie_word_embeddings and "tok_embeddings.weight" in self.source:
-            self.source.setdefault("output.weight", self.source["tok_embeddings.weight"])
-
-    def entries(self) -> dict[str, Entry]:
-        from cairn.checkpoint.hf import natural_order
-
-        hf_entries = self.hf.entries()
-        out = {}
-        for fqn in natural_order(self.source):
-            entry = dataclasses.replace(hf_entries[self.source[fqn]], key=fqn)
-            out[fqn] = entry
-        return out
-
-    def read(self, keys: Iterable[str], into: dict[str, Any] | None = None) -> dict[str, Any]:
-        return {fqn: self.adapter.tensor_from_hf(fqn, self.hf.weights.read(self.source[fqn])) for fqn in keys}
-
-
-class TorchCheckpoint:
-    """A ``torch.save`` file, loaded with ``weights_only=True`` (memory-mapped when possible)."""
-
-    format = "torch"
-
-    def __init__(self, path: Path):
-        import pickle
-
-        import torch
-
-        self.path, self.manifest, self.problems = path, None, []
-        try:
-            try:
-                self.obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
-                self.obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise CheckFailed(f"refusing to load: it needs more than weights_only=True allows "
-                              f"({str(e).splitlines()[0]})", path) from None
-        except Exception as e:
-            raise CheckFailed(f"unreadable torch.save file ({type(e).__name__}: {str(e).splitlines()[0]})",
-                              path) from None
-        self.flat = dict(_flatten(self.obj))
-
-    def entries(self) -> dict[str, Entry]:
-        import torch
-
-        out = {}
-        for key, value in self.flat.items():
-            if isinstance(value, torch.Tensor):
-                out[key] = Entry(key, True, tuple(value.shape), value.dtype, value.numel() * value.element_size(),
-                                 [self.path.name])
-            else:
-                out[key] = Entry(key, False, files=[self.path.name])
-        return out
-
-    def read(self, keys: Iterable[str], into: dict[str, Any] | None = None) -> dict[str, Any]:
-        return {key: self.flat[key] for key in keys}
-
-
-def _flatten(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """(dotted key, leaf) pairs, as DCP flattens nested state dicts."""
-    if isinstance(obj, dict) and obj:
-        for key, value in obj.items():
-            yield from _flatten(value, f"{prefix}{key}.")
-    elif isinstance(obj, list) and obj and prefix:
-        for i, value in enumerate(obj):
-            yield from _flatten(value, f"{prefix}{i}.")
-    else:
-        yield prefix[:-1] if prefix else "", obj
-
-
-def open_checkpoint(path: Path, *, tolerate_corrupt: bool = False):
-    """The reader for ``path``'s format; UsageError/CheckFailed for what is not a readable checkpoint."""
-    from cairn.checkpoint.storage import METADATA_NAME, CheckpointError
-
-    fmt = detect_format(path)
-    try:
-        if fmt == "torch":
-            return TorchCheckpoint(path)
-        if fmt == "hf":
-            return HfCheckpoint(path)
-        if not (path / METADATA_NAME).exists():
-            raise CheckFailed(f"{METADATA_NAME} is missing (the manifest lists it): the step is damaged; "
-                              "`cairn checkpoint verify` says more", path)
-        return DcpCheckpoint(path, tolerate_corrupt=tolerate_corrupt)
-    except CheckpointError as e:
-        raise CheckFailed(_first_line(e), path) from e
-
-
-def _file_order(name: str):
-    """``__2_0.distcp`` before ``__10_0.distcp``."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
-
-
-@contextlib.contextmanager
-def _quiet_dcp():
-    with warnings.catch_warnings():
-        # no_dist=True is the intent: one process reads the whole checkpoint.
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        warnings.filterwarnings("ignore", message=".*no_dist.*")
-        yield
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0]
 
 
 def _details(error: BaseException) -> list[str]:
@@ -650,18 +344,6 @@ def list_steps(folder: Path, checksums: bool = False, progress_bar: bool = False
     rows += _leftover_rows(folder, {storage.step_dir(step) for step in steps})
     rows.sort(key=lambda row: (row.step, row.committed, row.name), reverse=True)
     return rows
-
-
-@contextlib.contextmanager
-def _progress_bar(total: int, description: str, enabled: bool):
-    """A callable that advances a byte-counting tqdm bar on stderr (a no-op when disabled)."""
-    if not enabled or total <= 0:
-        yield lambda n: None
-        return
-    from tqdm import tqdm
-
-    with tqdm(total=total, desc=description, unit="B", unit_scale=True, file=sys.stderr, leave=False) as bar:
-        yield bar.update
 
 
 def resolve_folder(path: Path) -> Path:
@@ -1139,22 +821,6 @@ def same_value(x: Any, y: Any) -> bool:
         return bool(x == y)
     except Exception:
         return False
-
-
-def read_batches(keys: list[str], entries: dict[str, Entry], budget: int | None = None) -> Iterator[list[str]]:
-    """``keys`` in groups of at most ``budget`` (READ_BATCH_BYTES) bytes of tensors; a bigger tensor goes alone."""
-    budget = READ_BATCH_BYTES if budget is None else budget
-    batch: list[str] = []
-    size = 0
-    for key in keys:
-        num_bytes = entries[key].num_bytes
-        if batch and size + num_bytes > budget:
-            yield batch
-            batch, size = [], 0
-        batch.append(key)
-        size += num_bytes
-    if batch:
-        yield batch
 
 
 def _as_comparable(ckpt, other, model_name: str):

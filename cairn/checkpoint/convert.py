@@ -45,7 +45,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from cairn.checkpoint.cli import DcpCheckpoint, _progress_bar, read_batches
+from cairn.checkpoint.readers import DcpCheckpoint, _progress_bar, read_batches
 from cairn.checkpoint.hf import (
     CONFIG_FILE,
     DEFAULT_MAX_SHARD_BYTES,

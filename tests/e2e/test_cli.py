@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from cairn.checkpoint import cli as ckpt_cli
+from cairn.checkpoint import readers
 from cairn.cli import main
 from conftest import REPO, train
 
@@ -330,7 +331,7 @@ def test_diff_hf_against_dcp_under_cairn_names(capsys, ckpts, tmp_path):
 
 
 def test_diff_streams_in_batches(capsys, ckpts, monkeypatch):
-    monkeypatch.setattr(ckpt_cli, "READ_BATCH_BYTES", 64 << 10)
+    monkeypatch.setattr(readers, "READ_BATCH_BYTES", 64 << 10)
     largest = []
     read = ckpt_cli.DcpCheckpoint.read
 
