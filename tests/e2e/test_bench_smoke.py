@@ -64,7 +64,7 @@ def check_report(report: dict, world: int) -> None:
             assert {"queued", "gate", "staged", "data_start", "data_done", "done"} <= result["timeline"].keys()
     assert cairn["disabled"]["durable_s_without_checksums"] is not None
     # one unmeasured sync save first: the checksum pairs and the sync save time start warm
-    assert len(cairn["disabled"]["warmup_durable_s"]) == 1 and cairn["disabled"]["warmup_durable_s"][0] > 0
+    assert len(cairn["disabled"]["warmup_durable_s"]) == 2 and min(cairn["disabled"]["warmup_durable_s"]) > 0
     assert cairn["disabled"]["checksum_ratio_per_pair"]
     memory = cairn["memory"]
     assert memory["saves"] == 3 and len(memory["per_rank"]) == world
