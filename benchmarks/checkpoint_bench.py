@@ -65,10 +65,11 @@ from page_cache import evict, files_under, try_drop_caches  # noqa: E402  (bench
 
 MODES = ("disabled", "async", "async_with_pinned_mem")
 PINNED = "async_with_pinned_mem"
-# A cairn mode may carry variants after "+": snapshot (--checkpoint.device_snapshot), thread or
-# process (--checkpoint.async_writer), e.g. async_with_pinned_mem+snapshot.
-VARIANTS = {"snapshot": {"device_snapshot": True}, "thread": {"async_writer": "thread"},
-            "process": {"async_writer": "process"}}
+# A cairn mode may carry variants after "+": snapshot / nosnapshot (--checkpoint.device_snapshot
+# on / off; neither: the default, auto), thread or process (--checkpoint.async_writer), e.g.
+# async_with_pinned_mem+snapshot.
+VARIANTS = {"snapshot": {"device_snapshot": "on"}, "nosnapshot": {"device_snapshot": "off"},
+            "thread": {"async_writer": "thread"}, "process": {"async_writer": "process"}}
 CHUNK = 8 << 20
 # Variables torchrun sets for its workers: a nested torchrun must not inherit them.
 _LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
@@ -432,7 +433,12 @@ class CairnSubject:
                        buffers_retained_bytes=arena.nbytes if arena is not None and stager.reuse else 0,
                        device_snapshot_bytes=stager.device_allocated_bytes,
                        buffers_prepare_s=saver.prepare_seconds,
-                       writer_process_starts=saver.writer_process.starts if saver.writer_process else 0)
+                       writer_process_starts=saver.writer_process.starts if saver.writer_process else 0,
+                       device_snapshot_mode=stager.snapshot_mode)
+        if torch.cuda.is_available():  # what --checkpoint.device_snapshot auto decides from
+            free, total = torch.cuda.mem_get_info()
+            out.update(device_free_bytes=free, device_total_bytes=total,
+                       device_max_reserved_bytes=torch.cuda.max_memory_reserved())
         return out
 
     def newest_step_dir(self) -> Path | None:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The platform on a GPU host: run_train.sh on 1 GPU and on 2 GPUs (FSDP, TP, PP; NCCL), then
-# bit-exact resumes of async_with_pinned_mem runs on 2 GPUs (writer process, device snapshot,
-# writer thread). Logs and a summary go to $OUT.
+# bit-exact resumes of async_with_pinned_mem runs on 2 GPUs (writer process without and with a
+# device snapshot, writer thread). Logs and a summary go to $OUT.
 #   OUT=/tmp/out bash benchmarks/gpu_train_check.sh
 # On an offline host with a CUDA torch, carry the wheels in .whl (tyro and its deps):
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
@@ -58,8 +58,8 @@ same = [a[s] == b.get(s) for s in range(11, 21)]
 print(f"resume {ngpu} GPU async_with_pinned_mem {flags}: steps 11-20 bitwise equal: {all(same)} ({sum(same)}/10)")
 PY
 }
-resume_check resume
-resume_check resume_snapshot --checkpoint.device_snapshot
-resume_check resume_thread --checkpoint.async_writer thread
+resume_check resume --checkpoint.device_snapshot off
+resume_check resume_snapshot --checkpoint.device_snapshot on
+resume_check resume_thread --checkpoint.async_writer thread --checkpoint.device_snapshot off
 for d in /tmp/cairn-runs/*/; do cp "$d/metrics.jsonl" "$LOGS/$(basename "$d").metrics.jsonl"; done
 tar czf "$OUT/logs.tgz" -C "$LOGS" .

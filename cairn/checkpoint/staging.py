@@ -16,10 +16,12 @@ The training thread only takes the state dict and, on GPU hosts, records an even
 stream; the worker's copies go on a side CUDA stream that waits for that event. Before the
 optimizer step (the first moment the state changes) the training thread waits until the
 copies are queued (milliseconds) and then makes its stream wait for them on the GPU, so the
-CPU keeps dispatching. With ``--checkpoint.device_snapshot`` the state is first copied into
-device buffers (HBM to HBM, milliseconds) and the optimizer waits only for that; the copy to
-host then runs from the snapshot while training goes on, at the price of device memory equal
-to the rank's checkpoint shard. On CPU hosts the copies finish before the optimizer step.
+CPU keeps dispatching. With a device snapshot (``--checkpoint.device_snapshot on``, or
+``auto``, the default, where the device has the memory to spare) the state is first copied
+into device buffers (HBM to HBM, milliseconds) and the optimizer waits only for that; the
+copy to host then runs from the snapshot while training goes on, at the price of device
+memory equal to the rank's checkpoint shard. On CPU hosts the copies finish before the
+optimizer step.
 At most one save is in flight.
 """
 
@@ -164,16 +166,39 @@ class HostArena:
             self.fd = None
 
 
+SNAPSHOT_SPARE_FRACTION = 0.10
+SNAPSHOT_SPARE_MIN = 4 << 30
+
+
+def snapshot_fits(needed: int, free: int, total: int) -> bool:
+    """Whether a device snapshot of ``needed`` bytes leaves 10% of the device (>= 4 GiB) free.
+
+    Decided after the first training step: the caching allocator then holds what a step
+    needs at its peak, so ``free`` is what the steps leave unused.
+    """
+    return needed + max(SNAPSHOT_SPARE_MIN, int(SNAPSHOT_SPARE_FRACTION * total)) <= free
+
+
 class HostStager:
     """Copies a state dict's tensors into host buffers; keeps the buffers when ``reuse``.
 
-    ``device_snapshot``: copy into device buffers first (see the module doc).
+    ``device_snapshot``: copy into device buffers first (see the module doc): "on", "off", or
+    "auto" (``snapshot_fits`` decides when the reused buffers are made, after the first step).
     """
 
-    def __init__(self, *, reuse: bool, pin_memory: bool, device_snapshot: bool = False):
+    def __init__(self, *, reuse: bool, pin_memory: bool, device_snapshot: str | bool = "off"):
+        if isinstance(device_snapshot, bool):
+            device_snapshot = "on" if device_snapshot else "off"
+        if device_snapshot not in ("auto", "on", "off"):
+            raise ValueError(f"device_snapshot must be auto, on or off (got {device_snapshot!r})")
         self.reuse = reuse
         self.pin_memory = pin_memory and torch.cuda.is_available()
-        self.device_snapshot = device_snapshot and torch.cuda.is_available()
+        # "auto" is settled in _prepare; never without kept buffers (a snapshot made per save
+        # would allocate a shard of device memory at every save).
+        self.snapshot_mode = device_snapshot if torch.cuda.is_available() else "off"
+        if self.snapshot_mode == "auto" and not reuse:
+            self.snapshot_mode = "off"
+        self.device_snapshot = self.snapshot_mode == "on"
         self._stream = torch.cuda.Stream() if torch.cuda.is_available() else None
         self._layout: list[tuple[str, torch.Size, torch.dtype]] | None = None
         self._buffers: dict[str, torch.Tensor] = {}  # path -> host buffer (a view into the arena)
@@ -218,6 +243,14 @@ class HostStager:
             offsets.append(total)
             total += -(-_nbytes(local) // _ALIGN) * _ALIGN
         device = self._stream.device if self._stream is not None else None
+        if self.snapshot_mode == "auto":
+            needed = sum(_nbytes(local) for _, local in leaves)
+            free, total_memory = torch.cuda.mem_get_info(device)
+            self.device_snapshot = snapshot_fits(needed, free, total_memory)
+            self.snapshot_mode = "on" if self.device_snapshot else "off"
+            logger.info("async saves %s a device snapshot (--checkpoint.device_snapshot auto): %.1f GB needed, "
+                        "%.1f GB of %.1f GB free on %s", "take" if self.device_snapshot else "skip",
+                        needed / 1e9, free / 1e9, total_memory / 1e9, device)
         self.arena = HostArena(total, pin=self.pin_memory, device=device)
         self.allocations += 1
         self.allocated_bytes += self.arena.nbytes
@@ -366,7 +399,7 @@ class AsyncSaver:
     copy complete), ``data_start``/``data_done`` (the files being written), ``done``.
     """
 
-    def __init__(self, *, reuse_buffers: bool, writer: str = "process", device_snapshot: bool = False):
+    def __init__(self, *, reuse_buffers: bool, writer: str = "process", device_snapshot: str | bool = "off"):
         if writer not in ASYNC_WRITERS:
             raise ValueError(f"async writer must be one of {ASYNC_WRITERS} (got {writer!r})")
         self.stager = HostStager(reuse=reuse_buffers, pin_memory=reuse_buffers, device_snapshot=device_snapshot)

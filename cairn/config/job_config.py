@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 DTYPES = ("float32", "bfloat16", "float16")
 ASYNC_MODES = ("disabled", "async", "async_with_pinned_mem")
 ASYNC_WRITERS = ("process", "thread")
+DEVICE_SNAPSHOT = ("auto", "on", "off")
 # What a full checkpoint holds besides the model; keys a user may exclude from loading.
 EXCLUDABLE_STATES = ("optimizer", "lr_scheduler", "dataloader", "train_state", "rng")
 # Spellings users paste from torchtitan's docs, mapped to cairn's state keys.
@@ -231,10 +232,12 @@ class CheckpointSection:
     async_writer: str = "process"
     """Who writes an async save's files: process (a child process, so the writes never take
     the training loop's GIL; Linux) or thread (a thread of the training process)."""
-    device_snapshot: bool = False
-    """Async saves first copy the state into device memory (HBM to HBM, milliseconds), so the
-    optimizer step waits only for that, not for the copy to host. Costs device memory equal
-    to the rank's checkpoint shard, kept for the run with async_with_pinned_mem."""
+    device_snapshot: str = "auto"
+    """on: async saves first copy the state into device memory (HBM to HBM, milliseconds), so
+    the optimizer step waits only for that, not for the copy to host; it costs device memory
+    equal to the rank's checkpoint shard, kept for the run. auto: on for async_with_pinned_mem
+    when, after the first step, that much device memory is free with 10% of the device (at
+    least 4 GiB) to spare; off otherwise. off: never."""
     verify: bool = False
     """Verify every file's checksum before loading (sizes are always checked)."""
     write_threads: int = 1
@@ -266,6 +269,9 @@ class CheckpointSection:
             out.append(f"--checkpoint.async_mode must be one of {', '.join(ASYNC_MODES)} (got {self.async_mode!r})")
         if not self.folder:
             out.append("--checkpoint.folder must not be empty")
+        if self.device_snapshot not in DEVICE_SNAPSHOT:
+            out.append(f"--checkpoint.device_snapshot must be one of {', '.join(DEVICE_SNAPSHOT)} "
+                       f"(got {self.device_snapshot!r})")
         if self.async_writer not in ASYNC_WRITERS:
             out.append(f"--checkpoint.async_writer must be one of {', '.join(ASYNC_WRITERS)} "
                        f"(got {self.async_writer!r})")

@@ -77,13 +77,14 @@ def test_all_problems_reported_once():
         parse_args(["--checkpoint.interval", "0", "--checkpoint.export_dtype", "int8",
                     "--checkpoint.exclude_from_loading", "model,bogus", "--training.seq_len", "0",
                     "--parallelism.context_parallel_degree", "2", "--checkpoint.write_threads", "0",
-                    "--checkpoint.async_writer", "fork", "--training.gc_freq", "-1"])
+                    "--checkpoint.async_writer", "fork", "--training.gc_freq", "-1",
+                    "--checkpoint.device_snapshot", "yes"])
     message = str(info.value)
     for flag in ("--checkpoint.interval", "--checkpoint.export_dtype", "'model'", "'bogus'",
                  "--training.seq_len", "--parallelism.context_parallel_degree", "--checkpoint.write_threads",
-                 "--checkpoint.async_writer", "--training.gc_freq"):
+                 "--checkpoint.async_writer", "--training.gc_freq", "--checkpoint.device_snapshot"):
         assert flag in message
-    assert len(info.value.problems) == 9
+    assert len(info.value.problems) == 10
 
 
 def test_excluding_optimizer_needs_lr_scheduler():

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from cairn.checkpoint.staging import AsyncSaver
+from cairn.checkpoint.staging import AsyncSaver, HostStager, snapshot_fits
 from cairn.checkpoint.storage import FAULT_ENV, CheckpointError, CheckpointStorage, find_checkpoint_error
 from test_storage import assert_same, folder_names, load, make_state, save
 
@@ -178,3 +178,29 @@ def test_staged_dtensors_keep_their_layout_and_host_buffers(monkeypatch):
         s.close()
     finally:
         dist.destroy_process_group()
+
+
+GB = 10**9
+
+
+@pytest.mark.parametrize("needed,free,total,fits", [
+    (16 * GB, 55 * GB, 80 * GB, True),     # 1B on an 80 GB H100: 8 GB to spare is kept
+    (48 * GB, 60 * GB, 143 * GB, False),   # 14.3 GB must stay free: 62.3 > 60
+    (48 * GB, 68 * GB, 143 * GB, True),
+    (10 * GB, 14 * GB, 16 * GB, False),    # on a small device the spare is 4 GiB, more than 4 GB
+    (10 * GB, 14 * GB + 2**30, 16 * GB, True),
+])
+def test_auto_snapshot_needs_the_shard_and_a_tenth_of_the_device_free(needed, free, total, fits):
+    assert snapshot_fits(needed, free, total) is fits
+
+
+def test_snapshot_settings():
+    # without CUDA there is no device to snapshot, whatever the setting
+    for setting in ("auto", "on", "off", True, False):
+        stager = HostStager(reuse=True, pin_memory=True, device_snapshot=setting)
+        expected = "off" if not torch.cuda.is_available() else {True: "on", False: "off"}.get(setting, setting)
+        assert stager.snapshot_mode == expected and stager.device_snapshot == (expected == "on")
+    # auto needs kept buffers: fresh host copies per save would take a fresh device copy too
+    assert HostStager(reuse=False, pin_memory=False, device_snapshot="auto").snapshot_mode == "off"
+    with pytest.raises(ValueError, match="auto, on or off"):
+        HostStager(reuse=True, pin_memory=True, device_snapshot="yes")
