@@ -15,7 +15,7 @@ costs repeat at every save although nothing about them changes between saves:
   reuses the global plan and metadata; it is turned on where this torch has it.
 
 Neither changes a byte on disk: the files of a cached-plan save equal those of a fresh one
-(tests/unit/test_staging.py checks both against a local write).
+(tests/unit/test_planner.py checks both against saves by DCP's default planner).
 """
 
 from __future__ import annotations
