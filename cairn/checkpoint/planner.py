@@ -10,9 +10,9 @@ costs repeat at every save although nothing about them changes between saves:
   1,800 of the save's 2,400 items, 0.1 ms each). ``torch.save`` is deterministic for a plain
   value, so the bytes are kept per value (``BytesMemo``) and each later save looks them up.
 - **The plans.** Every save gathers each rank's local plan on the coordinator and scatters
-  the global plan back, pickling both ways. DCP's plan caching (torch >= 2.7,
-  ``enable_plan_caching``) sends nothing when a rank's plan is the one it sent last time and
-  reuses the global plan and metadata; it is turned on where this torch has it.
+  the global plan back, pickling both ways. DCP's plan caching (``enable_plan_caching``,
+  which torch 2.13 has) sends nothing when a rank's plan is the one it sent last time
+  and reuses the global plan and metadata; it is turned on where the installed torch has it.
 
 Neither changes a byte on disk: the files of a cached-plan save equal those of a fresh one
 (tests/unit/test_planner.py checks both against saves by DCP's default planner).
