@@ -500,14 +500,177 @@ def _tiles(ranges: list[tuple[int, int]], size: int | None) -> bool:
     return size is not None and end == size
 
 
+class _TensorRecordUnpickler(pickle.Unpickler):
+    """Reads a tensor record's ``data.pkl`` into (storage dtype, storage numel, offset, size,
+    stride) without touching its storage bytes. Admits only what ``torch.save`` of a plain
+    tensor writes; anything else raises, and the record goes through ``torch.load`` instead."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return _tensor_layout
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        if module == "torch" and name.endswith("Storage") and name in _TYPED_STORAGES:
+            return _TYPED_STORAGES[name]
+        raise pickle.UnpicklingError(f"{module}.{name}")
+
+    def persistent_load(self, pid: Any) -> Any:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
+                and isinstance(pid[1], torch.dtype)):
+            raise pickle.UnpicklingError("not a typed storage reference")
+        _, dtype, key, _location, numel = pid
+        return ("storage", dtype, str(key), int(numel))
+
+
+def _typed_storages() -> dict[str, torch.dtype]:
+    """torch.save names a storage by its legacy typed-storage class (torch.FloatStorage, ...)."""
+    import warnings
+
+    out = {}
+    for name in dir(torch):
+        if not name.endswith("Storage") or name in ("Storage", "TypedStorage", "UntypedStorage"):
+            continue
+        with contextlib.suppress(Exception), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TypedStorage's deprecation notice
+            dtype = getattr(torch, name).dtype
+            if isinstance(dtype, torch.dtype) and not dtype.is_complex and not str(dtype).startswith("torch.q"):
+                out[name] = dtype
+    return out
+
+
+_TYPED_STORAGES = _typed_storages()
+
+
+def _tensor_layout(storage, offset, size, stride, requires_grad=False, hooks=None, *_):
+    return ("tensor", storage, int(offset), tuple(size), tuple(stride))
+
+
+_LOCAL_HEADER = 30  # bytes of a zip local file header before its name and extra field
+_READ_INTO_CHUNK = 32 << 20
+_bounce = threading.local()  # per placing thread: a reused host buffer for device targets
+
+
+def _raw_tensor_bytes(stored: _FileSlice) -> tuple[torch.dtype, tuple[int, ...], int, int] | None:
+    """(dtype, shape, offset, length) of a ``torch.save``d tensor's bytes inside ``stored``,
+    when the record holds one contiguous tensor that is its whole storage, stored
+    uncompressed, little-endian; None for anything else (``torch.load`` reads those)."""
+    import zipfile
+
+    def entry(info: zipfile.ZipInfo) -> tuple[int, int] | None:
+        """(start, length) of an uncompressed entry's bytes, from its local header. Not
+        ``ZipFile.read``: cairn writes these records without CRC32s (see storage._zip_crc32_off)."""
+        stored.seek(info.header_offset)
+        header = stored.read(_LOCAL_HEADER)
+        if len(header) != _LOCAL_HEADER or header[:4] != b"PK\x03\x04" or info.compress_type != zipfile.ZIP_STORED:
+            return None
+        start = info.header_offset + _LOCAL_HEADER + int.from_bytes(header[26:28], "little") \
+            + int.from_bytes(header[28:30], "little")
+        return start, info.file_size
+
+    def read(info: zipfile.ZipInfo) -> bytes | None:
+        where = entry(info)
+        if where is None or where[1] > (1 << 20):
+            return None
+        stored.seek(where[0])
+        return stored.read(where[1])
+
+    try:
+        with zipfile.ZipFile(stored) as archive:
+            infos = archive.infolist()
+        pickles = [i for i in infos if i.filename.endswith("/data.pkl")]
+        storages = [i for i in infos if i.filename.split("/")[-2:-1] == ["data"]]
+        orders = [i for i in infos if i.filename.endswith("/byteorder")]
+        if len(pickles) != 1 or len(storages) != 1 or len(orders) > 1:
+            return None
+        if orders and read(orders[0]) != b"little":
+            return None
+        data_pkl = read(pickles[0])
+        if data_pkl is None:
+            return None
+        layout = _TensorRecordUnpickler(io.BytesIO(data_pkl)).load()
+    except (zipfile.BadZipFile, pickle.UnpicklingError, ValueError, TypeError, EOFError, KeyError,
+            AttributeError, IndexError):
+        return None
+    info = storages[0]
+    if not (isinstance(layout, tuple) and len(layout) == 5 and layout[0] == "tensor"):
+        return None
+    _, (_, dtype, key, numel), offset, size, stride = layout
+    expected_stride, running = [], 1
+    for dim in reversed(size):
+        expected_stride.append(running)
+        running *= dim
+    if (info.filename.rsplit("/", 1)[-1] != key or offset != 0 or numel != running
+            or tuple(reversed(expected_stride)) != stride or info.file_size != numel * dtype.itemsize):
+        return None
+    where = entry(info)
+    if where is None or where[0] + where[1] > stored._length:
+        return None
+    return dtype, size, where[0], where[1]
+
+
+def _read_into(stored: _FileSlice, target: torch.Tensor, start: int, length: int, *,
+               direct: bool | None = None) -> None:
+    """The bytes ``start .. start + length`` of ``stored`` into the contiguous ``target``:
+    straight into its memory on the host (``direct``), else through a reused host buffer in
+    pieces of ``_READ_INTO_CHUNK`` bytes (a device target)."""
+    flat = target.reshape(-1).view(torch.uint8)
+    if direct is None:
+        direct = target.device.type == "cpu"
+    if direct:
+        stored.seek(start)
+        view = memoryview(flat.numpy())
+        got = stored.readinto(view)
+        if got != length:
+            raise CheckpointError(f"{stored._path}: {got} of {length} bytes of a tensor record")
+        return
+    buffer = getattr(_bounce, "buffer", None)
+    if buffer is None:
+        buffer = _bounce.buffer = torch.empty(_READ_INTO_CHUNK, dtype=torch.uint8)
+    done = 0
+    while done < length:
+        n = min(_READ_INTO_CHUNK, length - done)
+        stored.seek(start + done)
+        if stored.readinto(memoryview(buffer.numpy())[:n]) != n:
+            raise CheckpointError(f"{stored._path}: a tensor record ends early")
+        flat[done:done + n].copy_(buffer[:n])  # synchronous: the buffer is reused next
+        done += n
+
+
+def _place_raw(planner: LoadPlanner, items: list[ReadItem], stored: _FileSlice) -> bool:
+    """The common case without deserializing: one read item taking a whole stored tensor into a
+    contiguous target of its dtype and shape. False (nothing done) for any other case."""
+    if len(items) != 1:
+        return False
+    item = items[0]
+    if any(start != 0 for start in item.storage_offsets):
+        return False
+    raw = _raw_tensor_bytes(stored)
+    if raw is None:
+        return False
+    dtype, shape, start, length = raw
+    if tuple(item.lengths) != shape:
+        return False
+    target = planner.resolve_tensor(item).detach()
+    if target.dtype != dtype or tuple(target.shape) != shape or not target.is_contiguous() or target.is_sparse:
+        return False
+    if length:
+        _read_into(stored, target, start, length)
+    planner.commit_tensor(item, target)
+    return True
+
+
 def _place(planner: LoadPlanner, items: list[ReadItem], stored: _FileSlice) -> None:
     """The read items that one stored item serves, from its bytes, as DCP's FileSystemReader
-    places them (but read and deserialized once for all of them)."""
+    places them (but read and deserialized once for all of them). A whole stored tensor
+    going into a target that matches it is read straight into the target (``_place_raw``)."""
     if items[0].type == LoadItemType.BYTE_IO:
         data = stored.read()
         for item in items:
             planner.load_bytes(item, io.BytesIO(data))
         return
+    if _place_raw(planner, items, stored):
+        return
+    stored.seek(0)
     whole = torch.load(stored, map_location="cpu", weights_only=True)
     if not isinstance(whole, torch.Tensor):
         raise UnsafeCheckpointError(f"tensor item {items[0].storage_index.fqn!r} holds a {type(whole).__name__}, "
