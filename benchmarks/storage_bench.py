@@ -9,7 +9,9 @@ variants so that a disk whose speed drifts cannot favour one of them:
 - stock DCP's ``FileSystemWriter`` (what torchtitan saves through), for reference;
 
 then loads the cairn step cold (page cache dropped) with cairn's reader, with and without
-``verify``, and with stock DCP's ``FileSystemReader``. Next to them, the disk's own
+``verify``, and with stock DCP's ``FileSystemReader``; then warm (from the page cache: what
+the reader itself costs) with cairn's reader, the same with every tensor through
+``torch.load`` (its path before the raw reads), and stock DCP's. Next to them, the disk's own
 ceilings, measured in the same run: an fsync'd sequential write and a cold sequential read
 of a file of the same size.
 
@@ -108,14 +110,26 @@ def save_once(folder: Path, state: dict, variant: dict[str, Any]) -> float:
     return time.perf_counter() - start
 
 
-def load_once(step_dir: Path, target: dict, reader: str, policy: str) -> tuple[float, str]:
-    method = drop_cache(files_under(step_dir), policy)
-    start = time.perf_counter()
-    if reader == "stock":
-        dcp.load(target, storage_reader=FileSystemReader(step_dir), no_dist=True)
-    else:
-        CheckpointStorage(step_dir.parent).load(target, step_dir, verify=reader == "cairn+verify", no_dist=True)
-    return time.perf_counter() - start, method
+def load_once(step_dir: Path, target: dict, reader: str, policy: str, warm: bool = False) -> tuple[float, str]:
+    """One load by ``reader``: cairn, cairn+verify, stock (DCP's FileSystemReader), or
+    cairn/torch.load (cairn's reader with every tensor deserialized by torch.load, as before
+    its raw path). Cold unless ``warm`` (then the page cache holds the files: the reader's own
+    cost, without the disk's)."""
+    import cairn.checkpoint.safe_load as safe_load
+
+    method = "warm" if warm else drop_cache(files_under(step_dir), policy)
+    raw_path = safe_load._place_raw
+    if reader == "cairn/torch.load":
+        safe_load._place_raw = lambda *args: False
+    try:
+        start = time.perf_counter()
+        if reader == "stock":
+            dcp.load(target, storage_reader=FileSystemReader(step_dir), no_dist=True)
+        else:
+            CheckpointStorage(step_dir.parent).load(target, step_dir, verify=reader == "cairn+verify", no_dist=True)
+        return time.perf_counter() - start, method
+    finally:
+        safe_load._place_raw = raw_path
 
 
 def name(variant: dict[str, Any]) -> str:
@@ -182,6 +196,16 @@ def main(argv: list[str]) -> dict[str, Any]:
                        for r, v in loads.items()}
     verify_pairs = [a / b for a, b in zip(loads["cairn+verify"], loads["cairn"])]
     report["load_checksum_overhead"] = {"per_repeat": verify_pairs, "median": statistics.median(verify_pairs)}
+    # The readers' own cost: the same loads from the page cache (after one to fill it).
+    warm_readers = ("cairn", "cairn/torch.load", "stock")
+    warm: dict[str, list[float]] = {r: [] for r in warm_readers}
+    load_once(step_dir, target, "cairn", args.drop_caches, warm=True)
+    for repeat in range(args.repeats):
+        for reader in warm_readers if repeat % 2 == 0 else warm_readers[::-1]:
+            warm[reader].append(load_once(step_dir, target, reader, args.drop_caches, warm=True)[0])
+    assert all(torch.equal(target[k], state[k]) for k in state), "loaded state differs from the saved one"
+    report["warm_loads"] = {r: {"s": v, "median_s": statistics.median(v), "gbps": nbytes / statistics.median(v) / 1e9}
+                            for r, v in warm.items()}
     shutil.rmtree(folder, ignore_errors=True)
 
     print(f"state {nbytes / 1e9:.2f} GB in {len(state)} tensors; disk: fsync'd write {write_ceiling:.2f} GB/s, "
@@ -195,6 +219,8 @@ def main(argv: list[str]) -> dict[str, Any]:
     for key, row in report["loads"].items():
         print(f"  load  {key:<44} {row['median_s']:7.2f} s {row['gbps']:6.2f} GB/s  load eff {row['load_efficiency']:.2f}")
     print(f"  load with / without verify: {report['load_checksum_overhead']['median']:.3f}")
+    for key, row in report["warm_loads"].items():
+        print(f"  warm  {key:<44} {row['median_s']:7.2f} s {row['gbps']:6.2f} GB/s  (page cache)")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=1))

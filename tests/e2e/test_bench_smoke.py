@@ -101,3 +101,18 @@ def test_bench_two_gloo_processes(tmp_path):
     check_report(report, world=2)
     assert report["config"]["layout"]["dp_shard"] == 2
     assert report["cairn"]["reshard"]["layout"]["tp"] == 2  # loaded as TP 2 instead of FSDP 2
+
+
+def test_storage_bench_smoke(tmp_path):
+    """benchmarks/storage_bench.py on 8 MB: saves, cold and warm loads, every reader."""
+    out = tmp_path / "storage.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "storage_bench.py"), "--folder",
+                           str(tmp_path / "sb"), "--gb", "0.008", "--threads", "1", "--repeats", "1",
+                           "--drop-caches", "never", "--out", str(out)],
+                          cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    report = json.loads(out.read_text())
+    assert set(report["loads"]) == {"cairn", "cairn+verify", "stock"}
+    assert set(report["warm_loads"]) == {"cairn", "cairn/torch.load", "stock"}
+    assert all(row["gbps"] > 0 for row in report["warm_loads"].values())
