@@ -651,7 +651,8 @@ def _place_raw(planner: LoadPlanner, items: list[ReadItem], stored: _FileSlice) 
     if tuple(item.lengths) != shape:
         return False
     target = planner.resolve_tensor(item).detach()
-    if target.dtype != dtype or tuple(target.shape) != shape or not target.is_contiguous() or target.is_sparse:
+    if (target.layout != torch.strided or target.device.type == "meta" or target.dtype != dtype
+            or tuple(target.shape) != shape or not target.is_contiguous()):
         return False
     if length:
         _read_into(stored, target, start, length)
