@@ -57,7 +57,7 @@ from cairn.checkpoint.hf import (
     resolve_dtype,
     staged_output,
 )
-from cairn.checkpoint.safe_load import SafeFileSystemReader, set_element
+from cairn.checkpoint.safe_load import SafeFileSystemReader, set_element, zip_local_header
 from cairn.checkpoint.storage import _fsync_dir
 from cairn.models import ModelSpec, get_model_spec
 
@@ -358,10 +358,8 @@ def fix_zip_crcs(path: Path) -> int:
     fixed: dict[str, int] = {}
     with open(path, "r+b") as f:
         for info in infos:
-            f.seek(info.header_offset)
-            local = f.read(30)
-            name_length, extra_length = struct.unpack("<HH", local[26:30])
-            f.seek(info.header_offset + 30 + name_length + extra_length)
+            local, start = zip_local_header(f, info)
+            f.seek(start)
             crc, remaining = 0, info.compress_size
             while remaining:
                 chunk = f.read(min(8 << 20, remaining))

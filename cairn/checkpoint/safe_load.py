@@ -546,6 +546,19 @@ def _tensor_layout(storage, offset, size, stride, requires_grad=False, hooks=Non
 
 
 _LOCAL_HEADER = 30  # bytes of a zip local file header before its name and extra field
+
+
+def zip_local_header(f, info) -> tuple[bytes, int]:
+    """(the fixed part of ``info``'s local file header, where the entry's bytes start) in the
+    zip archive ``f`` (a seekable binary file); BadZipFile if no local header is there."""
+    import zipfile
+
+    f.seek(info.header_offset)
+    header = f.read(_LOCAL_HEADER)
+    if len(header) != _LOCAL_HEADER or header[:4] != b"PK\x03\x04":
+        raise zipfile.BadZipFile(f"no local file header for {info.filename} at byte {info.header_offset}")
+    name_length, extra_length = int.from_bytes(header[26:28], "little"), int.from_bytes(header[28:30], "little")
+    return header, info.header_offset + _LOCAL_HEADER + name_length + extra_length
 _READ_INTO_CHUNK = 32 << 20
 _bounce = threading.local()  # per placing thread: a reused host buffer for device targets
 
@@ -559,13 +572,12 @@ def _raw_tensor_bytes(stored: _FileSlice) -> tuple[torch.dtype, tuple[int, ...],
     def entry(info: zipfile.ZipInfo) -> tuple[int, int] | None:
         """(start, length) of an uncompressed entry's bytes, from its local header. Not
         ``ZipFile.read``: cairn writes these records without CRC32s (see storage._zip_crc32_off)."""
-        stored.seek(info.header_offset)
-        header = stored.read(_LOCAL_HEADER)
-        if len(header) != _LOCAL_HEADER or header[:4] != b"PK\x03\x04" or info.compress_type != zipfile.ZIP_STORED:
+        if info.compress_type != zipfile.ZIP_STORED:
             return None
-        start = info.header_offset + _LOCAL_HEADER + int.from_bytes(header[26:28], "little") \
-            + int.from_bytes(header[28:30], "little")
-        return start, info.file_size
+        try:
+            return zip_local_header(stored, info)[1], info.file_size
+        except zipfile.BadZipFile:
+            return None
 
     def read(info: zipfile.ZipInfo) -> bytes | None:
         where = entry(info)
