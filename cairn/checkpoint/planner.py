@@ -35,8 +35,8 @@ PLAN_CACHING = "enable_plan_caching" in inspect.signature(DefaultSavePlanner.__i
 
 def _plain(value: Any, depth: int = 0) -> bool:
     """A value whose pickle fixes its ``torch.save`` bytes: plain scalars, and tuples/lists of them."""
-    if isinstance(value, _PLAIN):
-        return type(value) in _PLAIN  # a subclass (an IntEnum, say) may pickle its own way
+    if type(value) in _PLAIN:  # not a subclass (an IntEnum, say): it may pickle its own way
+        return True
     if type(value) in (tuple, list) and depth < 2 and len(value) <= 16:
         return all(_plain(v, depth + 1) for v in value)
     return False

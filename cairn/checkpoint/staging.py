@@ -198,7 +198,6 @@ class HostStager:
         self.snapshot_mode = device_snapshot if torch.cuda.is_available() else "off"
         if self.snapshot_mode == "auto" and not reuse:
             self.snapshot_mode = "off"
-        self.device_snapshot = self.snapshot_mode == "on"
         self._stream = torch.cuda.Stream() if torch.cuda.is_available() else None
         self._layout: list[tuple[str, torch.Size, torch.dtype]] | None = None
         self._buffers: dict[str, torch.Tensor] = {}  # path -> host buffer (a view into the arena)
@@ -208,6 +207,11 @@ class HostStager:
         self.allocated_bytes = 0
         self.allocations = 0  # arenas made: one per save layout when reusing, one per save otherwise
         self.device_allocated_bytes = 0
+
+    @property
+    def device_snapshot(self) -> bool:
+        """Whether saves go through a device snapshot (False while "auto" is undecided)."""
+        return self.snapshot_mode == "on"
 
     @property
     def retained_bytes(self) -> int:
@@ -246,8 +250,7 @@ class HostStager:
         if self.snapshot_mode == "auto":
             needed = sum(_nbytes(local) for _, local in leaves)
             free, total_memory = torch.cuda.mem_get_info(device)
-            self.device_snapshot = snapshot_fits(needed, free, total_memory)
-            self.snapshot_mode = "on" if self.device_snapshot else "off"
+            self.snapshot_mode = "on" if snapshot_fits(needed, free, total_memory) else "off"
             logger.info("async saves %s a device snapshot (--checkpoint.device_snapshot auto): %.1f GB needed, "
                         "%.1f GB of %.1f GB free on %s", "take" if self.device_snapshot else "skip",
                         needed / 1e9, free / 1e9, total_memory / 1e9, device)
