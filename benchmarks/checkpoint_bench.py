@@ -86,7 +86,8 @@ def parse_bench_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--flavor", default="debugmodel", help="llama3 flavor (--model.flavor)")
     parser.add_argument("--steps", type=int, default=8,
-                        help="steps timed before each save (baseline) and at least this many after it (stall window)")
+                        help="steps timed before each save and again once it is durable (its baseline), and at "
+                             "least this many after it (stall window)")
     parser.add_argument("--saves", type=int, default=3, help="measured saves per mode (medians are over these)")
     parser.add_argument("--rss-saves", type=int, default=20,
                         help="saves in async_with_pinned_mem mode over which host RSS and pinned allocations "
@@ -289,9 +290,10 @@ def copy_ceilings(nbytes: int) -> dict[str, Any]:
 
 def _write_file(path: Path, nbytes: int, block: bytes, writeback: bool = False) -> dict[str, float]:
     """Write ``nbytes`` sequentially and fsync; ``writeback``: start the disk's writeback of
-    every ``WRITEBACK_BYTES`` as they are written, as cairn's writer does (``start_writeback``)."""
-    from cairn.checkpoint.storage import WRITEBACK_BYTES, start_writeback
+    every ``writeback_bytes()`` as they are written, as cairn's writer does (``start_writeback``)."""
+    from cairn.checkpoint.storage import start_writeback, writeback_bytes
 
+    every = writeback_bytes() if writeback else 0
     start = time.perf_counter()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
@@ -299,7 +301,7 @@ def _write_file(path: Path, nbytes: int, block: bytes, writeback: bool = False) 
         while left > 0:
             n = os.write(fd, view[:min(left, len(block))])
             left, written = left - n, written + n
-            if writeback and written - started >= WRITEBACK_BYTES:
+            if every and written - started >= every:
                 start_writeback(fd, started, written - started)
                 started = written
         buffered = time.perf_counter() - start
@@ -635,8 +637,13 @@ def run_mode(trainer, subject, args, result: dict[str, Any], *, saves: int, extr
             window = args.steps if i < saves else 1
             record = measure_save(trainer, subject, min_window=window,
                                   max_window=max(window, args.max_window_steps))
-            record.update(measured=i < saves, checksums=checksums, baseline_s=before,
-                          pair=i if len(variants) == 2 else None)
+            # and as many once the save is durable: the baseline brackets the save, so a step
+            # time that drifts while a mode runs (seen on the H200 hosts: 0.095 -> 0.100 s) is
+            # not counted as stall, nor as negative stall
+            after = [timed_step(trainer) for _ in range(args.steps if i < saves else 0)]
+            baseline.extend(after)
+            record.update(measured=i < saves, checksums=checksums, baseline_s=before + after,
+                          baseline_before_s=before, pair=i if len(variants) == 2 else None)
             if dist.get_rank() == 0 and record["durable_s"] is not None:
                 record["disk_bytes"] = dir_bytes(subject.newest_step_dir())
             records.append(record)
@@ -1132,6 +1139,7 @@ def main(argv: list[str]) -> None:
         child_load(args, cairn_argv)
         return
     from cairn.config.manager import parse_args
+    from cairn.checkpoint.storage import writeback_bytes
     from cairn.trainer import GarbageCollection, Trainer
 
     global COLLECTOR
@@ -1153,7 +1161,8 @@ def main(argv: list[str]) -> None:
                    "saves": args.saves, "rss_saves": args.rss_saves, "folder": str(folder),
                    "argv": argv, "cairn_flags": cairn_flags(args, cairn_argv, folder / "dump"),
                    "seq_len": trainer.job_config.training.seq_len,
-                   "local_batch_size": trainer.job_config.training.local_batch_size},
+                   "local_batch_size": trainer.job_config.training.local_batch_size,
+                   "writeback_bytes": writeback_bytes()},
         "model": {"params": trainer.model_args.num_params(), "shard_bytes_per_rank": gather(shard)},
         "cairn": {},
     }

@@ -43,7 +43,7 @@ import torch  # noqa: E402
 import torch.distributed.checkpoint as dcp  # noqa: E402
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter  # noqa: E402
 
-from cairn.checkpoint.storage import WRITEBACK_BYTES, CheckpointStorage, start_writeback  # noqa: E402
+from cairn.checkpoint.storage import CheckpointStorage, start_writeback, writeback_bytes  # noqa: E402
 from page_cache import evict, files_under, try_drop_caches  # noqa: E402  (benchmarks/, the script's folder)
 
 CHUNK = 8 << 20
@@ -75,7 +75,8 @@ def drop_cache(paths: list[Path], policy: str) -> str:
 
 def _write_fsync(path: Path, nbytes: int, block: memoryview, writeback: bool) -> float:
     """Seconds to write ``nbytes`` and fsync them; ``writeback``: start the disk's writeback
-    every ``WRITEBACK_BYTES`` as they go out, as cairn's writer does."""
+    every ``writeback_bytes()`` as they go out, as cairn's writer does."""
+    every = writeback_bytes() if writeback else 0
     start = time.perf_counter()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
@@ -83,7 +84,7 @@ def _write_fsync(path: Path, nbytes: int, block: memoryview, writeback: bool) ->
         while left > 0:
             n = os.write(fd, block[:min(left, CHUNK)])
             left, written = left - n, written + n
-            if writeback and written - started >= WRITEBACK_BYTES:
+            if every and written - started >= every:
                 start_writeback(fd, started, written - started)
                 started = written
         os.fsync(fd)
@@ -169,7 +170,8 @@ def main(argv: list[str]) -> dict[str, Any]:
     report: dict[str, Any] = {
         "host": {"hostname": platform.node(), "cpus": os.cpu_count(), "torch": torch.__version__,
                  "python": platform.python_version()},
-        "config": {"argv": argv, "bytes": nbytes, "tensors": len(state), "folder": str(folder)},
+        "config": {"argv": argv, "bytes": nbytes, "tensors": len(state), "folder": str(folder),
+                   "writeback_bytes": writeback_bytes()},
         "ceilings": ceilings(folder, nbytes, args.drop_caches),
     }
     threads = [int(t) for t in args.threads.split(",") if t.strip()]

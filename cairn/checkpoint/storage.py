@@ -463,8 +463,26 @@ def _hash_pool():
         return _hash_pool_instance
 
 
-# Writeback is started every WRITEBACK_BYTES of a file (see _start_writeback).
+# Writeback is started every WRITEBACK_BYTES of a file (see start_writeback); the
+# environment variable CAIRN_WRITEBACK_MB sets another size, 0 leaves writeback to the kernel.
 WRITEBACK_BYTES = 64 << 20
+WRITEBACK_ENV = "CAIRN_WRITEBACK_MB"
+
+
+def writeback_bytes() -> int:
+    """How often (bytes) a writer starts writeback: ``$CAIRN_WRITEBACK_MB`` MiB, else
+    ``WRITEBACK_BYTES``; 0 for never."""
+    value = os.environ.get(WRITEBACK_ENV, "").strip()
+    if not value:
+        return WRITEBACK_BYTES
+    try:
+        megabytes = float(value)
+    except ValueError:
+        megabytes = -1.0
+    if not megabytes >= 0:
+        raise CheckpointError(f"{WRITEBACK_ENV}={value!r}: expected a number of MiB >= 0 (0 leaves writeback "
+                              "to the kernel)")
+    return int(megabytes * (1 << 20))
 
 
 def _load_sync_file_range():
@@ -514,13 +532,15 @@ class _WriterFile:
     done (the caller may reuse its buffer), which also keeps the hash in file order.
     """
 
-    def __init__(self, file: io.BufferedWriter, hashing: bool, fault_mid_data: bool, rank: int | None):
+    def __init__(self, file: io.BufferedWriter, hashing: bool, writeback_every: int, fault_mid_data: bool,
+                 rank: int | None):
         self._file = file
         self._digest = xxhash.xxh3_128() if hashing else None
         self.size = 0
         # A seek means bytes may be overwritten: the running hash no longer describes the
         # file, so the writer re-reads it instead.
         self.hash_valid = hashing
+        self._writeback_every = writeback_every
         self._written_back = 0  # offset up to which writeback was started
         self._fault_mid_data = fault_mid_data
         self._rank = rank
@@ -539,7 +559,7 @@ class _WriterFile:
             self._file.write(view)
             self._digest.update(view)
         self.size += view.nbytes
-        if self.size - self._written_back >= WRITEBACK_BYTES:
+        if self._writeback_every and self.size - self._written_back >= self._writeback_every:
             self._writeback()
         if self._fault_mid_data:
             self._file.flush()
@@ -584,10 +604,12 @@ class _WriterFile:
 
 class _WriterFileSystem(FileSystem):
     """DCP's local filesystem, except that files opened for writing are ``_WriterFile``s:
-    hashed as written (``checksums``), their writeback started as they grow."""
+    hashed as written (``checksums``), their writeback started every ``writeback_every`` bytes
+    (0: never)."""
 
-    def __init__(self, checksums: bool = True) -> None:
+    def __init__(self, checksums: bool = True, writeback_every: int = WRITEBACK_BYTES) -> None:
         self.checksums = checksums
+        self.writeback_every = writeback_every
         self.rank: int | None = None
         self.digests: dict[str, tuple[int, str | None]] = {}  # file name -> (size, hash or None)
         self.errors: list[tuple[str, BaseException]] = []
@@ -601,7 +623,7 @@ class _WriterFileSystem(FileSystem):
         path = Path(path)
         fault_mid_data = os.environ.get(FAULT_ENV, "").partition(":")[0] == "mid_data"
         with open(path, mode) as f:
-            stream = _WriterFile(f, self.checksums, fault_mid_data, self.rank)
+            stream = _WriterFile(f, self.checksums, self.writeback_every, fault_mid_data, self.rank)
             try:
                 yield stream
             except BaseException as e:
@@ -635,7 +657,7 @@ class CairnStorageWriter(FileSystemWriter):
         self.info = _normalize_info(info)
         self.checksums = checksums
         super().__init__(self.staging_dir, **writer_options)
-        self.fs = _WriterFileSystem(checksums)
+        self.fs = _WriterFileSystem(checksums, writeback_bytes())  # the writer process gets it in the pickle
         self.save_id = _new_save_id()
         self.is_coordinator = False
         self.last_error: CheckpointError | None = None

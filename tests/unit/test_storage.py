@@ -257,6 +257,25 @@ def test_writer_starts_writeback_as_it_writes(storage, monkeypatch, checksums):
     assert torch.equal(loaded["big"], state["big"]) and loaded["step"] == 3
 
 
+def test_writeback_size_from_the_environment(storage, monkeypatch):
+    # CAIRN_WRITEBACK_MB: another size, 0 for never; a bad value names the variable when the
+    # writer is made, before anything is written.
+    calls: list[int] = []
+    monkeypatch.setattr(storage_module, "_sync_file_range", lambda fd, offset, length, flags: calls.append(length) or 0)
+    state = {"big": torch.randn(1 << 20)}
+    monkeypatch.setenv("CAIRN_WRITEBACK_MB", "0")
+    dcp.save(state, storage_writer=storage.writer(1, {"kind": "full"}), no_dist=True)
+    assert calls == []
+    monkeypatch.setenv("CAIRN_WRITEBACK_MB", "0.5")
+    dcp.save(state, storage_writer=storage.writer(2, {"kind": "full"}), no_dist=True)
+    assert calls and sum(calls) >= 4 << 20  # the default (64 MiB) starts none for a 4 MiB file
+    for bad in ("fast", "-1", "nan"):
+        monkeypatch.setenv("CAIRN_WRITEBACK_MB", bad)
+        with pytest.raises(CheckpointError, match="CAIRN_WRITEBACK_MB"):
+            storage.writer(3, {"kind": "full"})
+    assert sorted(p.name for p in storage.folder.iterdir() if p.name.startswith("step-")) == ["step-1", "step-2"]
+
+
 def test_start_writeback_on_this_platform(tmp_path):
     # Linux has sync_file_range (CI and the GPU hosts); elsewhere it reports False, a no-op.
     path = tmp_path / "f.bin"
