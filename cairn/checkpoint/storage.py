@@ -525,7 +525,7 @@ def start_writeback(fd: int, offset: int, length: int) -> bool:
 
 class _WriterFile:
     """A write-only file that hashes every byte on its way to the kernel (``hashing``) and
-    starts the disk's writeback of every ``WRITEBACK_BYTES`` it writes.
+    starts the disk's writeback each time ``writeback_every`` more bytes were written (0: never).
 
     A large write is hashed on a pool thread while this thread copies it into the kernel, so
     the hash costs the save little beyond the write itself; ``write`` returns once both are
@@ -541,7 +541,8 @@ class _WriterFile:
         # file, so the writer re-reads it instead.
         self.hash_valid = hashing
         self._writeback_every = writeback_every
-        self._written_back = 0  # offset up to which writeback was started
+        self._size_at_writeback = 0  # self.size when writeback was last started
+        self._written_back = 0  # file offset up to which it was started
         self._fault_mid_data = fault_mid_data
         self._rank = rank
 
@@ -559,7 +560,7 @@ class _WriterFile:
             self._file.write(view)
             self._digest.update(view)
         self.size += view.nbytes
-        if self._writeback_every and self.size - self._written_back >= self._writeback_every:
+        if self._writeback_every and self.size - self._size_at_writeback >= self._writeback_every:
             self._writeback()
         if self._fault_mid_data:
             self._file.flush()
@@ -567,13 +568,12 @@ class _WriterFile:
         return view.nbytes
 
     def _writeback(self) -> None:
+        self._size_at_writeback = self.size
         self._file.flush()
         end = self._file.tell()
-        if end > self._written_back and start_writeback(self._file.fileno(), self._written_back,
-                                                        end - self._written_back):
+        if end > self._written_back:  # where the call is missing, the final fsync does it all
+            start_writeback(self._file.fileno(), self._written_back, end - self._written_back)
             self._written_back = end
-        else:
-            self._written_back = self.size  # nothing to start (or no such call): try again later
 
     def hexdigest(self) -> str | None:
         return self._digest.hexdigest() if self.hash_valid else None
