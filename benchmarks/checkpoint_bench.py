@@ -62,7 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout run w
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from page_cache import evict, files_under, try_drop_caches  # noqa: E402  (benchmarks/, the script's folder)
+from disk_io import CHUNK, evict, files_under, read_file, try_drop_caches, write_file  # noqa: E402  (benchmarks/)
 
 MODES = ("disabled", "async", "async_with_pinned_mem")
 PINNED = "async_with_pinned_mem"
@@ -71,7 +71,6 @@ PINNED = "async_with_pinned_mem"
 # async_with_pinned_mem+snapshot.
 VARIANTS = {"snapshot": {"device_snapshot": "on"}, "nosnapshot": {"device_snapshot": "off"},
             "thread": {"async_writer": "thread"}, "process": {"async_writer": "process"}}
-CHUNK = 8 << 20
 # Variables torchrun sets for its workers: a nested torchrun must not inherit them.
 _LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
                "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID",
@@ -288,38 +287,6 @@ def copy_ceilings(nbytes: int) -> dict[str, Any]:
             torch.cuda.is_available() else None}
 
 
-def _write_file(path: Path, nbytes: int, block: bytes, writeback: bool = False) -> dict[str, float]:
-    """Write ``nbytes`` sequentially and fsync; ``writeback``: start the disk's writeback of
-    every ``writeback_bytes()`` as they are written, as cairn's writer does (``start_writeback``)."""
-    from cairn.checkpoint.storage import start_writeback, writeback_bytes
-
-    every = writeback_bytes() if writeback else 0
-    start = time.perf_counter()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        view, left, written, started = memoryview(block), nbytes, 0, 0
-        while left > 0:
-            n = os.write(fd, view[:min(left, len(block))])
-            left, written = left - n, written + n
-            if every and written - started >= every:
-                start_writeback(fd, started, written - started)
-                started = written
-        buffered = time.perf_counter() - start
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return {"buffered_s": buffered, "fsync_s": time.perf_counter() - start}
-
-
-def _read_file(path: Path) -> float:
-    start = time.perf_counter()
-    buffer = bytearray(CHUNK)
-    with open(path, "rb", buffering=0) as f:
-        while f.readinto(buffer):
-            pass
-    return time.perf_counter() - start
-
-
 def _disk_round(folder: Path, nbytes: int, writers: set[int], block: bytes, cache_policy: str) -> dict[str, Any]:
     """Ranks in ``writers`` write (fsync) their file at once, then read it back cold."""
     rank = dist.get_rank()
@@ -328,12 +295,12 @@ def _disk_round(folder: Path, nbytes: int, writers: set[int], block: bytes, cach
     # Twice: as a plain program writes (the kernel starts writing back late: all but the start
     # of a file waits for the fsync) and with writeback started as the bytes go out; the
     # ceiling is the faster of the two, so cairn's writer, which does the latter, is held to it.
-    wrote = _write_file(path, nbytes, block) if rank in writers else None
+    wrote = write_file(path, nbytes, block) if rank in writers else None
     dist.barrier()
-    wrote_streamed = _write_file(path, nbytes, block, writeback=True) if rank in writers else None
+    wrote_streamed = write_file(path, nbytes, block, writeback=True) if rank in writers else None
     dist.barrier()
     method = drop_page_cache([folder / f"rank{r}.bin" for r in writers], cache_policy)
-    read_s = _read_file(path) if rank in writers else None
+    read_s = read_file(path) if rank in writers else None
     dist.barrier()
     per_rank = [r for r in gather({"write": wrote, "write_streamed": wrote_streamed, "read_s": read_s})
                 if r["read_s"] is not None]

@@ -43,10 +43,8 @@ import torch  # noqa: E402
 import torch.distributed.checkpoint as dcp  # noqa: E402
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter  # noqa: E402
 
-from cairn.checkpoint.storage import CheckpointStorage, start_writeback, writeback_bytes  # noqa: E402
-from page_cache import evict, files_under, try_drop_caches  # noqa: E402  (benchmarks/, the script's folder)
-
-CHUNK = 8 << 20
+from cairn.checkpoint.storage import CheckpointStorage, writeback_bytes  # noqa: E402
+from disk_io import CHUNK, evict, files_under, read_file, try_drop_caches, write_file  # noqa: E402  (benchmarks/)
 
 
 def make_state(nbytes: int) -> dict[str, torch.Tensor]:
@@ -73,38 +71,13 @@ def drop_cache(paths: list[Path], policy: str) -> str:
     return "posix_fadvise(DONTNEED)"
 
 
-def _write_fsync(path: Path, nbytes: int, block: memoryview, writeback: bool) -> float:
-    """Seconds to write ``nbytes`` and fsync them; ``writeback``: start the disk's writeback
-    every ``writeback_bytes()`` as they go out, as cairn's writer does."""
-    every = writeback_bytes() if writeback else 0
-    start = time.perf_counter()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        left, written, started = nbytes, 0, 0
-        while left > 0:
-            n = os.write(fd, block[:min(left, CHUNK)])
-            left, written = left - n, written + n
-            if every and written - started >= every:
-                start_writeback(fd, started, written - started)
-                started = written
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return time.perf_counter() - start
-
-
 def ceilings(folder: Path, nbytes: int, policy: str) -> dict[str, Any]:
     path = folder / "ceiling.bin"
-    block = memoryview(os.urandom(CHUNK))
-    plain_s = _write_fsync(path, nbytes, block, writeback=False)
-    streamed_s = _write_fsync(path, nbytes, block, writeback=True)
+    block = os.urandom(CHUNK)
+    plain_s = write_file(path, nbytes, block)["fsync_s"]
+    streamed_s = write_file(path, nbytes, block, writeback=True)["fsync_s"]
     method = drop_cache([path], policy)
-    buffer = bytearray(CHUNK)
-    start = time.perf_counter()
-    with open(path, "rb", buffering=0) as f:
-        while f.readinto(buffer):
-            pass
-    read_s = time.perf_counter() - start
+    read_s = read_file(path)
     path.unlink()
     return {"bytes": nbytes, "write_fsync_gbps": nbytes / min(plain_s, streamed_s) / 1e9,
             "write_fsync_plain_gbps": nbytes / plain_s / 1e9, "write_fsync_streamed_gbps": nbytes / streamed_s / 1e9,
