@@ -401,6 +401,12 @@ class CairnSubject:
         if self.manager.async_saver is not None:
             self.manager.async_saver.wait()
 
+    def hash_wait_seconds(self) -> float | None:
+        """Seconds this process's writer spent on checksums beyond its writes (None: the save was
+        written in the writer process, or without checksums)."""
+        waits = self._writer.fs.hash_wait_s if self._writer is not None else {}
+        return sum(waits.values()) if waits and self.checksums else None
+
     def stage_seconds(self) -> float | None:
         saver = self.manager.async_saver
         return saver.last_stage_seconds if saver is not None else None
@@ -567,6 +573,7 @@ def measure_save(trainer, subject, *, min_window: int, max_window: int) -> dict[
             "durable_in_window": durable_in_window,
             "durable_s": None if commit_at is None else commit_at - start,
             "stage_s": subject.stage_seconds(), "local_bytes": subject.local_bytes,
+            "hash_wait_s": subject.hash_wait_seconds() if hasattr(subject, "hash_wait_seconds") else None,
             "timeline": subject.timeline() if hasattr(subject, "timeline") else {},
             "memory_before": memory_before, "memory_after": subject.memory()}
 
@@ -631,6 +638,8 @@ def summarize_mode(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
     stage = [max((p["saves"][i]["stage_s"] or 0.0) for p in per_rank) if rank0[i]["stage_s"] is not None else None
              for i in range(len(rank0))]
     unchecked = [i for i, r in enumerate(rank0) if r["measured"] and not r["checksums"]]
+    hash_waits = [max(p["saves"][i].get("hash_wait_s") or 0.0 for p in per_rank)
+                  for i in measured if rank0[i].get("hash_wait_s") is not None]
     return {
         "baseline_step_s": median([median(p["baseline_step_s"]) for p in per_rank]),
         "stall_s": median(stall_per_save), "stall_s_per_save": stall_per_save,
@@ -644,6 +653,8 @@ def summarize_mode(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
         "warmup_durable_s": [r["durable_s"] for r in per_rank[0].get("warmup_saves", [])],  # unmeasured
         "durable_s_without_checksums": median([rank0[i]["durable_s"] for i in unchecked]) if unchecked else None,
         "checksum_ratio_per_pair": checksum_pairs(rank0),
+        # what the slowest rank's writer waited for checksums beyond its writes (sync saves)
+        "hash_wait_s": median(hash_waits) if hash_waits else None,
         "stage_s_per_save": stage,
         "stage_s_from_2nd": median(stage[1:]) if len(stage) > 1 else None,
         "durable_within_window": all(rank0[i]["durable_in_window"] for i in measured),
@@ -962,6 +973,11 @@ def format_table(report: dict[str, Any]) -> str:
                 continue
             lines.append(f"  {who:<11}{mode:<32}{_fmt(r['baseline_step_s'], '', 4):>9}{_fmt(r['blocked_s']):>10}"
                          f"{_fmt(r['stall_s']):>10}{_fmt(r['stage_s_from_2nd']):>10}{_fmt(r['durable_s']):>10}")
+    sync = report.get("cairn", {}).get("disabled")
+    if isinstance(sync, dict) and sync.get("checksum_ratio_per_pair"):
+        lines.append(f"  cairn      sync save with checksums / without, per pair: "
+                     + ", ".join(_fmt(x) for x in sync["checksum_ratio_per_pair"])
+                     + f"; waited on the hash beyond the writes: {_fmt(sync.get('hash_wait_s'), ' s')}")
     titan = report.get("torchtitan", {})
     if not titan.get("available"):
         lines.append(f"  torchtitan skipped: {titan.get('reason')}")

@@ -545,6 +545,9 @@ class _WriterFile:
         self._written_back = 0  # file offset up to which it was started
         self._fault_mid_data = fault_mid_data
         self._rank = rank
+        # Seconds this file's writer spent on the hash beyond its writes: small writes hashed
+        # inline, and waits for a large write's hash after the kernel had taken the bytes.
+        self.hash_wait_s = 0.0
 
     def write(self, data) -> int:
         view = memoryview(data)
@@ -555,10 +558,14 @@ class _WriterFile:
             try:
                 self._file.write(view)
             finally:
+                start = time.perf_counter()
                 hashed.result()
+                self.hash_wait_s += time.perf_counter() - start
         else:
             self._file.write(view)
+            start = time.perf_counter()
             self._digest.update(view)
+            self.hash_wait_s += time.perf_counter() - start
         self.size += view.nbytes
         if self._writeback_every and self.size - self._size_at_writeback >= self._writeback_every:
             self._writeback()
@@ -612,6 +619,7 @@ class _WriterFileSystem(FileSystem):
         self.writeback_every = writeback_every
         self.rank: int | None = None
         self.digests: dict[str, tuple[int, str | None]] = {}  # file name -> (size, hash or None)
+        self.hash_wait_s: dict[str, float] = {}  # file name -> _WriterFile.hash_wait_s
         self.errors: list[tuple[str, BaseException]] = []
 
     @contextlib.contextmanager
@@ -633,6 +641,7 @@ class _WriterFileSystem(FileSystem):
             finally:
                 stream.close()
             self.digests[path.name] = (stream.size, stream.hexdigest())
+            self.hash_wait_s[path.name] = stream.hash_wait_s
 
 
 def _new_save_id() -> str:
@@ -724,7 +733,7 @@ class CairnStorageWriter(FileSystemWriter):
                 future: Future[list[WriteResult]] = Future()
                 future.set_result(self.delegate(self, plan, planner))
                 return future
-            self.fs.digests, self.fs.errors = {}, []
+            self.fs.digests, self.fs.hash_wait_s, self.fs.errors = {}, {}, []
             with _zip_crc32_off():
                 results = super().write_data(plan, planner).value()
             if self.fs.errors:

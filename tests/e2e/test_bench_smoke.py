@@ -66,6 +66,8 @@ def check_report(report: dict, world: int) -> None:
     # one unmeasured sync save first: the checksum pairs and the sync save time start warm
     assert len(cairn["disabled"]["warmup_durable_s"]) == 2 and min(cairn["disabled"]["warmup_durable_s"]) > 0
     assert cairn["disabled"]["checksum_ratio_per_pair"]
+    # the sync save is written in this process: its writer's wait on the hash is measured
+    assert cairn["disabled"]["hash_wait_s"] >= 0 and cairn["async_with_pinned_mem"]["hash_wait_s"] is None
     memory = cairn["memory"]
     assert memory["saves"] == 3 and len(memory["per_rank"]) == world
     # allocated before the first save (as a run does after its first step), never again

@@ -349,6 +349,29 @@ def test_read_ahead_budget_and_shared_items(storage, monkeypatch):
     assert len(reads) == 1
 
 
+def test_verifying_read_hashes_chunk_by_chunk_in_file_order(storage, monkeypatch):
+    """The read-ahead thread reads into two buffers in turn while another thread hashes the
+    last one: with chunks of 64 bytes, every file takes many turns, and the hashes still come
+    out in file order (an intact step loads) and see a flip in any chunk."""
+    from cairn.checkpoint import safe_load
+
+    monkeypatch.setattr(safe_load, "_READ_CHUNK", 64)
+    state = make_state(1)
+    dcp.save(state, storage_writer=storage.writer(1, {"kind": "full"}, thread_count=2), no_dist=True)
+    step_dir = storage.step_dir(1)
+    files = sorted(step_dir.glob("*.distcp"))
+    assert len(files) == 2
+    assert_same(load(storage, 1, verify=True), state)
+    for path in files:
+        size = path.stat().st_size
+        for offset in (100, size // 2, size - 100):
+            _flip(path, offset)
+            with pytest.raises(CorruptCheckpointError, match=path.name):
+                load(storage, 1, verify=True)
+            _flip(path, offset)
+    assert_same(load(storage, 1, verify=True), state)
+
+
 def test_read_of_a_short_file_names_it(storage):
     # A stock DCP step (no manifest, so no size check first) whose data file was cut short.
     saved = make_state(4)
