@@ -368,6 +368,16 @@ class CairnSubject:
             return self._writer
 
         storage.writer = writer
+        self._verifying_reader = None
+        make_reader = storage.reader
+
+        def reader(step_dir, verify=False):
+            made = make_reader(step_dir, verify=verify)
+            if verify:
+                self._verifying_reader = made
+            return made
+
+        storage.reader = reader
         # What a training run does after its first step: the reused staging buffers are allocated
         # (and pinned) in the background long before the first save; here, before it is timed.
         self.manager.prepare_async()
@@ -406,6 +416,11 @@ class CairnSubject:
         written in the writer process, or without checksums)."""
         waits = self._writer.fs.hash_wait_s if self._writer is not None else {}
         return sum(waits.values()) if waits and self.checksums else None
+
+    def load_hash_wait_seconds(self) -> float | None:
+        """Seconds the last verifying load's read-ahead waited for its hashing thread."""
+        reader, self._verifying_reader = self._verifying_reader, None
+        return reader.hash_wait_s if reader is not None else None
 
     def stage_seconds(self) -> float | None:
         saver = self.manager.async_saver
@@ -723,6 +738,7 @@ def measure_loads(trainer, subject, args) -> dict[str, Any]:
     variants = (False, True) if subject.name == "cairn" else (False,)
     times: dict[bool, list[float]] = {v: [] for v in variants}
     phases: list[dict[str, Any]] = []
+    hash_waits: list[float] = []
     method = None
     subject.load(verify=False)  # warm: lazy imports and first-call costs are not the disk's
     dist.barrier()
@@ -736,12 +752,18 @@ def measure_loads(trainer, subject, args) -> dict[str, Any]:
             elapsed = time.perf_counter() - start
             dist.barrier()
             times[verify].append(max(gather(elapsed)))
+            if verify and hasattr(subject, "load_hash_wait_seconds"):
+                hash_waits.append(max(gather(subject.load_hash_wait_seconds() or 0.0)))
             if dist.get_rank() == 0 and getattr(subject.checkpointer, "load_phases", None):
                 phases.append({"verify": verify, **subject.checkpointer.load_phases})  # rank 0's, seconds
     out = {"step_dir": step_dir, "bytes": dir_bytes(Path(step_dir)), "cache_drop": method,
            "load_s": median(times[False]), "load_s_all": times[False], "phases": phases}
     if True in times:
-        out.update(load_verify_s=median(times[True]), load_verify_s_all=times[True])
+        out.update(load_verify_s=median(times[True]), load_verify_s_all=times[True],
+                   # repeat by repeat (the two loads of a repeat run back to back)
+                   verify_ratio_per_pair=[a / b for a, b in zip(times[True], times[False])],
+                   # the slowest rank's read-ahead waiting for its hashing thread, per verifying load
+                   verify_hash_wait_s=hash_waits or None)
     return out
 
 
@@ -986,6 +1008,10 @@ def format_table(report: dict[str, Any]) -> str:
         load = report.get(who, {}).get("load")
         if isinstance(load, dict) and "load_s" in load:
             extra = f", with verify {_fmt(load.get('load_verify_s'), ' s')}" if "load_verify_s" in load else ""
+            if load.get("verify_ratio_per_pair"):
+                extra += " (per pair " + ", ".join(_fmt(x) for x in load["verify_ratio_per_pair"]) + ")"
+            if load.get("verify_hash_wait_s"):
+                extra += f"; the read waited on the hash {_fmt(median(load['verify_hash_wait_s']), ' s')}"
             lines.append(f"  {who:<11}same layout {_fmt(load['load_s'], ' s')}{extra} "
                          f"({_fmt(load['bytes'] / load['load_s'] / 1e9, ' GB/s', 2)})")
             plain = [p for p in load.get("phases", []) if not p["verify"]]

@@ -27,6 +27,7 @@ import logging
 import os
 import pickle
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future as _TaskFuture
 from concurrent.futures import ThreadPoolExecutor
@@ -201,6 +202,8 @@ class SafeFileSystemReader(FileSystemReader):
         self._manifest: dict | None = None
         self._manifest_checked = False
         self._verified: set[str] = set()
+        # Seconds the read-ahead waited for the hashing thread (verify): what the hash cost the read.
+        self.hash_wait_s = 0.0
 
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
         super().reset(checkpoint_id)
@@ -356,6 +359,7 @@ class SafeFileSystemReader(FileSystemReader):
             for handle in handles.values():
                 os.close(handle)
             prefetch.close()
+            self.hash_wait_s += prefetch.hash_wait_s
             if digests is not None:
                 digests.update(prefetch.digests)
         future: Future[None] = Future()
@@ -382,6 +386,7 @@ class _Prefetch:
         self._hash_files = set(hash_files)
         self._last_key = {key[0]: index for index, key in enumerate(self._keys)}
         self.digests: dict[str, str] = {}
+        self.hash_wait_s = 0.0  # waits for the hashing thread: for a buffer, and for the last hashes
         self._budget = budget
         self._done = -1  # index of the last key fully read
         self._consumed = -1
@@ -418,7 +423,9 @@ class _Prefetch:
                 got = 0
                 while got < length:  # preadv releases the GIL; a short file ends early (the reader names it)
                     if hashing[turn] is not None:
+                        start = time.perf_counter()
                         hashing[turn].result()  # the buffer's last chunk is hashed: it is free
+                        self.hash_wait_s += time.perf_counter() - start
                         hashing[turn] = None
                     buffer = scratch[turn]
                     n = os.preadv(handle, [buffer[:min(_READ_CHUNK, length - got)]], offset + got)
@@ -440,7 +447,9 @@ class _Prefetch:
             if handle is not None:
                 os.close(handle)
             if hasher is not None:
+                start = time.perf_counter()
                 hasher.shutdown(wait=True)
+                self.hash_wait_s += time.perf_counter() - start
                 self.digests.update({path: future.result() for path, future in hexdigests.items()})
             with self._cond:
                 self._done = len(self._keys)
