@@ -373,6 +373,7 @@ READ_AHEAD_BYTES = 1 << 30
 # not keep up with the disk on the H100 host of benchmarks/RESULTS.md.
 PLACE_THREADS = 4
 _READ_CHUNK = 8 << 20  # kernel readahead keeps up with reads of this size; much larger ones measured slower
+_HASH_BATCH = 64 << 20  # bytes read (in _READ_CHUNK reads) per handoff to the hashing thread, verifying
 
 
 class _Prefetch:
@@ -398,16 +399,25 @@ class _Prefetch:
         self._thread.start()
 
     def _run(self) -> None:
-        # Two scratch buffers: a chunk is hashed on a thread of its own while the next one is
-        # read into the other buffer, so verifying adds no time to the read (preadv and xxhash
-        # both release the GIL). Hashing after each read on this thread cost a cold load 9% on
-        # the H200 host of benchmarks/RESULTS.md.
-        scratch = [memoryview(bytearray(_READ_CHUNK)) for _ in range(2)]
+        # Verifying, the bytes are read into one of two batch buffers while a thread of its own
+        # hashes the other, so the hash adds no time to the read (preadv and xxhash both release
+        # the GIL). A batch spans items of a file: each handoff to the hashing thread waits for
+        # the GIL, which the placing threads hold often, so handoffs must be few. Hashing on
+        # this thread after each read cost a cold load 9% on the H200 host of
+        # benchmarks/RESULTS.md, and handing over every 8 MiB read still 5%.
+        hashed = bool(self._hash_files)
+        scratch = [memoryview(bytearray(_HASH_BATCH if hashed else _READ_CHUNK)) for _ in range(2 if hashed else 1)]
         hashing: list[_TaskFuture | None] = [None, None]  # the hash still reading each buffer
         hexdigests: dict[str, _TaskFuture] = {}
-        hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cairn-verify") if self._hash_files else None
-        turn = 0
+        hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cairn-verify") if hashed else None
+        turn, filled = 0, 0  # the buffer being filled, and its bytes not yet handed to the hasher
         handle, name, digest = None, None, None
+
+        def hand_over() -> None:  # one hashing thread: the updates run in file order
+            nonlocal turn, filled
+            hashing[turn] = hasher.submit(digest.update, scratch[turn][:filled])
+            turn, filled = turn ^ 1, 0
+
         try:
             for index, (path, offset, length) in enumerate(self._keys):
                 with self._cond:
@@ -422,20 +432,27 @@ class _Prefetch:
                     digest = xxhash.xxh3_128() if path in self._hash_files else None
                 got = 0
                 while got < length:  # preadv releases the GIL; a short file ends early (the reader names it)
-                    if hashing[turn] is not None:
-                        start = time.perf_counter()
-                        hashing[turn].result()  # the buffer's last chunk is hashed: it is free
-                        self.hash_wait_s += time.perf_counter() - start
-                        hashing[turn] = None
-                    buffer = scratch[turn]
-                    n = os.preadv(handle, [buffer[:min(_READ_CHUNK, length - got)]], offset + got)
+                    want = min(_READ_CHUNK, length - got)
+                    if digest is None:
+                        target = scratch[0][:want]
+                    else:
+                        if filled == 0 and hashing[turn] is not None:
+                            start = time.perf_counter()
+                            hashing[turn].result()  # the buffer's last batch is hashed: it is free
+                            self.hash_wait_s += time.perf_counter() - start
+                            hashing[turn] = None
+                        target = scratch[turn][filled:filled + min(want, _HASH_BATCH - filled)]
+                    n = os.preadv(handle, [target], offset + got)
                     if n == 0:
                         break
-                    if digest is not None:  # one hashing thread: the updates run in file order
-                        hashing[turn] = hasher.submit(digest.update, buffer[:n])
-                        turn ^= 1
                     got += n
+                    if digest is not None:
+                        filled += n
+                        if filled == _HASH_BATCH:
+                            hand_over()
                 if digest is not None and index == self._last_key[path]:
+                    if filled:
+                        hand_over()
                     hexdigests[path] = hasher.submit(digest.hexdigest)  # after the file's updates
                 with self._cond:
                     self._ahead += length

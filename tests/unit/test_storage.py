@@ -349,13 +349,16 @@ def test_read_ahead_budget_and_shared_items(storage, monkeypatch):
     assert len(reads) == 1
 
 
-def test_verifying_read_hashes_chunk_by_chunk_in_file_order(storage, monkeypatch):
-    """The read-ahead thread reads into two buffers in turn while another thread hashes the
-    last one: with chunks of 64 bytes, every file takes many turns, and the hashes still come
-    out in file order (an intact step loads) and see a flip in any chunk."""
+@pytest.mark.parametrize("batch", [64, 200, 1 << 20])
+def test_verifying_read_hashes_batch_by_batch_in_file_order(storage, monkeypatch, batch):
+    """The read-ahead thread reads into two batch buffers in turn while another thread hashes
+    the last one. With reads of 64 bytes and batches of one read, of several (not a whole
+    number of reads, spanning items) or of whole files, the hashes still come out in file
+    order (an intact step loads) and see a flip anywhere."""
     from cairn.checkpoint import safe_load
 
     monkeypatch.setattr(safe_load, "_READ_CHUNK", 64)
+    monkeypatch.setattr(safe_load, "_HASH_BATCH", batch)
     state = make_state(1)
     dcp.save(state, storage_writer=storage.writer(1, {"kind": "full"}, thread_count=2), no_dist=True)
     step_dir = storage.step_dir(1)
