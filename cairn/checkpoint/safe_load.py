@@ -202,7 +202,7 @@ class SafeFileSystemReader(FileSystemReader):
         self._manifest: dict | None = None
         self._manifest_checked = False
         self._verified: set[str] = set()
-        # Seconds the read-ahead waited for the hashing thread (verify): what the hash cost the read.
+        # Seconds the reads waited, once done, for the hashing thread (verify): what it added to them.
         self.hash_wait_s = 0.0
 
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
@@ -373,23 +373,33 @@ READ_AHEAD_BYTES = 1 << 30
 # not keep up with the disk on the H100 host of benchmarks/RESULTS.md.
 PLACE_THREADS = 4
 _READ_CHUNK = 8 << 20  # kernel readahead keeps up with reads of this size; much larger ones measured slower
-_HASH_BATCH = 64 << 20  # bytes read (in _READ_CHUNK reads) per handoff to the hashing thread, verifying
 
 
 class _Prefetch:
     """A thread that reads ``keys`` = (file, offset, length), in order, into the page cache (a
-    reused scratch buffer, no allocation), at most ``budget`` bytes ahead of the consumer;
-    it hashes the files in ``hash_files`` as it goes (``digests``: the files it finished)."""
+    reused scratch buffer, no allocation), at most ``budget`` bytes ahead of the consumer.
+
+    The files in ``hash_files`` (read whole) are hashed by a second thread that follows the
+    first through each file, reading from the page cache into a buffer of its own
+    (``digests``: the files it finished). Both buffers are small on purpose: copies into a
+    buffer that outgrows the CPU's caches and TLB ran five times slower on a VM of
+    benchmarks/RESULTS.md. Handing the read bytes to a hashing pool instead cost a cold load
+    5% (every handoff waits for the GIL, which the placing threads hold often), and hashing
+    them on the reading thread 9%: the reads stall while it hashes.
+    """
 
     def __init__(self, folder: Path, keys: Sequence[tuple[str, int, int]], budget: int,
                  hash_files: Iterable[str] = ()):
         self._keys = list(keys)
-        self._hash_files = set(hash_files)
-        self._last_key = {key[0]: index for index, key in enumerate(self._keys)}
+        self._hash_order = [path for path in dict.fromkeys(key[0] for key in self._keys) if path in set(hash_files)]
         self.digests: dict[str, str] = {}
-        self.hash_wait_s = 0.0  # waits for the hashing thread: for a buffer, and for the last hashes
+        # Seconds ``close`` waited for the hashing thread once the reads were done: what verifying
+        # added to the load.
+        self.hash_wait_s = 0.0
         self._budget = budget
-        self._done = -1  # index of the last key fully read
+        self._done = -1  # index of the last key fully read (len(keys) once the thread stopped)
+        self._complete = False  # every key was read
+        self._read_to: dict[str, int] = {}  # file -> offset up to which its bytes were read
         self._consumed = -1
         self._ahead = 0  # bytes read and not yet consumed
         self._closed = False
@@ -397,27 +407,14 @@ class _Prefetch:
         self._folder = folder
         self._thread = threading.Thread(target=self._run, name="cairn-prefetch", daemon=True)
         self._thread.start()
+        self._hasher = None
+        if self._hash_order:
+            self._hasher = threading.Thread(target=self._hash_run, name="cairn-verify", daemon=True)
+            self._hasher.start()
 
     def _run(self) -> None:
-        # Verifying, the bytes are read into one of two batch buffers while a thread of its own
-        # hashes the other, so the hash adds no time to the read (preadv and xxhash both release
-        # the GIL). A batch spans items of a file: each handoff to the hashing thread waits for
-        # the GIL, which the placing threads hold often, so handoffs must be few. Hashing on
-        # this thread after each read cost a cold load 9% on the H200 host of
-        # benchmarks/RESULTS.md, and handing over every 8 MiB read still 5%.
-        hashed = bool(self._hash_files)
-        scratch = [memoryview(bytearray(_HASH_BATCH if hashed else _READ_CHUNK)) for _ in range(2 if hashed else 1)]
-        hashing: list[_TaskFuture | None] = [None, None]  # the hash still reading each buffer
-        hexdigests: dict[str, _TaskFuture] = {}
-        hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cairn-verify") if hashed else None
-        turn, filled = 0, 0  # the buffer being filled, and its bytes not yet handed to the hasher
-        handle, name, digest = None, None, None
-
-        def hand_over() -> None:  # one hashing thread: the updates run in file order
-            nonlocal turn, filled
-            hashing[turn] = hasher.submit(digest.update, scratch[turn][:filled])
-            turn, filled = turn ^ 1, 0
-
+        scratch = memoryview(bytearray(_READ_CHUNK))
+        handle, name = None, None
         try:
             for index, (path, offset, length) in enumerate(self._keys):
                 with self._cond:
@@ -429,48 +426,56 @@ class _Prefetch:
                     if handle is not None:
                         os.close(handle)
                     handle, name = os.open(self._folder / path, os.O_RDONLY), path
-                    digest = xxhash.xxh3_128() if path in self._hash_files else None
                 got = 0
                 while got < length:  # preadv releases the GIL; a short file ends early (the reader names it)
-                    want = min(_READ_CHUNK, length - got)
-                    if digest is None:
-                        target = scratch[0][:want]
-                    else:
-                        if filled == 0 and hashing[turn] is not None:
-                            start = time.perf_counter()
-                            hashing[turn].result()  # the buffer's last batch is hashed: it is free
-                            self.hash_wait_s += time.perf_counter() - start
-                            hashing[turn] = None
-                        target = scratch[turn][filled:filled + min(want, _HASH_BATCH - filled)]
-                    n = os.preadv(handle, [target], offset + got)
+                    n = os.preadv(handle, [scratch[:min(_READ_CHUNK, length - got)]], offset + got)
                     if n == 0:
                         break
                     got += n
-                    if digest is not None:
-                        filled += n
-                        if filled == _HASH_BATCH:
-                            hand_over()
-                if digest is not None and index == self._last_key[path]:
-                    if filled:
-                        hand_over()
-                    hexdigests[path] = hasher.submit(digest.hexdigest)  # after the file's updates
                 with self._cond:
                     self._ahead += length
                     self._done = index
+                    self._read_to[path] = offset + got
                     self._cond.notify_all()
+            self._complete = True
         except OSError:
             pass  # the reader meets the same error itself, with its own message
         finally:
             if handle is not None:
                 os.close(handle)
-            if hasher is not None:
-                start = time.perf_counter()
-                hasher.shutdown(wait=True)
-                self.hash_wait_s += time.perf_counter() - start
-                self.digests.update({path: future.result() for path, future in hexdigests.items()})
             with self._cond:
                 self._done = len(self._keys)
                 self._cond.notify_all()
+
+    def _hash_run(self) -> None:
+        """Hash each file of ``hash_files`` in order, never ahead of the reading thread (so the
+        disk sees one sequential pass), to its end once every key was read. A read that stopped
+        early (an error, or ``close`` before the end) stops it too: the reader judges the rest."""
+        scratch = memoryview(bytearray(_READ_CHUNK))
+        for path in self._hash_order:
+            digest, pos = xxhash.xxh3_128(), 0
+            try:
+                handle = os.open(self._folder / path, os.O_RDONLY)
+            except OSError:
+                return
+            try:
+                size = os.fstat(handle).st_size
+                while True:
+                    with self._cond:
+                        self._cond.wait_for(lambda: self._read_to.get(path, 0) >= min(pos + _READ_CHUNK, size)
+                                            or self._done == len(self._keys))
+                        if self._done == len(self._keys) and not self._complete:
+                            return
+                    n = os.preadv(handle, [scratch], pos)  # releases the GIL, as the hash does
+                    if n == 0:
+                        break
+                    digest.update(scratch[:n])
+                    pos += n
+            except OSError:
+                return
+            finally:
+                os.close(handle)
+            self.digests[path] = digest.hexdigest()
 
     def wait_for(self, index: int) -> None:
         with self._cond:
@@ -487,6 +492,10 @@ class _Prefetch:
             self._closed = True
             self._cond.notify_all()
         self._thread.join()
+        if self._hasher is not None:
+            start = time.perf_counter()
+            self._hasher.join()
+            self.hash_wait_s = time.perf_counter() - start
 
 
 class _FileSlice(io.RawIOBase):
