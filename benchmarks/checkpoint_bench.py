@@ -418,7 +418,7 @@ class CairnSubject:
         return sum(waits.values()) if waits and self.checksums else None
 
     def load_hash_wait_seconds(self) -> float | None:
-        """Seconds the last verifying load's read-ahead waited for its hashing thread."""
+        """Seconds the last verifying load's reads, once done, waited for its hashing thread."""
         reader, self._verifying_reader = self._verifying_reader, None
         return reader.hash_wait_s if reader is not None else None
 
@@ -762,7 +762,7 @@ def measure_loads(trainer, subject, args) -> dict[str, Any]:
         out.update(load_verify_s=median(times[True]), load_verify_s_all=times[True],
                    # repeat by repeat (the two loads of a repeat run back to back)
                    verify_ratio_per_pair=[a / b for a, b in zip(times[True], times[False])],
-                   # the slowest rank's read-ahead waiting for its hashing thread, per verifying load
+                   # per verifying load, how long the slowest rank's reads, once done, waited for its hashes
                    verify_hash_wait_s=hash_waits or None)
     return out
 
@@ -1011,7 +1011,7 @@ def format_table(report: dict[str, Any]) -> str:
             if load.get("verify_ratio_per_pair"):
                 extra += " (per pair " + ", ".join(_fmt(x) for x in load["verify_ratio_per_pair"]) + ")"
             if load.get("verify_hash_wait_s"):
-                extra += f"; the read waited on the hash {_fmt(median(load['verify_hash_wait_s']), ' s')}"
+                extra += f"; the hashes ended {_fmt(median(load['verify_hash_wait_s']), ' s')} after the reads"
             lines.append(f"  {who:<11}same layout {_fmt(load['load_s'], ' s')}{extra} "
                          f"({_fmt(load['bytes'] / load['load_s'] / 1e9, ' GB/s', 2)})")
             plain = [p for p in load.get("phases", []) if not p["verify"]]

@@ -38,7 +38,7 @@ def _writer(path: str, nbytes: int, writeback: bool, start, results) -> None:
     results.put(write_file(Path(path), nbytes, block, writeback=writeback)["fsync_s"])
 
 
-def one_round(folder: Path, writers: int, nbytes: int, writeback: bool) -> dict[str, Any]:
+def one_round(folder: Path, writers: int, nbytes: int, writeback: bool, drop_caches: bool) -> dict[str, Any]:
     """``writers`` processes write and fsync ``nbytes`` each, together: the slowest one's time."""
     context = multiprocessing.get_context("fork")  # the parent has run no torch op: nothing to inherit but imports
     start, results = context.Barrier(writers + 1), context.Queue()
@@ -54,7 +54,7 @@ def one_round(folder: Path, writers: int, nbytes: int, writeback: bool) -> dict[
             raise RuntimeError(f"a writer process exited with {proc.exitcode}")
     for path in folder.glob("w*.bin"):
         path.unlink()
-    dropped = try_drop_caches()
+    dropped = drop_caches and try_drop_caches()
     return {"seconds": max(times), "per_writer_s": times, "gbps": writers * nbytes / max(times) / 1e9,
             "cache_dropped": dropped}
 
@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--writers", default="1,2,4", help="concurrent writer processes, comma-separated counts")
     parser.add_argument("--gb-per-writer", type=float, default=4.0, help="bytes each writer writes, GB")
     parser.add_argument("--repeats", type=int, default=3, help="rounds per variant and writer count")
+    parser.add_argument("--drop-caches", choices=("auto", "never"), default="auto",
+                        help="drop the page cache between rounds where permitted (auto) or not (never)")
     parser.add_argument("--out", default=None, help="JSON results")
     args = parser.parse_args(argv)
     try:
@@ -81,7 +83,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     folder = Path(args.folder)
     folder.mkdir(parents=True, exist_ok=True)
     nbytes = int(args.gb_per_writer * 1e9) // CHUNK * CHUNK
-    try_drop_caches()
+    drop = args.drop_caches == "auto"
+    if drop:
+        try_drop_caches()
     report: dict[str, Any] = {
         "host": {"hostname": platform.node(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
                  "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())},
@@ -94,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for repeat in range(args.repeats):
             order = ("writeback", "plain") if repeat % 2 == 0 else ("plain", "writeback")
             for variant in order:
-                rounds[variant].append(one_round(folder, writers, nbytes, variant == "writeback"))
+                rounds[variant].append(one_round(folder, writers, nbytes, variant == "writeback", drop))
         pairs = [a["seconds"] / b["seconds"] for a, b in zip(rounds["writeback"], rounds["plain"])]
         summary = {variant: statistics.median(r["gbps"] for r in rs) for variant, rs in rounds.items()}
         report["writers"][str(writers)] = {

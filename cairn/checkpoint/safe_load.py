@@ -391,7 +391,8 @@ class _Prefetch:
     def __init__(self, folder: Path, keys: Sequence[tuple[str, int, int]], budget: int,
                  hash_files: Iterable[str] = ()):
         self._keys = list(keys)
-        self._hash_order = [path for path in dict.fromkeys(key[0] for key in self._keys) if path in set(hash_files)]
+        hash_files = set(hash_files)
+        self._hash_order = [path for path in dict.fromkeys(key[0] for key in self._keys) if path in hash_files]
         self.digests: dict[str, str] = {}
         # Seconds ``close`` waited for the hashing thread once the reads were done: what verifying
         # added to the load.

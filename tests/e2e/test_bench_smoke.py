@@ -120,3 +120,24 @@ def test_storage_bench_smoke(tmp_path):
     assert set(report["loads"]) == {"cairn", "cairn+verify", "stock"}
     assert set(report["warm_loads"]) == {"cairn", "cairn/torch.load", "stock"}
     assert all(row["gbps"] > 0 for row in report["warm_loads"].values())
+
+
+def test_writeback_bench_smoke(tmp_path):
+    """benchmarks/writeback_bench.py: 1 and 2 writer processes, both variants; a bad flag is named."""
+    out = tmp_path / "writeback.json"
+    script = str(REPO / "benchmarks" / "writeback_bench.py")
+    proc = subprocess.run([sys.executable, script, "--folder", str(tmp_path / "wb"), "--writers", "1,2",
+                           "--gb-per-writer", "0.02", "--repeats", "2", "--drop-caches", "never", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    report = json.loads(out.read_text())
+    assert set(report["writers"]) == {"1", "2"}
+    for row in report["writers"].values():
+        assert row["gbps_writeback"] > 0 and row["gbps_plain"] > 0 and len(row["time_ratio_per_repeat"]) == 2
+    assert not (tmp_path / "wb").exists()  # its files are removed
+    bad = subprocess.run([sys.executable, script, "--writers", "two"], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2 and "--writers" in bad.stderr
+    off = subprocess.run([sys.executable, script, "--folder", str(tmp_path / "wb")], cwd=REPO, capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "CAIRN_WRITEBACK_MB": "0"})
+    assert off.returncode == 2 and "CAIRN_WRITEBACK_MB" in off.stderr

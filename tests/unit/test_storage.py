@@ -369,10 +369,16 @@ def test_verifying_read_hashes_behind_the_reads_in_file_order(storage, monkeypat
             with pytest.raises(CorruptCheckpointError, match=path.name):
                 load(storage, 1, verify=True)
             _flip(path, offset)
+    # The hashing thread finished every data file itself: none was hashed again afterwards.
+    rehashed = []
+    real_check = safe_load.check_files
+    monkeypatch.setattr(safe_load, "check_files", lambda *a, only=None, **kw: rehashed.extend(only or ["(all)"])
+                        or real_check(*a, only=only, **kw))
     target = make_state(0)
     reader = storage.reader(step_dir, verify=True)
     dcp.load(target, storage_reader=reader, planner=storage.load_planner(), no_dist=True)
     assert_same(target, state)
+    assert not any(name.endswith(".distcp") for name in rehashed), rehashed
     assert reader.hash_wait_s >= 0  # what the hashes added to the reads, for the benchmark
 
 
