@@ -404,7 +404,11 @@ class _Prefetch:
         self._consumed = -1
         self._ahead = 0  # bytes read and not yet consumed
         self._closed = False
-        self._cond = threading.Condition()
+        lock = threading.Lock()
+        self._cond = threading.Condition(lock)
+        # The hashing thread's own wake-ups (each chunk read), on the same lock, so the
+        # consumer is woken only when a whole key is read.
+        self._progress = threading.Condition(lock) if self._hash_order else None
         self._folder = folder
         self._thread = threading.Thread(target=self._run, name="cairn-prefetch", daemon=True)
         self._thread.start()
@@ -433,6 +437,10 @@ class _Prefetch:
                     if n == 0:
                         break
                     got += n
+                    if self._progress is not None:  # the hasher follows chunk by chunk, not key by key
+                        with self._progress:
+                            self._read_to[path] = offset + got
+                            self._progress.notify()
                 with self._cond:
                     self._ahead += length
                     self._done = index
@@ -447,6 +455,8 @@ class _Prefetch:
             with self._cond:
                 self._done = len(self._keys)
                 self._cond.notify_all()
+                if self._progress is not None:
+                    self._progress.notify()
 
     def _hash_run(self) -> None:
         """Hash each file of ``hash_files`` in order, never ahead of the reading thread (so the
@@ -462,9 +472,9 @@ class _Prefetch:
             try:
                 size = os.fstat(handle).st_size
                 while True:
-                    with self._cond:
-                        self._cond.wait_for(lambda: self._read_to.get(path, 0) >= min(pos + _READ_CHUNK, size)
-                                            or self._done == len(self._keys))
+                    with self._progress:
+                        self._progress.wait_for(lambda: self._read_to.get(path, 0) >= min(pos + _READ_CHUNK, size)
+                                                or self._done == len(self._keys))
                         if self._done == len(self._keys) and not self._complete:
                             return
                     n = os.preadv(handle, [scratch], pos)  # releases the GIL, as the hash does
