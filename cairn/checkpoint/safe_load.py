@@ -400,7 +400,7 @@ class _Prefetch:
         self._budget = budget
         self._done = -1  # index of the last key fully read (len(keys) once the thread stopped)
         self._complete = False  # every key was read
-        self._read_to: dict[str, int] = {}  # file -> offset up to which its bytes were read
+        self._read_to: dict[str, int] = {}  # file -> offset up to which its bytes were read (verifying)
         self._consumed = -1
         self._ahead = 0  # bytes read and not yet consumed
         self._closed = False
@@ -444,7 +444,6 @@ class _Prefetch:
                 with self._cond:
                     self._ahead += length
                     self._done = index
-                    self._read_to[path] = offset + got
                     self._cond.notify_all()
             self._complete = True
         except OSError:
@@ -621,6 +620,8 @@ def zip_local_header(f, info) -> tuple[bytes, int]:
         raise zipfile.BadZipFile(f"no local file header for {info.filename} at byte {info.header_offset}")
     name_length, extra_length = int.from_bytes(header[26:28], "little"), int.from_bytes(header[28:30], "little")
     return header, info.header_offset + _LOCAL_HEADER + name_length + extra_length
+
+
 _READ_INTO_CHUNK = 32 << 20
 _bounce = threading.local()  # per placing thread: a reused host buffer for device targets
 
