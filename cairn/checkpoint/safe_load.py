@@ -382,10 +382,11 @@ class _Prefetch:
     The files in ``hash_files`` (read whole) are hashed by a second thread that follows the
     first through each file, reading from the page cache into a buffer of its own
     (``digests``: the files it finished). Both buffers are small on purpose: copies into a
-    buffer that outgrows the CPU's caches and TLB ran five times slower on a VM of
-    benchmarks/RESULTS.md. Handing the read bytes to a hashing pool instead cost a cold load
-    5% (every handoff waits for the GIL, which the placing threads hold often), and hashing
-    them on the reading thread 9%: the reads stall while it hashes.
+    buffer that outgrows the CPU's caches and TLB ran about five times slower on the dev VM
+    (benchmarks/copy_probe.py). On the 1B benchmark of benchmarks/RESULTS.md, handing the read
+    bytes to a hashing pool instead cost a cold load 4-5% (every handoff waits for the GIL,
+    which the placing threads hold often), and hashing them on the reading thread 9%: the
+    reads stall while it hashes.
     """
 
     def __init__(self, folder: Path, keys: Sequence[tuple[str, int, int]], budget: int,

@@ -141,3 +141,18 @@ def test_writeback_bench_smoke(tmp_path):
     off = subprocess.run([sys.executable, script, "--folder", str(tmp_path / "wb")], cwd=REPO, capture_output=True,
                          text=True, timeout=120, env={**os.environ, "CAIRN_WRITEBACK_MB": "0"})
     assert off.returncode == 2 and "CAIRN_WRITEBACK_MB" in off.stderr
+
+
+def test_copy_probe_smoke(tmp_path):
+    """benchmarks/copy_probe.py: a rate per buffer size and round; a buffer below one call is refused."""
+    out = tmp_path / "probe.json"
+    script = str(REPO / "benchmarks" / "copy_probe.py")
+    proc = subprocess.run([sys.executable, script, "--file", str(tmp_path / "probe.bin"), "--gb", "0.02",
+                           "--buffers", "8,16", "--repeats", "2", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    rates = json.loads(out.read_text())["gbps_by_buffer_mib"]
+    assert set(rates) == {"8", "16"} and all(len(v) == 2 and min(v) > 0 for v in rates.values())
+    bad = subprocess.run([sys.executable, script, "--buffers", "4"], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2 and "--buffers" in bad.stderr
