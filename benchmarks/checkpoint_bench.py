@@ -29,8 +29,10 @@ writes everything as JSON (``--out``). Every other flag is a normal cairn flag
 Definitions (all times wall clock, CUDA work synchronized on the training stream):
 - stall of one save = time ``save()`` blocks + the sum of the step times of the steps after
   it (at least ``--steps``, more until the save is durable, at most ``--max-window-steps``)
-  - that many times the median of the ``--steps`` steps just before it (no save in flight);
-  median over the saves, slowest rank;
+  - that many times the median of the ``--steps`` steps just before it and as many once it is
+  durable (no save in flight); median over the saves, slowest rank. The JSON and the table give
+  how far step-time drift alone moves one save's estimate (``stall_noise_s``): steps bound by
+  the GPU (a batch that keeps it busy) make it small, launch-bound steps on a busy host do not;
 - staging time = from ``save()`` until the host copy of the state is complete;
 - time to durable commit = from ``save()`` until the step directory is published (data,
   metadata and manifest fsynced, renamed into place) — for torchtitan, until its save
@@ -641,7 +643,7 @@ def run_mode(trainer, subject, args, result: dict[str, Any], *, saves: int, extr
 
 def summarize_mode(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
     """Stall, blocking, staging and commit figures of one mode over its measured saves."""
-    # Each save against the steps just before it: a shared or thermally drifting machine moves
+    # Each save against the steps just around it: a shared or thermally drifting machine moves
     # the step time between saves more than many a save does.
     stalls_by_rank = [[r["blocked_s"] + sum(r["window_s"]) - len(r["window_s"]) * median(r["baseline_s"])
                        for r in rank_result["saves"] if r["measured"] and r["checksums"]]
@@ -655,11 +657,15 @@ def summarize_mode(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
     unchecked = [i for i, r in enumerate(rank0) if r["measured"] and not r["checksums"]]
     hash_waits = [max(p["saves"][i].get("hash_wait_s") or 0.0 for p in per_rank)
                   for i in measured if rank0[i].get("hash_wait_s") is not None]
+    windows = [len(rank0[i]["window_s"]) for i in measured]
     return {
         "baseline_step_s": median([median(p["baseline_step_s"]) for p in per_rank]),
         "stall_s": median(stall_per_save), "stall_s_per_save": stall_per_save,
         # the first save of a pinned mode also allocates and pins its buffers (once per run)
         "stall_s_from_2nd": median(stall_per_save[1:]) if len(stall_per_save) > 1 else None,
+        "stall_noise_s": max((drift_noise(p["baseline_step_s"], windows) or 0.0) for p in per_rank)
+        if windows else None,
+        "baseline_step_quartiles_s": step_quartiles(per_rank[0]["baseline_step_s"]),
         "blocked_s": median(blocked), "blocked_s_per_save": blocked,
         "state_dict_s": max((p.get("state_dict_s") or 0.0) for p in per_rank) if "state_dict_s" in per_rank[0]
         else None,
@@ -673,13 +679,33 @@ def summarize_mode(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
         "stage_s_per_save": stage,
         "stage_s_from_2nd": median(stage[1:]) if len(stage) > 1 else None,
         "durable_within_window": all(rank0[i]["durable_in_window"] for i in measured),
-        "window_steps": [len(rank0[i]["window_s"]) for i in measured],
+        "window_steps": windows,
         "disk_bytes": rank0[measured[-1]].get("disk_bytes") if measured else None,
         "local_bytes_per_rank": [p["saves"][0]["local_bytes"] for p in per_rank],
         # rank 0's save phases, seconds after save() (cairn async modes; see AsyncSaver.timeline)
         "timeline": {key: median([rank0[i]["timeline"][key] for i in measured if key in rank0[i].get("timeline", {})])
                      for key in (rank0[measured[0]].get("timeline", {}) if measured else {})},
     }
+
+
+def step_quartiles(steps: list[float]) -> list[float] | None:
+    """The 25th, 50th and 75th percentiles of step times without a save in flight."""
+    return statistics.quantiles(steps, n=4) if len(steps) >= 4 else None
+
+
+def drift_noise(steps: list[float], windows: list[int]) -> float | None:
+    """About how far step-time drift alone moves one save's stall estimate, in seconds.
+
+    A window of L steps is compared with a baseline a few steps long; when the step time
+    wanders between levels (a launch-bound step on a busy host: 0.10-0.17 s seen with 1B at
+    batch 1 on the H200 hosts), a window's steps sit anywhere within the baseline's spread, so
+    the estimate moves by about L x half the interquartile range of the baseline steps. A
+    GPU-bound step (a larger batch) shrinks it: 0.06 s against 0.8 s (RESULTS.md, session 7).
+    """
+    quartiles = step_quartiles(steps)
+    if quartiles is None or not windows:
+        return None
+    return median(windows) * (quartiles[2] - quartiles[0]) / 2
 
 
 def checksum_pairs(records: list[dict[str, Any]]) -> list[float]:
@@ -996,6 +1022,18 @@ def format_table(report: dict[str, Any]) -> str:
             lines.append(f"  {who:<11}{mode:<32}{_fmt(r['baseline_step_s'], '', 4):>9}{_fmt(r['blocked_s']):>10}"
                          f"{_fmt(r['stall_s']):>10}{_fmt(r['stage_s_from_2nd']):>10}{_fmt(r['durable_s']):>10}")
     sync = report.get("cairn", {}).get("disabled")
+    for mode, r in report.get("cairn", {}).items():
+        if mode == "disabled" or mode.split("+")[0] not in MODES or not isinstance(r, dict) \
+                or r.get("stall_noise_s") is None:
+            continue
+        quartiles = r.get("baseline_step_quartiles_s") or [None] * 3
+        lines.append(f"  cairn      {mode} stall per save: " + ", ".join(_fmt(x) for x in r["stall_s_per_save"])
+                     + f"; step-time drift alone moves one by about +-{_fmt(r['stall_noise_s'], ' s')}"
+                     + f" (steps {_fmt(quartiles[0], '', 4)}-{_fmt(quartiles[2], '', 4)} s, 25th-75th percentile)")
+        allowed = TARGETS["stall_over_sync_save"][1] * (sync.get("blocked_s") or 0.0) if isinstance(sync, dict) else 0.0
+        if allowed and r["stall_noise_s"] > allowed / 2:
+            lines.append(f"  {'':<11}that drift is more than half the stall target allows ({_fmt(allowed, ' s')}): "
+                         "steps that keep the GPU busy (a larger --training.local_batch_size) are steadier")
     if isinstance(sync, dict) and sync.get("checksum_ratio_per_pair"):
         lines.append(f"  cairn      sync save with checksums / without, per pair: "
                      + ", ".join(_fmt(x) for x in sync["checksum_ratio_per_pair"])

@@ -39,6 +39,7 @@ def run_bench(tmp_path, nproc: int, extra: tuple[str, ...] = ()) -> dict:
     proc = subprocess.run([*launcher, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     assert "ratios:" in proc.stdout and "stall_over_sync_save" in proc.stdout  # the printed table
+    assert "async_with_pinned_mem stall per save:" in proc.stdout and "step-time drift" in proc.stdout
     assert not (tmp_path / "ckpt").exists()  # cleaned up without --keep
     return json.loads(out.read_text())
 
@@ -60,6 +61,8 @@ def check_report(report: dict, world: int) -> None:
         assert len(result["stall_s_per_save"]) == 2
         if mode != "disabled":
             assert result["stage_s_from_2nd"] is not None, mode
+            # how far step-time drift alone moves one save's stall estimate, from the baseline steps
+            assert result["stall_noise_s"] >= 0 and len(result["baseline_step_quartiles_s"]) == 3, mode
             # the phases of an async save; the files are written by the writer process
             assert {"queued", "gate", "staged", "data_start", "data_done", "done"} <= result["timeline"].keys()
     assert cairn["disabled"]["durable_s_without_checksums"] is not None
