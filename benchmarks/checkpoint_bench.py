@@ -32,7 +32,7 @@ Definitions (all times wall clock, CUDA work synchronized on the training stream
   - that many times the median of the ``--steps`` steps just before it and as many once it is
   durable (no save in flight); median over the saves, slowest rank. The JSON and the table give
   how far step-time drift alone moves one save's estimate (``stall_noise_s``): steps bound by
-  the GPU (a batch that keeps it busy) make it small, launch-bound steps on a busy host do not;
+  the GPU (a batch that keeps it busy) make it small, launch-bound steps do not;
 - staging time = from ``save()`` until the host copy of the state is complete;
 - time to durable commit = from ``save()`` until the step directory is published (data,
   metadata and manifest fsynced, renamed into place) — for torchtitan, until its save
@@ -697,8 +697,8 @@ def drift_noise(steps: list[float], windows: list[int]) -> float | None:
     """About how far step-time drift alone moves one save's stall estimate, in seconds.
 
     A window of L steps is compared with a baseline a few steps long; when the step time
-    wanders between levels (a launch-bound step on a busy host: 0.10-0.17 s seen with 1B at
-    batch 1 on the H200 hosts), a window's steps sit anywhere within the baseline's spread, so
+    wanders between levels (a launch-bound step: 0.10-0.19 s seen with 1B at batch 1 on the
+    H200 hosts), a window's steps sit anywhere within the baseline's spread, so
     the estimate moves by about L x half the interquartile range of the baseline steps. A
     GPU-bound step (a larger batch) shrinks it: 0.06 s against 0.8 s (RESULTS.md, session 7).
     """
