@@ -658,13 +658,13 @@ def summarize_mode(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
     hash_waits = [max(p["saves"][i].get("hash_wait_s") or 0.0 for p in per_rank)
                   for i in measured if rank0[i].get("hash_wait_s") is not None]
     windows = [len(rank0[i]["window_s"]) for i in measured]
+    noises = [drift_noise(p["baseline_step_s"], windows) for p in per_rank]  # None: too few steps to tell
     return {
         "baseline_step_s": median([median(p["baseline_step_s"]) for p in per_rank]),
         "stall_s": median(stall_per_save), "stall_s_per_save": stall_per_save,
         # the first save of a pinned mode also allocates and pins its buffers (once per run)
         "stall_s_from_2nd": median(stall_per_save[1:]) if len(stall_per_save) > 1 else None,
-        "stall_noise_s": max((drift_noise(p["baseline_step_s"], windows) or 0.0) for p in per_rank)
-        if windows else None,
+        "stall_noise_s": None if None in noises else max(noises),
         "baseline_step_quartiles_s": step_quartiles(per_rank[0]["baseline_step_s"]),
         "blocked_s": median(blocked), "blocked_s_per_save": blocked,
         "state_dict_s": max((p.get("state_dict_s") or 0.0) for p in per_rank) if "state_dict_s" in per_rank[0]
