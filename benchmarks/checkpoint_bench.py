@@ -331,16 +331,15 @@ def disk_ceilings(folder: Path, nbytes: int, cache_policy: str) -> dict[str, Any
 # --- the things being measured ------------------------------------------------------------------
 
 class CairnSubject:
-    """cairn's CheckpointManager in one async mode, with the commit moment recorded.
-
-    ``storage.writer`` is wrapped on this instance only: it passes ``checksums`` through and
-    notes the time at which the coordinator's ``finish`` has published the step.
-    """
+    """cairn's CheckpointManager in one async mode, built as the Trainer builds it, through its
+    public API: the commit moment comes from the save's handle (``manager.last_save``), the
+    checksum switch is ``manager.checksums``."""
 
     name = "cairn"
 
     def __init__(self, trainer, mode: str, folder: Path):
-        from cairn.checkpoint.manager import CheckpointManager
+        from cairn.checkpoint import CheckpointManager
+        from cairn.config.manager import to_dict
 
         base, *variants = mode.split("+")
         overrides: dict[str, Any] = {}
@@ -348,43 +347,33 @@ class CairnSubject:
             if variant not in VARIANTS:
                 raise ValueError(f"--modes: unknown variant {variant!r} in {mode!r} (known: {', '.join(VARIANTS)})")
             overrides.update(VARIANTS[variant])
-        config = dataclasses.replace(trainer.job_config.checkpoint, enable=True, folder=str(folder), interval=1,
+        job = trainer.job_config
+        config = dataclasses.replace(job.checkpoint, enable=True, folder=str(folder), interval=1,
                                      keep_latest_k=0, async_mode=base, last_save_model_only=False, load_step=-1,
                                      load_only=False, verify=False, **overrides)
         self.mode = mode
         self.manager = CheckpointManager(
-            config, job_config=trainer.job_config, dump_folder=trainer.job_config.job.dump_folder,
-            model_parts=trainer.model_parts, optimizers=trainer.optimizers, lr_schedulers=trainer.lr_schedulers,
-            dataloader=trainer.dataloader, train_state=trainer.train_state, rng=trainer.rng,
-            parallel_dims=trainer.parallel_dims, model_spec=trainer.model_spec, model_args=trainer.model_args,
-            tokenizer_path=trainer.tokenizer.path)
-        self.folder = self.manager.folder
-        self.checksums = True
-        self._writer = None
+            config, model_parts=trainer.model_parts,
+            states={"optimizer": trainer.optimizers, "lr_scheduler": trainer.lr_schedulers,
+                    "dataloader": trainer.dataloader, "train_state": trainer.train_state, "rng": trainer.rng},
+            base_folder=job.job.dump_folder, model_info={"name": trainer.model_spec.name, "flavor": job.model.flavor},
+            run_info={"config": to_dict(job)}, total_steps=job.training.steps, seed=job.debug.seed,
+            layout=trainer.parallel_dims.degrees)
+        self.folder = Path(self.manager.folder)
         self.local_bytes = 0
-        storage = self.manager.storage
-        make_writer = storage.writer
-
-        def writer(step, info=None, **options):
-            self._writer = make_writer(step, info, checksums=self.checksums, **options)
-            return self._writer
-
-        storage.writer = writer
-        self._verifying_reader = None
-        make_reader = storage.reader
-
-        def reader(step_dir, verify=False):
-            made = make_reader(step_dir, verify=verify)
-            if verify:
-                self._verifying_reader = made
-            return made
-
-        storage.reader = reader
         # What a training run does after its first step: the reused staging buffers are allocated
         # (and pinned) in the background long before the first save; here, before it is timed.
         self.manager.prepare_async()
         if self.manager.async_saver is not None:
             self.manager.async_saver.wait()
+
+    @property
+    def checksums(self) -> bool:
+        return self.manager.checksums
+
+    @checksums.setter
+    def checksums(self, value: bool) -> None:
+        self.manager.checksums = value
 
     @property
     def checkpointer(self):
@@ -393,15 +382,17 @@ class CairnSubject:
     def state_dict_seconds(self) -> float:
         """Time to take the state dict ``save()`` hands to staging, on the training thread."""
         start = time.perf_counter()
-        self.manager._full_state_dict()
+        state = dict(self.manager.model.state_dict())
+        state.update({key: stateful.state_dict() for key, stateful in self.manager.states.items()})
         return time.perf_counter() - start
 
     @property
     def commit_at(self) -> float | None:
-        return self._writer.committed_at if self._writer is not None else None
+        handle = self.manager.last_save
+        return handle.committed_at if handle is not None else None
 
     def save(self, step: int) -> None:
-        self._writer = None
+        self.manager.last_save = None
         info = self.manager.save(step)
         self.local_bytes = info["bytes"]
 
@@ -416,24 +407,23 @@ class CairnSubject:
     def hash_wait_seconds(self) -> float | None:
         """Seconds this process's writer spent on checksums beyond its writes (None: the save was
         written in the writer process, or without checksums)."""
-        waits = self._writer.fs.hash_wait_s if self._writer is not None else {}
-        return sum(waits.values()) if waits and self.checksums else None
+        handle = self.manager.last_save
+        return handle.hash_wait_s if handle is not None and self.checksums else None
 
     def load_hash_wait_seconds(self) -> float | None:
         """Seconds the last verifying load's reads, once done, waited for its hashing thread."""
-        reader, self._verifying_reader = self._verifying_reader, None
-        return reader.hash_wait_s if reader is not None else None
+        return self.manager.load_hash_wait_s if self.manager.config.verify else None
 
     def stage_seconds(self) -> float | None:
         saver = self.manager.async_saver
-        return saver.last_stage_seconds if saver is not None else None
+        return saver.saver.last_stage_seconds if saver is not None else None
 
     def timeline(self) -> dict[str, float]:
         saver = self.manager.async_saver
-        return dict(saver.timeline) if saver is not None else {}
+        return dict(saver.saver.timeline) if saver is not None else {}
 
     def memory(self) -> dict[str, Any]:
-        saver = self.manager.async_saver
+        saver = self.manager.async_saver.saver if self.manager.async_saver is not None else None
         out: dict[str, Any] = {"rss_bytes": rss_bytes(), "host_allocator": host_allocator_stats()}
         if saver is not None:
             stager = saver.stager
@@ -452,17 +442,18 @@ class CairnSubject:
         return out
 
     def newest_step_dir(self) -> Path | None:
-        steps = self.manager.storage.committed_steps()
-        return self.manager.storage.step_dir(steps[-1]) if steps else None
+        store = self.manager.store
+        steps = store.committed_steps()
+        return store.step_dir(steps[-1]) if steps else None
 
     def keep_newest_only(self) -> None:
         if dist.get_rank() == 0:
-            self.manager.storage.purge(1)
+            self.manager.store.purge(1)
         dist.barrier()
 
     def delete_steps(self) -> None:
         if dist.get_rank() == 0:
-            for path in self.manager.storage.folder.glob("step-*"):
+            for path in self.manager.store.folder.glob("step-*"):
                 shutil.rmtree(path)
         dist.barrier()
 
@@ -886,7 +877,7 @@ def child_load(args, cairn_argv: list[str]) -> None:
     config = parse_args(flags)
     same_global_batch(config, args.child_global_batch)
     trainer = Trainer(config)
-    import cairn.checkpoint.safe_load  # noqa: F401 - imported lazily by the load; its .pyc is not the checkpoint
+    import cairn.checkpoint.reader  # noqa: F401 - imported lazily by the load; its .pyc is not the checkpoint
     method = drop_page_cache(files_under(step_dir), args.drop_caches)
     sync()
     start = time.perf_counter()
@@ -1090,11 +1081,11 @@ def write_json(path: str, report: dict[str, Any]) -> None:
 # --- main -----------------------------------------------------------------------------------------
 
 def local_state_bytes(trainer) -> int:
-    from cairn.checkpoint.manager import ModelWrapper, _bytes_of
+    from cairn.checkpoint import ModelState, state_bytes
 
-    state = dict(ModelWrapper(trainer.model_parts).state_dict())
+    state = dict(ModelState(trainer.model_parts).state_dict())
     state["optimizer"] = trainer.optimizers.state_dict()
-    return _bytes_of(state)
+    return state_bytes(state)
 
 
 def measure_cairn(trainer, args, folder: Path, report: dict[str, Any]) -> Any:
@@ -1186,7 +1177,7 @@ def main(argv: list[str]) -> None:
         child_load(args, cairn_argv)
         return
     from cairn.config.manager import parse_args
-    from cairn.checkpoint.storage import writeback_bytes
+    from cairn.checkpoint.fsio import writeback_bytes
     from cairn.trainer import GarbageCollection, Trainer
 
     global COLLECTOR

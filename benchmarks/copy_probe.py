@@ -1,7 +1,7 @@
 """How fast ``preadv`` copies a file out of the page cache, by the size of the buffer it lands in.
 
 The reader's read-ahead and hashing threads each read 8 MiB at a time into a buffer of their
-own (cairn/checkpoint/safe_load.py). This probe shows why the buffers stay that small: it
+own (cairn/checkpoint/reader.py). This probe shows why the buffers stay that small: it
 reads one cached file, 8 MiB per call, cycling through a buffer of each ``--buffers`` size,
 ``--repeats`` times each in turn. On a VM whose CPU caches and TLB cannot cover the larger
 buffers, the copies into them run several times slower.

@@ -43,7 +43,7 @@ def write_file(path: Path, nbytes: int, block: bytes, writeback: bool = False) -
     last write returned (``buffered_s``) and until the fsync did (``fsync_s``). ``writeback``:
     start the disk's writeback of every ``writeback_bytes()`` as they are written, as cairn's
     writer does (``start_writeback``)."""
-    from cairn.checkpoint.storage import start_writeback, writeback_bytes
+    from cairn.checkpoint.fsio import start_writeback, writeback_bytes
 
     every = writeback_bytes() if writeback else 0
     start = time.perf_counter()

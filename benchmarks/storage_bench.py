@@ -4,7 +4,7 @@ Saves one host-memory state dict (fp32 tensors shaped like a model's: one large 
 tensor, many mid-sized ones) with ``dcp.save`` in one process, many times, alternating the
 variants so that a disk whose speed drifts cannot favour one of them:
 
-- cairn's writer (``CheckpointStorage.writer``: staging dir, fsync, manifest, atomic publish)
+- cairn's writer (``LocalStore.writer``: staging dir, fsync, manifest, atomic publish)
   with ``--threads`` writer threads, with and without its xxh3-128 checksums;
 - stock DCP's ``FileSystemWriter`` (what torchtitan saves through), for reference;
 
@@ -43,7 +43,9 @@ import torch  # noqa: E402
 import torch.distributed.checkpoint as dcp  # noqa: E402
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter  # noqa: E402
 
-from cairn.checkpoint.storage import CheckpointStorage, writeback_bytes  # noqa: E402
+from cairn.checkpoint import reader as cairn_reader  # noqa: E402
+from cairn.checkpoint.fsio import writeback_bytes  # noqa: E402
+from cairn.checkpoint.local import LocalStore  # noqa: E402
 from disk_io import CHUNK, evict, files_under, read_file, try_drop_caches, write_file  # noqa: E402  (benchmarks/)
 
 
@@ -88,7 +90,7 @@ def save_once(folder: Path, state: dict, variant: dict[str, Any]) -> float:
     shutil.rmtree(folder, ignore_errors=True)
     start = time.perf_counter()
     if variant["writer"] == "cairn":
-        writer = CheckpointStorage(folder).writer(1, {"kind": "bench"}, checksums=variant["checksums"],
+        writer = LocalStore(folder).writer(1, {"kind": "bench"}, checksums=variant["checksums"],
                                                   thread_count=variant["threads"])
     else:
         folder.mkdir(parents=True)
@@ -102,21 +104,19 @@ def load_once(step_dir: Path, target: dict, reader: str, policy: str, warm: bool
     cairn/torch.load (cairn's reader with every tensor deserialized by torch.load, as before
     its raw path). Cold unless ``warm`` (then the page cache holds the files: the reader's own
     cost, without the disk's)."""
-    import cairn.checkpoint.safe_load as safe_load
-
     method = "warm" if warm else drop_cache(files_under(step_dir), policy)
-    raw_path = safe_load._place_raw
+    raw_path = cairn_reader.RAW_PLACEMENT
     if reader == "cairn/torch.load":
-        safe_load._place_raw = lambda *args: False
+        cairn_reader.RAW_PLACEMENT = False
     try:
         start = time.perf_counter()
         if reader == "stock":
             dcp.load(target, storage_reader=FileSystemReader(step_dir), no_dist=True)
         else:
-            CheckpointStorage(step_dir.parent).load(target, step_dir, verify=reader == "cairn+verify", no_dist=True)
+            LocalStore(step_dir.parent).load(target, step_dir, verify=reader == "cairn+verify", no_dist=True)
         return time.perf_counter() - start, method
     finally:
-        safe_load._place_raw = raw_path
+        cairn_reader.RAW_PLACEMENT = raw_path
 
 
 def name(variant: dict[str, Any]) -> str:

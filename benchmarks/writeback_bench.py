@@ -28,7 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout run without `pip install -e .`
 
-from cairn.checkpoint.storage import writeback_bytes  # noqa: E402
+from cairn.checkpoint.fsio import writeback_bytes  # noqa: E402
 from disk_io import CHUNK, try_drop_caches, write_file  # noqa: E402  (benchmarks/)
 
 

@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"cairn.train: {e}", file=sys.stderr)
         return 2
-    from cairn.checkpoint.storage import CheckpointError
+    from cairn.checkpoint import CheckpointError
     from cairn.trainer import Trainer
 
     trainer = None

@@ -21,9 +21,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.checkpoint.stateful import Stateful
 
-from cairn.checkpoint.manager import CheckpointManager
+from cairn.checkpoint import CheckpointManager, RNGState
 from cairn.config.job_config import JobConfig
-from cairn.config.manager import ConfigError
+from cairn.config.manager import ConfigError, to_dict
 from cairn.data.dataloader import build_dataloader
 from cairn.data.tokenizer import Tokenizer
 from cairn.distributed.parallel_dims import ParallelDims
@@ -31,7 +31,6 @@ from cairn.distributed.utils import dist_max, init_distributed
 from cairn.metrics import MetricsLogger, memory_gib
 from cairn.models import get_model_spec
 from cairn.optim import build_lr_schedulers, build_optimizers, clip_grad_norm_
-from cairn.rng import RNGState
 
 logger = logging.getLogger("cairn")
 
@@ -152,11 +151,15 @@ class Trainer:
         self.rng = RNGState(self.rank, self.world_size, self.device)
 
         self.checkpointer = CheckpointManager(
-            job_config.checkpoint, job_config=job_config, dump_folder=job_config.job.dump_folder,
-            model_parts=self.model_parts, optimizers=self.optimizers, lr_schedulers=self.lr_schedulers,
-            dataloader=self.dataloader, train_state=self.train_state, rng=self.rng,
-            parallel_dims=self.parallel_dims, model_spec=self.model_spec, model_args=self.model_args,
-            tokenizer_path=self.tokenizer.path)
+            job_config.checkpoint, model_parts=self.model_parts,
+            states={"optimizer": self.optimizers, "lr_scheduler": self.lr_schedulers, "dataloader": self.dataloader,
+                    "train_state": self.train_state, "rng": self.rng},
+            base_folder=job_config.job.dump_folder,
+            sd_adapter=self.model_spec.state_dict_adapter(self.model_args),
+            model_info={"name": self.model_spec.name, "flavor": job_config.model.flavor},
+            run_info={"config": to_dict(job_config)}, total_steps=training.steps, seed=job_config.debug.seed,
+            layout=self.parallel_dims.degrees, tokenizer_dir=self.tokenizer.path.parent,
+            hf_assets_path=job_config.model.hf_assets_path)
         self.metrics = None
 
     # --- building -------------------------------------------------------------------
@@ -269,6 +272,10 @@ class Trainer:
             self._create_seed_checkpoint()
             return
         loaded = self.checkpointer.load()
+        last = self.checkpointer.last_load
+        if loaded and last and last["kind"] in ("model_only", "hf") and not last.get("explicit") \
+                and last.get("from_step") is not None and last["from_step"] >= job_config.training.steps:
+            self.train_state.step = last["from_step"]  # a finished run's export: nothing is left to do
         self.metrics = MetricsLogger(job_config.metrics, job_config.job.dump_folder, rank=self.rank,
                                      append=loaded)
         if loaded and self.checkpointer.last_load:  # where a resumed run picks up (`cairn checkpoint plot`)
@@ -305,9 +312,10 @@ class Trainer:
                                     "step_time_ms": step_time * 1e3,
                                     "memory_gib": memory_gib(self.device),
                                     "tokens_seen": self.train_state.tokens_seen})
-            save_info = self.checkpointer.save(step, last_step=step == total_steps)
+            save_info = self.checkpointer.save(step, last_step=step == total_steps, stopping=step == stop_at)
             if save_info:
-                self.metrics.event(step, "checkpoint_save", **save_info)
+                event = "checkpoint_deferred" if save_info.get("deferred") else "checkpoint_save"
+                self.metrics.event(step, event, **save_info)
 
     def _create_seed_checkpoint(self) -> None:
         degrees = self.parallel_dims.degrees
@@ -321,5 +329,9 @@ class Trainer:
         self.checkpointer.close()
 
     def close(self) -> None:
+        """Give the checkpoint folder back (a run that failed part way holds its lease) and leave the group."""
+        checkpointer = getattr(self, "checkpointer", None)
+        if checkpointer is not None:
+            checkpointer.close()
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -22,18 +22,16 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import gc
 import math
 import mmap
 import os
 import shutil
-import struct
 import time
 import uuid
 import warnings
-import zipfile
-import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Callable
 
@@ -45,11 +43,11 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from cairn.checkpoint.readers import DcpCheckpoint, _progress_bar, read_batches
+from cairn.checkpoint.adapter import CONFIG_FILE
+from cairn.checkpoint.errors import HFCheckpointError, reraise_user_error
+from cairn.checkpoint.fsio import fsync_dir
 from cairn.checkpoint.hf import (
-    CONFIG_FILE,
     DEFAULT_MAX_SHARD_BYTES,
-    HFCheckpointError,
     HFExportWriter,
     HFWeights,
     natural_order,
@@ -57,11 +55,22 @@ from cairn.checkpoint.hf import (
     resolve_dtype,
     staged_output,
 )
-from cairn.checkpoint.safe_load import SafeFileSystemReader, set_element, zip_local_header
-from cairn.checkpoint.storage import _fsync_dir
+from cairn.checkpoint.layout import EXPORT_DTYPES, METADATA_NAME, cast_dtype
+from cairn.checkpoint.reader import CachedMetadataReader, SafeFileSystemReader, set_element
+from cairn.checkpoint.readers import (
+    DcpCheckpoint,
+    TorchCheckpoint,
+    UsageError,
+    detect_format,
+    progress_bar,
+    quiet_dcp,
+    read_batches,
+    read_manifest_quietly,
+)
+from cairn.checkpoint.torchzip import fix_zip_crcs
 from cairn.models import ModelSpec, get_model_spec
 
-_METADATA_FILE = ".metadata"
+_METADATA_FILE = METADATA_NAME
 
 
 def convert_hf_to_dcp(hf_dir: str | Path, out_dir: str | Path, *, model_name: str = "llama3",
@@ -163,7 +172,7 @@ def dcp_to_torch_file(src: Path, dst: Path, *, export_dtype: torch.dtype | None 
     skeleton: dict[str, Any] = {}
     with FakeTensorMode():
         for key, entry in entries.items():
-            value = (torch.empty(entry.shape, dtype=_cast_dtype(entry.dtype, export_dtype)) if entry.is_tensor
+            value = (torch.empty(entry.shape, dtype=cast_dtype(entry.dtype, export_dtype)) if entry.is_tensor
                      else values[key])
             set_element(skeleton, paths.get(key, (key,)), value)
     staging = dst.parent / f".{dst.name}.staging-{uuid.uuid4().hex[:8]}"
@@ -177,7 +186,7 @@ def dcp_to_torch_file(src: Path, dst: Path, *, export_dtype: torch.dtype | None 
             mapped = torch.load(partial, mmap=True, weights_only=True)
         targets = {key: _get_path(mapped, paths.get(key, (key,))) for key in tensor_keys}
         total = sum(entries[key].num_bytes for key in tensor_keys)
-        with _progress_bar(total, "DCP -> torch", progress) as advance:
+        with progress_bar(total, "DCP -> torch", progress) as advance:
             for batch in read_batches(tensor_keys, entries):
                 ckpt.read(batch, into=targets)
                 advance(sum(entries[key].num_bytes for key in batch))
@@ -187,11 +196,11 @@ def dcp_to_torch_file(src: Path, dst: Path, *, export_dtype: torch.dtype | None 
         gc.collect()  # unmap before the CRCs are read back
         fix_zip_crcs(partial)
         os.replace(partial, dst)
-        _fsync_dir(dst.parent)
+        fsync_dir(dst.parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return {"tensors": len(tensor_keys), "values": len(value_keys),
-            "bytes": sum(math.prod(entries[k].shape) * _cast_dtype(entries[k].dtype, export_dtype).itemsize
+            "bytes": sum(math.prod(entries[k].shape) * cast_dtype(entries[k].dtype, export_dtype).itemsize
                          for k in tensor_keys), "seconds": time.perf_counter() - start}
 
 
@@ -263,25 +272,12 @@ class _ConvertingSavePlanner(DefaultSavePlanner):
         return tensor
 
 
-class _OnceReadMetadataReader(SafeFileSystemReader):
-    """Reads ``.metadata`` (without unpickling code) once for the many single-key loads of a conversion."""
-
-    def __init__(self, path: Path):
-        super().__init__(path)
-        self._metadata = None
-
-    def read_metadata(self, *args, **kwargs):
-        if self._metadata is None:
-            self._metadata = super().read_metadata(*args, **kwargs)
-        return self._metadata
-
-
 def _dcp_reader(dcp_dir: Path) -> SafeFileSystemReader:
     if not (dcp_dir / _METADATA_FILE).is_file():
         found = " (it holds safetensors: convert it with convert_from_hf)" if any(dcp_dir.glob("*.safetensors")) \
             else ""
         raise HFCheckpointError(f"{dcp_dir}: not a DCP checkpoint, no {_METADATA_FILE} file{found}")
-    reader = _OnceReadMetadataReader(dcp_dir)
+    reader = CachedMetadataReader(dcp_dir)
     try:
         reader.read_metadata()
     except Exception as e:
@@ -305,10 +301,7 @@ def _single_process_dcp():
         try:
             yield
         except CheckpointException as e:  # a BaseException holding {rank: (error, traceback)}
-            if len(e.failures) != 1:
-                raise
-            error = next(iter(e.failures.values()))[0]
-            raise error from None
+            reraise_user_error(e)
 
 
 @contextlib.contextmanager
@@ -341,55 +334,172 @@ def _copy_tensors_into(target: Any, source: Any) -> None:
             _copy_tensors_into(t, s)
 
 
-def _cast_dtype(dtype: torch.dtype, export_dtype: torch.dtype | None) -> torch.dtype:
-    return export_dtype if export_dtype is not None and dtype.is_floating_point else dtype
+
+# --- any format to any other (``cairn checkpoint convert``) ------------------------------------------
 
 
-def fix_zip_crcs(path: Path) -> int:
-    """Rewrite every record's CRC-32 from the bytes now in the file; returns how many changed.
+def torch_file_to_dcp(src: Path, dst: Path, *, export_dtype: torch.dtype | None = None,
+                      progress: bool = False) -> dict:
+    """A ``torch.save`` state dict (memory-mapped) as a DCP checkpoint, one tensor read at a time."""
+    from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+    from torch.distributed.checkpoint.planner import WriteItemType
 
-    ``torch.save`` under ``skip_data`` records the CRC of the empty space it leaves; once the
-    tensors are filled in, stock zip tools would call the file corrupt. Patched: the central
-    directory entry, the data descriptor after the record (torch's writer uses them) and the
-    local header when it holds a CRC.
-    """
-    with zipfile.ZipFile(path) as archive:
-        infos, start_dir = archive.infolist(), archive.start_dir
-    fixed: dict[str, int] = {}
-    with open(path, "r+b") as f:
-        for info in infos:
-            local, start = zip_local_header(f, info)
-            f.seek(start)
-            crc, remaining = 0, info.compress_size
-            while remaining:
-                chunk = f.read(min(8 << 20, remaining))
-                if not chunk:
-                    raise zipfile.BadZipFile(f"{path}: record {info.filename} is truncated")
-                crc, remaining = zlib.crc32(chunk, crc), remaining - len(chunk)
-            if crc == info.CRC:
-                continue
-            fixed[info.filename] = crc
-            end_of_data = f.tell()
-            if info.flag_bits & 0x08:
-                start = end_of_data + (4 if f.read(4) == b"PK\x07\x08" else 0)
-                f.seek(start)
-                f.write(struct.pack("<I", crc))
-            if struct.unpack("<I", local[14:18])[0] != 0 or not info.flag_bits & 0x08:
-                f.seek(info.header_offset + 14)
-                f.write(struct.pack("<I", crc))
-        position = start_dir
-        for _ in infos:
-            f.seek(position)
-            entry = f.read(46)
-            if entry[:4] != b"PK\x01\x02":
-                raise zipfile.BadZipFile(f"{path}: unexpected central directory layout")
-            flags = struct.unpack("<H", entry[8:10])[0]
-            name_length, extra_length, comment_length = struct.unpack("<HHH", entry[28:34])
-            name = f.read(name_length).decode("utf-8" if flags & 0x800 else "cp437")
-            if name in fixed:
-                f.seek(position + 16)
-                f.write(struct.pack("<I", fixed[name]))
-            position += 46 + name_length + extra_length + comment_length
-        f.flush()
-        os.fsync(f.fileno())
-    return len(fixed)
+    start = time.perf_counter()
+    ckpt = TorchCheckpoint(src)
+    if not isinstance(ckpt.obj, dict) or not ckpt.obj:
+        raise UsageError(f"holds a {type(ckpt.obj).__name__}, not a state dict", src)
+    flat, _ = flatten_state_dict(ckpt.obj)
+    total = sum(t.numel() * t.element_size() for t in flat.values() if isinstance(t, torch.Tensor))
+
+    def shapes_only(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return torch.empty(value.shape, dtype=cast_dtype(value.dtype, export_dtype), device="meta")
+        if isinstance(value, dict):
+            return {k: shapes_only(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [shapes_only(v) for v in value]
+        return value
+
+    class StreamingPlanner(DefaultSavePlanner):
+        """Plans from meta tensors; reads each tensor from the mapped file only when it is written."""
+
+        def resolve_data(self, write_item):
+            if write_item.type == WriteItemType.BYTE_IO:
+                return super().resolve_data(write_item)
+            tensor = flat[write_item.index.fqn].to(write_item.tensor_data.properties.dtype)
+            advance(tensor.numel() * tensor.element_size())
+            return tensor
+
+    with staged_output(dst) as staging, progress_bar(total, "torch -> DCP", progress) as advance:
+        with quiet_dcp():
+            dcp.save(shapes_only(ckpt.obj), storage_writer=FileSystemWriter(staging, thread_count=1),
+                     planner=StreamingPlanner(), no_dist=True)
+    num_tensors = sum(1 for t in flat.values() if isinstance(t, torch.Tensor))
+    return {"tensors": num_tensors, "values": len(flat) - num_tensors, "bytes": total,
+            "seconds": time.perf_counter() - start}
+
+
+def recast_dcp(src: Path, dst: Path, *, export_dtype: torch.dtype, model_only: bool = False,
+               progress: bool = False) -> dict:
+    """A DCP checkpoint re-cast to ``export_dtype`` (floating tensors; optimizer moments too unless
+    ``model_only``, which keeps the model keys only): a smaller copy of a full step, streamed a
+    batch of tensors at a time."""
+    from cairn.checkpoint.readers import group_of
+
+    start = time.perf_counter()
+    ckpt = DcpCheckpoint(src)
+    entries = ckpt.entries()
+    keys = [key for key, entry in entries.items() if not model_only or group_of(key) == "model"]
+    tensor_keys = [key for key in keys if entries[key].is_tensor]
+    value_keys = [key for key in keys if not entries[key].is_tensor]
+    values = ckpt.read(value_keys) if value_keys else {}
+    total = sum(entries[key].num_bytes for key in tensor_keys)
+    targets = {key: torch.empty(entries[key].shape, dtype=cast_dtype(entries[key].dtype, export_dtype),
+                                device="meta") for key in tensor_keys}
+    batches = {key: batch for batch in read_batches(tensor_keys, entries) for key in batch}
+    loaded: dict[str, torch.Tensor] = {}
+
+    class RecastingPlanner(DefaultSavePlanner):
+        """Plans from meta tensors; reads each batch of tensors when the writer first asks for one of them."""
+
+        def resolve_data(self, write_item):
+            from torch.distributed.checkpoint.planner import WriteItemType
+
+            if write_item.type == WriteItemType.BYTE_IO:
+                return super().resolve_data(write_item)
+            key = write_item.index.fqn
+            if key not in loaded:
+                loaded.clear()
+                batch = batches[key]
+                loaded.update(ckpt.read(batch))
+                advance(sum(entries[k].num_bytes for k in batch))
+            return loaded[key].to(write_item.tensor_data.properties.dtype)
+
+    with staged_output(dst) as staging, progress_bar(total, "DCP -> DCP", progress) as advance:
+        with quiet_dcp():
+            dcp.save({**targets, **values}, storage_writer=FileSystemWriter(staging, thread_count=1,
+                                                                           single_file_per_rank=False),
+                     planner=RecastingPlanner(), no_dist=True)
+    return {"tensors": len(tensor_keys), "values": len(value_keys),
+            "bytes": sum(math.prod(entries[k].shape) * cast_dtype(entries[k].dtype, export_dtype).itemsize
+                         for k in tensor_keys), "seconds": time.perf_counter() - start}
+
+
+@dataclasses.dataclass
+class ConvertOptions:
+    model_name: str
+    flavor: str | None
+    export_dtype: str | None
+    hf_assets_path: str | None
+    max_shard_bytes: int
+    progress: bool
+    model_only: bool = False
+
+
+def _defaults_from_manifest(src: Path, options: ConvertOptions) -> ConvertOptions:
+    """Model name, flavor, tokenizer folder and dtype of a cairn step, where the user gave none."""
+    from cairn.data.paths import resolve_path
+
+    manifest, _ = read_manifest_quietly(src)
+    if not manifest:
+        return options
+    model = manifest.get("model") or {}
+    config_model = (manifest.get("config") or {}).get("model") or {}
+    assets = options.hf_assets_path or config_model.get("hf_assets_path")
+    if assets is None and config_model.get("tokenizer_path"):
+        tokenizer = resolve_path(config_model["tokenizer_path"])
+        assets = str(tokenizer.parent) if tokenizer is not None else None
+    dtype = options.export_dtype
+    if dtype is None and manifest.get("dtype") in EXPORT_DTYPES:
+        dtype = manifest["dtype"]
+    return dataclasses.replace(options, flavor=options.flavor or model.get("flavor"), hf_assets_path=assets,
+                               export_dtype=dtype)
+
+
+def convert_checkpoint(src: Path, dst: Path, to: str, options: ConvertOptions) -> dict:
+    """Any of DCP / HF / .pt to any other; HF <-> .pt goes through a temporary DCP beside ``dst``.
+    DCP to DCP re-casts (``export_dtype``) or keeps the model only (``model_only``)."""
+    source = detect_format(src)
+    if source == to and not (to == "dcp" and (options.export_dtype or options.model_only)):
+        hint = " (to re-cast a DCP checkpoint pass --export_dtype, to keep the model only --model_only)" \
+            if to == "dcp" else ""
+        raise UsageError(f"already a {to} checkpoint; nothing to convert{hint}", src)
+    if dst.exists() and (dst.is_file() or any(dst.iterdir())):
+        raise UsageError("already exists; choose a new path (nothing is ever overwritten)", dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dtype = options.export_dtype
+    if source == "dcp" and to == "dcp":
+        return recast_dcp(src, dst, export_dtype=_torch_dtype(dtype), model_only=options.model_only,
+                          progress=options.progress)
+    if source == "dcp":
+        options = _defaults_from_manifest(src, options)
+    if source == "dcp" and to == "hf":
+        return convert_dcp_to_hf(src, dst, model_name=options.model_name, flavor=options.flavor,
+                                 hf_assets_path=options.hf_assets_path,
+                                 export_dtype=options.export_dtype or "float32",
+                                 max_shard_bytes=options.max_shard_bytes, progress=options.progress)
+    if source == "hf" and to == "dcp":
+        return convert_hf_to_dcp(src, dst, model_name=options.model_name, flavor=options.flavor, dtype=dtype,
+                                 progress=options.progress)
+    if source == "dcp" and to == "torch":
+        return dcp_to_torch_file(src, dst, export_dtype=_torch_dtype(dtype), progress=options.progress)
+    if source == "torch" and to == "dcp":
+        return torch_file_to_dcp(src, dst, export_dtype=_torch_dtype(dtype), progress=options.progress)
+    with _temporary_dir(dst) as middle:  # hf -> torch, torch -> hf
+        first = dataclasses.replace(options, export_dtype=None, model_only=False)
+        convert_checkpoint(src, middle / "dcp", "dcp", first)
+        return convert_checkpoint(middle / "dcp", dst, to, options)
+
+
+@contextlib.contextmanager
+def _temporary_dir(beside: Path) -> Iterator[Path]:
+    path = beside.parent / f".{beside.name}.convert-{uuid.uuid4().hex[:8]}"
+    path.mkdir(parents=True)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _torch_dtype(name: str | None) -> torch.dtype | None:
+    return None if name is None else resolve_dtype(name)

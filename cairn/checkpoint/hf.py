@@ -13,7 +13,7 @@ time, so no process holds more than the largest tensor (plus its converted copy)
   is modified if one is wrong), then reads tensor by tensor and copies only this rank's
   shard into the state dict's tensors, in place.
 
-The adapter protocol (``StateDictAdapter`` below) is all this module knows of a model.
+The adapter protocol (``adapter.StateDictAdapter``) is all this module knows of a model.
 """
 
 from __future__ import annotations
@@ -28,21 +28,24 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator
 
 import torch
 
-from cairn.checkpoint.storage import CheckpointError, _fsync_dir, _fsync_file
+from cairn.checkpoint.adapter import CONFIG_FILE, StateDictAdapter
+from cairn.checkpoint.errors import CheckpointError, HFCheckpointError
+from cairn.checkpoint.fsio import NotRegularFileError, fsync_dir, fsync_file, read_regular, regular_file_stat
+from cairn.checkpoint.layout import HF_INDEX_NAME, dtype_named
 
 DEFAULT_MAX_SHARD_BYTES = 5_000_000_000  # transformers' own default, "5GB"
-INDEX_FILE = "model.safetensors.index.json"
+INDEX_FILE = HF_INDEX_NAME
 SINGLE_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 # Copied from the tokenizer directory when present (generation_config.json is written when absent).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    GENERATION_CONFIG_FILE)
 _MAX_LISTED_PROBLEMS = 12
+_MAX_JSON_BYTES = 64 << 20  # config.json, the index and tokenizer configs are far smaller
 
 _SAFETENSORS_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -52,36 +55,16 @@ _SAFETENSORS_DTYPES = {
 _TORCH_DTYPES = {name: dtype for dtype, name in _SAFETENSORS_DTYPES.items()}
 
 
-class HFCheckpointError(CheckpointError, ValueError):
-    """A Hugging Face checkpoint that cannot be read or written; the message names the file or key."""
-
-
-class StateDictAdapter(Protocol):
-    """What ``save_hf``/``load_hf`` need from a model's adapter. Conversions keep shapes.
-
-    The offline conversions (``cairn.checkpoint.convert``) also use ``fqn(hf_key)`` and the
-    classmethods ``from_hf_config(config, source)``, ``match_flavor(config)`` and
-    ``fit_to_checkpoint(model_args, fqn_shapes)``.
-    """
-
-    def hf_key(self, fqn: str) -> str | None: ...  # None: not saved (e.g. a tied output)
-    def hf_source_key(self, fqn: str) -> str: ...  # the key fqn is loaded from
-    def hf_keys(self) -> list[str]: ...  # every key of a full export
-    def is_ignored_hf_key(self, hf_key: str) -> bool: ...
-    def tensor_to_hf(self, fqn: str, tensor: torch.Tensor) -> torch.Tensor: ...
-    def tensor_from_hf(self, fqn: str, tensor: torch.Tensor) -> torch.Tensor: ...
-    def to_hf_config(self, dtype: torch.dtype | str, *, bos_token_id=None, eos_token_id=None) -> dict: ...
-    def check_hf_config(self, config: dict, source: str = CONFIG_FILE) -> None: ...
-
-
 # --- small helpers ---------------------------------------------------------------------------
 
 
 def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    resolved = getattr(torch, str(dtype).removeprefix("torch."), None)
-    if not isinstance(resolved, torch.dtype) or resolved not in _SAFETENSORS_DTYPES:
+    """The torch dtype an HF export of ``dtype`` (a name or a dtype) is written in; one safetensors can store."""
+    try:
+        resolved = dtype_named(dtype)
+    except ValueError:
+        resolved = None
+    if resolved not in _SAFETENSORS_DTYPES:
         raise HFCheckpointError(f"export dtype {dtype!r} is not a dtype safetensors can store "
                                 f"(use float32, bfloat16 or float16)")
     return resolved
@@ -101,8 +84,10 @@ def _problem_list(problems: list[str]) -> str:
 
 def _read_json(path: Path, what: str) -> Any:
     try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return json.loads(read_regular(path, limit=_MAX_JSON_BYTES))
+    except NotRegularFileError as e:
+        raise HFCheckpointError(str(e)) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, CheckpointError) as e:
         raise HFCheckpointError(f"{path}: cannot read {what} ({e}); is the file truncated?") from e
 
 
@@ -133,10 +118,10 @@ def publish_replace(staging: Path, out_dir: Path) -> None:
     """Atomically rename a finished staging directory to ``out_dir`` (absent or empty)."""
     for path in staging.rglob("*"):
         if path.is_file():
-            _fsync_file(path)
-    _fsync_dir(staging)
+            fsync_file(path)
+    fsync_dir(staging)
     os.replace(staging, out_dir)
-    _fsync_dir(out_dir.parent)
+    fsync_dir(out_dir.parent)
 
 
 @contextlib.contextmanager
@@ -144,23 +129,22 @@ def staged_output(out_dir: str | Path, *, storage: Any = None, step: int | None 
                   info: dict | None = None) -> Iterator[Path]:
     """Yield an empty staging directory; publish it when the block succeeds, delete it if it raises.
 
-    With a checkpoint ``storage`` (``CheckpointStorage``) the staging dir is its
-    ``.tmp-step-N`` and publishing is its commit (manifest, fsync, atomic rename to
-    ``step-N``). Without, the staging dir sits beside ``out_dir`` (which must be absent or
-    empty) and is renamed onto it.
+    With a checkpoint ``storage`` (a ``store.CheckpointStore``) the staging dir is the store's
+    and publishing is its commit of step ``step`` (manifest, checksums, atomic publish).
+    Without, the staging dir sits beside ``out_dir`` (which must be absent or empty) and is
+    renamed onto it.
     """
     if storage is not None:
-        staging = storage.new_staging_dir(step, "hf")
-        publish: Callable[[], Any] = lambda: storage.publish_dir(staging, step, info or {})
-    else:
-        out_dir = check_output_dir(out_dir)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = out_dir.parent / f".{out_dir.name}.staging-{uuid.uuid4().hex[:8]}"
-        staging.mkdir()
-        publish = lambda: publish_replace(staging, out_dir)
+        with storage.staged_dir(step, info or {}, tag="hf") as staging:
+            yield staging
+        return
+    out_dir = check_output_dir(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.parent / f".{out_dir.name}.staging-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
     try:
         yield staging
-        publish()
+        publish_replace(staging, out_dir)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
@@ -188,6 +172,10 @@ class HFWeights:
         files = sorted(set(index_map.values())) if index_map is not None else self._unindexed_files()
         for name in files:
             path = self.dir / name
+            try:
+                regular_file_stat(path)
+            except (OSError, NotRegularFileError) as e:
+                raise HFCheckpointError(f"{path}: {e}") from None
             try:
                 with safe_open(str(path), framework="pt") as handle:
                     for key in handle.keys():

@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
+import pickle
 import re
 import sys
 import warnings
@@ -22,33 +22,29 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-GROUPS = ("model", "optimizer", "lr_scheduler", "dataloader", "train_state", "rng")
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from tqdm import tqdm
+
+from cairn.checkpoint.errors import (
+    CheckFailed,
+    CheckpointError,
+    CorruptCheckpointError,
+    UsageError,
+    first_line,
+    reraise_user_error,
+)
+from cairn.checkpoint.fsio import display_path, is_hf_dir
+from cairn.checkpoint.hf import HFWeights, natural_order, read_hf_config
+from cairn.checkpoint.layout import GROUPS, MANIFEST_NAME, METADATA_NAME, staging_step, step_of
+from cairn.checkpoint.manifest import read_manifest
+from cairn.checkpoint.reader import CachedMetadataReader, SafeLoadPlanner, weights_only_refusal
+from cairn.checkpoint.dcp_metadata import load_metadata_file
+from cairn.models import get_model_spec
+
 # Bytes of tensors read per side in one DCP read during diff/convert: bounds memory, keeps reads few.
 READ_BATCH_BYTES = 256 << 20
-
-
-class UsageError(Exception):
-    """Exit 2: a missing path, something that is not a checkpoint, a bad combination of options."""
-
-    def __init__(self, what: str, path: str | os.PathLike | None = None):
-        super().__init__(what)
-        self.what, self.path = what, path
-
-
-class CheckFailed(Exception):
-    """Exit 1: the checkpoint is corrupt or unsafe to read."""
-
-    def __init__(self, what: str, path: str | os.PathLike | None = None):
-        super().__init__(what)
-        self.what, self.path = what, path
-
-
-def display_path(path: str | os.PathLike) -> str:
-    """``path`` relative to the working directory when it lies inside it (shorter lines)."""
-    path = Path(path)
-    with contextlib.suppress(ValueError, OSError):
-        return str(path.absolute().relative_to(Path.cwd()))
-    return str(path)
 
 
 @dataclasses.dataclass
@@ -75,17 +71,14 @@ def group_of(key: str) -> str:
 
 def is_step_folder(path: Path) -> bool:
     """A folder holding ``step-N`` (or leftover ``.tmp-step-N``) directories."""
-    from cairn.checkpoint.storage import _STAGING_RE, _STEP_RE
-
     if not path.is_dir():
         return False
-    return any((_STEP_RE.match(p.name) or _STAGING_RE.match(p.name)) and p.is_dir() for p in path.iterdir())
+    return any((step_of(p.name) is not None or staging_step(p.name) is not None) and p.is_dir()
+               for p in path.iterdir())
 
 
 def detect_format(path: Path) -> str:
     """"dcp", "hf" or "torch" for a checkpoint path; UsageError for anything else."""
-    from cairn.checkpoint.storage import MANIFEST_NAME, METADATA_NAME, is_hf_dir
-
     if not path.exists():
         raise UsageError("no such file or directory", path)
     if path.is_file():
@@ -113,18 +106,10 @@ def detect_format(path: Path) -> str:
 
 def read_manifest_quietly(path: Path) -> tuple[dict | None, list[str]]:
     """(manifest or None, problems): a damaged manifest is reported, not raised."""
-    from cairn.checkpoint.storage import CheckpointStorage, CorruptCheckpointError
-
     try:
-        return CheckpointStorage(path.parent).read_manifest(path), []
+        return read_manifest(path), []
     except CorruptCheckpointError as e:
         return None, list(e.problems) or [str(e)]
-
-
-def _dcp_error(reader, error: BaseException) -> BaseException:
-    from cairn.checkpoint.storage import find_checkpoint_error
-
-    return getattr(reader, "last_error", None) or find_checkpoint_error(error) or error
 
 
 class DcpCheckpoint:
@@ -133,22 +118,9 @@ class DcpCheckpoint:
     format = "dcp"
 
     def __init__(self, path: Path, *, tolerate_corrupt: bool = False):
-        from cairn.checkpoint.safe_load import SafeFileSystemReader, load_metadata_file
-        from cairn.checkpoint.storage import METADATA_NAME, CorruptCheckpointError
-
-        class _MetadataOnce(SafeFileSystemReader):
-            """Parses (and checks) ``.metadata`` once for the many reads of one command."""
-
-            metadata = None
-
-            def read_metadata(self, *args, **kwargs):
-                if self.metadata is None:
-                    self.metadata = super().read_metadata(*args, **kwargs)
-                return self.metadata
-
         self.path = path
         self.manifest, self.problems = read_manifest_quietly(path)
-        self.reader = _MetadataOnce(path)
+        self.reader = CachedMetadataReader(path)
         try:
             self.metadata = self.reader.read_metadata()
         except CorruptCheckpointError as e:
@@ -160,8 +132,6 @@ class DcpCheckpoint:
 
     def entries(self) -> dict[str, Entry]:
         if self._entries is None:
-            from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
             files: dict[str, set[str]] = {}
             stored: dict[str, int] = {}
             for index, info in self.metadata.storage_data.items():
@@ -174,17 +144,12 @@ class DcpCheckpoint:
                     entry = Entry(key, True, shape, dtype, math.prod(shape) * dtype.itemsize)
                 else:
                     entry = Entry(key, False, num_bytes=stored.get(key, 0))
-                entry.files = sorted(files.get(key, ()), key=_file_order)
+                entry.files = sorted(files.get(key, ()), key=file_order)
                 self._entries[key] = entry
         return self._entries
 
     def read(self, keys: Iterable[str], into: dict[str, Any] | None = None) -> dict[str, Any]:
         """Values of ``keys`` (flat DCP keys); tensors land in ``into``'s tensors when given."""
-        import torch
-        import torch.distributed.checkpoint as dcp
-
-        from cairn.checkpoint.safe_load import SafeLoadPlanner
-
         entries = self.entries()
         state = {}
         for key in keys:
@@ -194,13 +159,10 @@ class DcpCheckpoint:
             else:
                 state[key] = torch.empty(entry.shape, dtype=entry.dtype) if entry.is_tensor else None
         try:
-            with _quiet_dcp():
+            with quiet_dcp():
                 dcp.load(state, storage_reader=self.reader, planner=SafeLoadPlanner(), no_dist=True)
         except BaseException as e:
-            error = _dcp_error(self.reader, e)
-            if error is not e:
-                raise error from e
-            raise
+            reraise_user_error(e, self.reader)
         return state
 
 
@@ -210,16 +172,12 @@ class HfCheckpoint:
     format = "hf"
 
     def __init__(self, path: Path):
-        from cairn.checkpoint.hf import HFWeights, read_hf_config
-
         self.path = path
         self.manifest, self.problems = read_manifest_quietly(path)
         self.weights = HFWeights(path)
         self.config = read_hf_config(path)
 
     def entries(self) -> dict[str, Entry]:
-        from cairn.checkpoint.hf import natural_order
-
         weights = self.weights
         return {key: Entry(key, True, weights.shapes[key], weights.dtypes[key],
                            math.prod(weights.shapes[key]) * weights.dtypes[key].itemsize, [weights.files[key].name])
@@ -235,8 +193,6 @@ class HfAsFqns:
     format = "hf"
 
     def __init__(self, hf: HfCheckpoint, model_name: str):
-        from cairn.models import get_model_spec
-
         self.hf, self.path, self.manifest, self.problems = hf, hf.path, hf.manifest, hf.problems
         adapter_cls = get_model_spec(model_name).state_dict_adapter
         self.adapter = adapter_cls(adapter_cls.from_hf_config(hf.config, source=str(hf.path / "config.json")))
@@ -249,8 +205,6 @@ class HfAsFqns:
             self.source.setdefault("output.weight", self.source["tok_embeddings.weight"])
 
     def entries(self) -> dict[str, Entry]:
-        from cairn.checkpoint.hf import natural_order
-
         hf_entries = self.hf.entries()
         out = {}
         for fqn in natural_order(self.source):
@@ -268,10 +222,6 @@ class TorchCheckpoint:
     format = "torch"
 
     def __init__(self, path: Path):
-        import pickle
-
-        import torch
-
         self.path, self.manifest, self.problems = path, None, []
         try:
             try:
@@ -279,16 +229,14 @@ class TorchCheckpoint:
             except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
                 self.obj = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            raise CheckFailed(f"refusing to load: it needs more than weights_only=True allows "
-                              f"({str(e).splitlines()[0]})", path) from None
+            raise CheckFailed(f"refusing to load: {weights_only_refusal(e)}, which a weights-only load refuses; "
+                              "nothing from it was run", path) from None
         except Exception as e:
             raise CheckFailed(f"unreadable torch.save file ({type(e).__name__}: {str(e).splitlines()[0]})",
                               path) from None
-        self.flat = dict(_flatten(self.obj))
+        self.flat = dict(flatten(self.obj))
 
     def entries(self) -> dict[str, Entry]:
-        import torch
-
         out = {}
         for key, value in self.flat.items():
             if isinstance(value, torch.Tensor):
@@ -302,22 +250,20 @@ class TorchCheckpoint:
         return {key: self.flat[key] for key in keys}
 
 
-def _flatten(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+def flatten(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
     """(dotted key, leaf) pairs, as DCP flattens nested state dicts."""
     if isinstance(obj, dict) and obj:
         for key, value in obj.items():
-            yield from _flatten(value, f"{prefix}{key}.")
+            yield from flatten(value, f"{prefix}{key}.")
     elif isinstance(obj, list) and obj and prefix:
         for i, value in enumerate(obj):
-            yield from _flatten(value, f"{prefix}{i}.")
+            yield from flatten(value, f"{prefix}{i}.")
     else:
         yield prefix[:-1] if prefix else "", obj
 
 
 def open_checkpoint(path: Path, *, tolerate_corrupt: bool = False):
     """The reader for ``path``'s format; UsageError/CheckFailed for what is not a readable checkpoint."""
-    from cairn.checkpoint.storage import METADATA_NAME, CheckpointError
-
     fmt = detect_format(path)
     try:
         if fmt == "torch":
@@ -329,26 +275,21 @@ def open_checkpoint(path: Path, *, tolerate_corrupt: bool = False):
                               "`cairn checkpoint verify` says more", path)
         return DcpCheckpoint(path, tolerate_corrupt=tolerate_corrupt)
     except CheckpointError as e:
-        raise CheckFailed(_first_line(e), path) from e
+        raise CheckFailed(first_line(e), path) from e
 
 
-def _file_order(name: str):
+def file_order(name: str):
     """``__2_0.distcp`` before ``__10_0.distcp``."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
 @contextlib.contextmanager
-def _quiet_dcp():
+def quiet_dcp():
     with warnings.catch_warnings():
         # no_dist=True is the intent: one process reads the whole checkpoint.
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         warnings.filterwarnings("ignore", message=".*no_dist.*")
         yield
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0]
 
 
 def read_batches(keys: list[str], entries: dict[str, Entry], budget: int | None = None) -> Iterator[list[str]]:
@@ -368,12 +309,10 @@ def read_batches(keys: list[str], entries: dict[str, Entry], budget: int | None 
 
 
 @contextlib.contextmanager
-def _progress_bar(total: int, description: str, enabled: bool):
+def progress_bar(total: int, description: str, enabled: bool):
     """A callable that advances a byte-counting tqdm bar on stderr (a no-op when disabled)."""
     if not enabled or total <= 0:
         yield lambda n: None
         return
-    from tqdm import tqdm
-
     with tqdm(total=total, desc=description, unit="B", unit_scale=True, file=sys.stderr, leave=False) as bar:
         yield bar.update

@@ -1,9 +1,11 @@
 """Async saves: copy the state to host memory, then write it in the background.
 
-Two modes, as torchtitan names them:
-- ``async``: fresh host copies for every save (memory is returned between saves);
-- ``async_with_pinned_mem``: host buffers (pinned on CUDA hosts) allocated at the first
-  save and reused by every later one, so no save after the first allocates or pins memory.
+Two modes, as torchtitan names them, both with host buffers allocated once (in the background,
+after the first training step) and reused by every save, so no save allocates memory:
+- ``async_with_pinned_mem``: the buffers are pinned on CUDA hosts (the fastest copies);
+- ``async``: pageable buffers, touched once when they are made so that no save faults their
+  pages in while it stages (torchtitan allocates fresh copies at every save, which on a
+  large model stalls the step that stages it for seconds).
 
 Host buffers live in one block per save layout (``HostArena``: a Linux memfd, pinned with
 ``cudaHostRegister`` on CUDA hosts), with one tensor per state entry whose storage is
@@ -42,36 +44,19 @@ from typing import Any, Callable
 
 import torch
 from torch.distributed.checkpoint.planner import WriteItemType
+from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.tensor import DTensor
 
 from cairn.checkpoint import writer_process
-from cairn.checkpoint.storage import CheckpointError, _zip_crc32_off
+from cairn.checkpoint.errors import SaveError
+from cairn.checkpoint.state import local_tensor, nbytes, tensor_leaves
+from cairn.checkpoint.writer import zip_crc32_off
 from cairn.config.job_config import ASYNC_WRITERS
 
 logger = logging.getLogger("cairn")
 
 _ALIGN = 4096  # each tensor starts on a page of its own in the arena
 _D2H_PIECE = 64 << 20  # bytes per device-to-host copy from a device snapshot
-
-
-def _leaves(obj: Any, prefix: str = ""):
-    """(path, tensor) for every tensor in a nested dict/list state dict, in a fixed order."""
-    if isinstance(obj, dict):
-        for key in sorted(obj, key=str):
-            yield from _leaves(obj[key], f"{prefix}{key}/")
-    elif isinstance(obj, (list, tuple)):
-        for i, value in enumerate(obj):
-            yield from _leaves(value, f"{prefix}{i}/")
-    elif isinstance(obj, torch.Tensor):
-        yield prefix, obj
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
-
-
-def _nbytes(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
 
 
 @functools.lru_cache(maxsize=None)
@@ -140,17 +125,27 @@ class HostArena:
                                "into pageable memory (slower)", self.nbytes / 1e6, rc)
             self.pinned = rc == 0
 
+    def pretouch(self) -> None:
+        """Fault every page in now (pinning does that for pinned arenas), so a save's copies
+        into this arena never wait on the kernel allocating memory."""
+        populate = getattr(mmap, "MADV_POPULATE_WRITE", None)
+        if populate is not None:
+            with contextlib.suppress(OSError):
+                self.mmap.madvise(populate)
+                return
+        self._base.zero_()  # writes every page once; releases the GIL
+
     def tensor(self, offset: int, like: torch.Tensor) -> torch.Tensor:
         """A contiguous tensor shaped like ``like`` at ``offset``, whose storage is exactly its bytes."""
-        nbytes = _nbytes(like)
-        if nbytes == 0:
+        size = nbytes(like)
+        if size == 0:
             return torch.empty(like.shape, dtype=like.dtype)
-        flat = torch.frombuffer(self.mmap, dtype=torch.uint8, count=nbytes, offset=offset)
+        flat = torch.frombuffer(self.mmap, dtype=torch.uint8, count=size, offset=offset)
         return flat.view(like.dtype).view(like.shape)
 
     def offset_of(self, tensor: torch.Tensor) -> int | None:
         offset = tensor.data_ptr() - self.base_ptr
-        return offset if 0 <= offset and offset + _nbytes(tensor) <= self.nbytes else None
+        return offset if 0 <= offset and offset + nbytes(tensor) <= self.nbytes else None
 
     def close(self) -> None:
         if self.pinned:
@@ -215,11 +210,11 @@ class HostStager:
 
     @property
     def retained_bytes(self) -> int:
-        return sum(_nbytes(b) for b in self._buffers.values()) if self.reuse else 0
+        return sum(nbytes(b) for b in self._buffers.values()) if self.reuse else 0
 
     def prepare(self, state_dict: dict) -> None:
         """Make the buffers for ``state_dict``'s layout now (the first save then finds them)."""
-        leaves = [(path, _local(tensor).detach()) for path, tensor in _leaves(state_dict)]
+        leaves = [(path, local_tensor(tensor).detach()) for path, tensor in tensor_leaves(state_dict)]
         with self._on_stream():
             self._prepare(leaves)
 
@@ -245,23 +240,25 @@ class HostStager:
         offsets, total = [], 0
         for _, local in leaves:
             offsets.append(total)
-            total += -(-_nbytes(local) // _ALIGN) * _ALIGN
+            total += -(-nbytes(local) // _ALIGN) * _ALIGN
         device = self._stream.device if self._stream is not None else None
         if self.snapshot_mode == "auto":
-            needed = sum(_nbytes(local) for _, local in leaves)
+            needed = sum(nbytes(local) for _, local in leaves)
             free, total_memory = torch.cuda.mem_get_info(device)
             self.snapshot_mode = "on" if snapshot_fits(needed, free, total_memory) else "off"
             logger.info("async saves %s a device snapshot (--checkpoint.device_snapshot auto): %.1f GB needed, "
                         "%.1f GB of %.1f GB free on %s", "take" if self.device_snapshot else "skip",
                         needed / 1e9, free / 1e9, total_memory / 1e9, device)
         self.arena = HostArena(total, pin=self.pin_memory, device=device)
+        if self.reuse and not self.arena.pinned:
+            self.arena.pretouch()
         self.allocations += 1
         self.allocated_bytes += self.arena.nbytes
         self._buffers = {path: self.arena.tensor(offset, local) for (path, local), offset in zip(leaves, offsets)}
         if self.device_snapshot:
             self._device_buffers = {path: torch.empty(local.shape, dtype=local.dtype, device=local.device)
                                     for path, local in leaves}
-            self.device_allocated_bytes += sum(_nbytes(b) for b in self._device_buffers.values())
+            self.device_allocated_bytes += sum(nbytes(b) for b in self._device_buffers.values())
         self._layout = layout
 
     def release(self) -> None:
@@ -296,7 +293,7 @@ class HostStager:
         once the host copy is complete. ``ready`` (from ``ready_marker``, taken on the training
         thread) orders the copies after the work that produced the state.
         """
-        leaves = [(path, _local(tensor).detach()) for path, tensor in _leaves(state_dict)]
+        leaves = [(path, local_tensor(tensor).detach()) for path, tensor in tensor_leaves(state_dict)]
         copies: dict[str, torch.Tensor] = {}
         if self._stream is None:
             self._prepare(leaves)
@@ -355,7 +352,7 @@ class HostStager:
 
 
 def _by_id(state_dict: dict, copies: dict[str, torch.Tensor]) -> dict[int, torch.Tensor]:
-    return {id(tensor): copies[path] for path, tensor in _leaves(state_dict)}
+    return {id(tensor): copies[path] for path, tensor in tensor_leaves(state_dict)}
 
 
 def _rebuild(obj: Any, copies: dict[int, torch.Tensor]) -> Any:
@@ -402,10 +399,12 @@ class AsyncSaver:
     copy complete), ``data_start``/``data_done`` (the files being written), ``done``.
     """
 
-    def __init__(self, *, reuse_buffers: bool, writer: str = "process", device_snapshot: str | bool = "off"):
+    def __init__(self, *, reuse_buffers: bool, pin_memory: bool | None = None, writer: str = "process",
+                 device_snapshot: str | bool = "off"):
         if writer not in ASYNC_WRITERS:
             raise ValueError(f"async writer must be one of {ASYNC_WRITERS} (got {writer!r})")
-        self.stager = HostStager(reuse=reuse_buffers, pin_memory=reuse_buffers, device_snapshot=device_snapshot)
+        pin_memory = reuse_buffers if pin_memory is None else pin_memory
+        self.stager = HostStager(reuse=reuse_buffers, pin_memory=pin_memory, device_snapshot=device_snapshot)
         self.writer_process: writer_process.WriterProcess | None = None
         if writer == "process":
             if writer_process.supported():
@@ -423,8 +422,17 @@ class AsyncSaver:
         self.timeline: dict[str, float] = {}
         self._start = 0.0
 
-    def submit(self, step: int, state_dict: dict, write: Callable[[dict], Any]) -> None:
-        self.wait()  # at most one save in flight
+    @property
+    def in_flight(self) -> bool:
+        """Whether a save (or the buffers' preparation) is still running."""
+        return self._future is not None and not self._future.done()
+
+    def submit(self, step: int, state_dict: dict, write: Callable[[dict], Any]) -> Future:
+        """Stage ``state_dict`` and run ``write(staged)`` on the worker; returns its future.
+
+        At most one save is in flight: this first waits for the previous one (callers that
+        must not wait check ``in_flight`` first)."""
+        self.wait()
         self._queued.clear()
         self._gate = None
         start = self._start = time.perf_counter()
@@ -462,6 +470,7 @@ class AsyncSaver:
                 mark("done")
 
         self._future = self._executor.submit(job)
+        return self._future
 
     def prepare(self, state_dict: dict) -> None:
         """Allocate (and pin) the reused host buffers for ``state_dict``'s layout in the background.
@@ -487,7 +496,7 @@ class AsyncSaver:
         """``CairnStorageWriter.write_data`` in the writer process (set as the writer's delegate)."""
         sources: list = []
         arenas: dict[int, tuple[int, int]] = {}
-        with _zip_crc32_off():  # resolving a non-tensor item torch.saves it: the same bytes as a local write
+        with zip_crc32_off():  # resolving a non-tensor item torch.saves it: the same bytes as a local write
             resolved = [planner.resolve_data(item) for item in plan.items]
         for item, data in zip(plan.items, resolved):
             if item.type == WriteItemType.BYTE_IO:
@@ -499,13 +508,13 @@ class AsyncSaver:
                 continue
             arena, offset = found
             arenas[arena.id] = (arena.fd, arena.nbytes)
-            sources.append(("arena", arena.id, offset, _nbytes(data), data.dtype, list(data.shape)))
+            sources.append(("arena", arena.id, offset, nbytes(data), data.dtype, list(data.shape)))
         self.timeline["data_start"] = round(time.perf_counter() - self._start, 6)
         try:
             return self.writer_process.write(writer, plan, sources, arenas)
         except writer_process.WriterProcessError as e:
-            raise CheckpointError(f"rank {writer.rank}: {e}. Step {writer.step} was not committed; earlier "
-                                  f"steps in {writer.folder} are untouched") from e
+            raise SaveError(f"rank {writer.rank}: {e}. Step {writer.step} was not committed; earlier steps in "
+                            f"{writer.folder_text} are untouched") from e
         finally:
             self.timeline["data_done"] = round(time.perf_counter() - self._start, 6)
 
@@ -531,3 +540,26 @@ class AsyncSaver:
             self.stager.release()
             if self.writer_process is not None:
                 self.writer_process.close()
+
+
+class CairnAsyncStager(AsyncStager):
+    """cairn's host staging as DCP's ``AsyncStager``: ``dcp.async_save(state, storage_writer=...,
+    async_stager=CairnAsyncStager())`` copies the state into host buffers made at the first save
+    and reused by every later one (pinned on CUDA hosts; ``pin_memory=False``: pageable, touched
+    once), instead of DCP's fresh copy per save. ``stage`` returns once the copy is complete, so
+    the caller may change the state as soon as ``dcp.async_save`` returns; close it after the
+    last save."""
+
+    _synchronize_after_execute = False
+
+    def __init__(self, *, pin_memory: bool = True):
+        self.stager = HostStager(reuse=True, pin_memory=pin_memory)
+
+    def stage(self, state_dict: dict) -> dict:
+        return self.stager.stage(state_dict)
+
+    def synchronize_staging(self) -> None:
+        """Nothing to wait for: ``stage`` returns with the copy complete."""
+
+    def close(self) -> None:
+        self.stager.release()

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint.planner import SavePlan, WriteItem, WriteItemType
 
-from cairn.checkpoint.storage import WRITER_PROCESS_ENV  # set in the child: its fault points take the parent too
+from cairn.checkpoint.faults import WRITER_PROCESS_ENV  # set in the child: its fault points take the parent too
 
 logger = logging.getLogger("cairn")
 

@@ -17,6 +17,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 ASYNC_MODES = ("disabled", "async", "async_with_pinned_mem")
 ASYNC_WRITERS = ("process", "thread")
 DEVICE_SNAPSHOT = ("auto", "on", "off")
+WHEN_BUSY = ("defer", "wait")
 # What a full checkpoint holds besides the model; keys a user may exclude from loading.
 EXCLUDABLE_STATES = ("optimizer", "lr_scheduler", "dataloader", "train_state", "rng")
 # Spellings users paste from torchtitan's docs, mapped to cairn's state keys.
@@ -229,6 +230,11 @@ class CheckpointSection:
     """Load checkpoints but never save any."""
     async_mode: str = "disabled"
     """disabled, async (background write), or async_with_pinned_mem (reused pinned staging buffers)."""
+    when_busy: str = "defer"
+    """An async save that comes due while the previous one is still being written: defer (training
+    goes on; the save is taken at the first step after the previous one is committed, logged as a
+    checkpoint_deferred event, and a clean stop saves first) or wait (training waits for the
+    previous save, as torchtitan does; the time is logged as waited_s)."""
     async_writer: str = "process"
     """Who writes an async save's files: process (a child process, so the writes never take
     the training loop's GIL; Linux) or thread (a thread of the training process)."""
@@ -272,6 +278,8 @@ class CheckpointSection:
         if self.device_snapshot not in DEVICE_SNAPSHOT:
             out.append(f"--checkpoint.device_snapshot must be one of {', '.join(DEVICE_SNAPSHOT)} "
                        f"(got {self.device_snapshot!r})")
+        if self.when_busy not in WHEN_BUSY:
+            out.append(f"--checkpoint.when_busy must be one of {', '.join(WHEN_BUSY)} (got {self.when_busy!r})")
         if self.async_writer not in ASYNC_WRITERS:
             out.append(f"--checkpoint.async_writer must be one of {', '.join(ASYNC_WRITERS)} "
                        f"(got {self.async_writer!r})")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # a checkout run without `pip install -e .`
 
-from cairn.checkpoint.storage import CheckpointError  # noqa: E402
+from cairn.checkpoint.errors import CheckpointError  # noqa: E402
 from cairn.checkpoint.convert import convert_hf_to_dcp  # noqa: E402
 
 

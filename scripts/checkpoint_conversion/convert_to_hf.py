@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # a checkout run without `pip install -e .`
 
-from cairn.checkpoint.storage import CheckpointError  # noqa: E402
+from cairn.checkpoint.errors import CheckpointError  # noqa: E402
 from cairn.checkpoint.convert import convert_dcp_to_hf  # noqa: E402
 from cairn.checkpoint.hf import DEFAULT_MAX_SHARD_BYTES  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""CheckpointStorage on 2 real gloo ranks: sync and async saves of DTensor and FSDP2 state,
+"""LocalStore on 2 real gloo ranks: sync and async saves of DTensor and FSDP2 state,
 commit only when every rank is done, per-rank write errors, a rank killed mid-save.
 """
 
@@ -24,13 +24,10 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 sys.path.insert(0, str(Path(__file__).parent))
 from _launch import run_distributed  # noqa: E402
 
-from cairn.checkpoint.safe_load import load_full_state_dict  # noqa: E402
-from cairn.checkpoint.storage import (  # noqa: E402
-    FAULT_ENV,
-    FAULT_RANK_ENV,
-    CheckpointStorage,
-    find_checkpoint_error,
-)
+from cairn.checkpoint.reader import load_full_state_dict  # noqa: E402
+from cairn.checkpoint.errors import find_checkpoint_error  # noqa: E402
+from cairn.checkpoint.faults import FAULT_ENV, FAULT_RANK_ENV  # noqa: E402
+from cairn.checkpoint.local import LocalStore  # noqa: E402
 
 pytestmark = [pytest.mark.distributed, pytest.mark.filterwarnings("ignore::UserWarning")]
 
@@ -77,7 +74,7 @@ def _save_load_and_fail(rank: int, world_size: int, folder: str) -> dict:
     warnings.filterwarnings("ignore")
     from torch.distributed.fsdp import fully_shard
 
-    storage = CheckpointStorage(folder)
+    storage = LocalStore(folder)
     mesh = init_device_mesh("cpu", (world_size,))
     model = _model()
     fully_shard(model, mesh=mesh)
@@ -154,7 +151,7 @@ def test_two_ranks_save_async_save_load_and_fail(tmp_path):
     for result in results:
         assert "rank 1" in result["error"] and "disk full" in result["error"] and "step 3" in result["error"]
 
-    storage = CheckpointStorage(folder)
+    storage = LocalStore(folder)
     assert storage.committed_steps() == [1, 2]
     # the 2-rank save, read back whole in one process: stock converter and cairn's safe loader
     dcp_to_torch_save(storage.step_dir(2), tmp_path / "full.pt")
@@ -168,7 +165,7 @@ def test_two_ranks_save_async_save_load_and_fail(tmp_path):
 
 
 def _save_then_die(rank: int, world_size: int, folder: str) -> None:
-    storage = CheckpointStorage(folder)
+    storage = LocalStore(folder)
     mesh = init_device_mesh("cpu", (world_size,))
     model = _model()
     dcp.save(_state(rank, 1, mesh, model), storage_writer=storage.writer(1, {"kind": "full"}))
@@ -180,7 +177,7 @@ def test_rank_killed_mid_save_leaves_previous_step(tmp_path):
     folder = tmp_path / "checkpoint"
     with pytest.raises(Exception, match="signal|exit|SIGKILL"):
         run_distributed(_save_then_die, 2, str(folder), timeout_s=120)
-    storage = CheckpointStorage(folder)
+    storage = LocalStore(folder)
     assert storage.committed_steps() == [1]
     assert storage.verify(storage.step_dir(1)) == []
     state = load_full_state_dict(storage.step_dir(1), verify=True)

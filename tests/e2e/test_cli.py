@@ -21,8 +21,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from cairn.checkpoint import cli as ckpt_cli
 from cairn.checkpoint import readers
+from cairn.checkpoint.cli import plot as ckpt_plot
 from cairn.cli import main
 from conftest import REPO, train
 
@@ -333,7 +333,7 @@ def test_diff_hf_against_dcp_under_cairn_names(capsys, ckpts, tmp_path):
 def test_diff_streams_in_batches(capsys, ckpts, monkeypatch):
     monkeypatch.setattr(readers, "READ_BATCH_BYTES", 64 << 10)
     largest = []
-    read = ckpt_cli.DcpCheckpoint.read
+    read = readers.DcpCheckpoint.read
 
     def recording_read(self, keys, into=None):
         keys = list(keys)
@@ -343,7 +343,7 @@ def test_diff_streams_in_batches(capsys, ckpts, monkeypatch):
             largest.append((sum(tensor_bytes), max(tensor_bytes)))
         return read(self, keys, into)
 
-    monkeypatch.setattr(ckpt_cli.DcpCheckpoint, "read", recording_read)
+    monkeypatch.setattr(readers.DcpCheckpoint, "read", recording_read)
     assert cli(capsys, "diff", ckpts.full, ckpts.full, "--only", "model,optimizer")[0] == 0
     assert len(largest) > 4
     assert all(total <= 64 << 10 or total == biggest for total, biggest in largest)
@@ -431,7 +431,7 @@ def test_plot_reads_saves_and_resumes(tmp_path):
     lines += [{"event": "checkpoint_load", "step": 3, "kind": "full", "from_step": 3},
               {"step": 4, "loss": 6.5}, {"step": 5, "loss": 5.5}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    run = ckpt_cli.load_run(tmp_path, "loss")
+    run = ckpt_plot.load_run(tmp_path, "loss")
     assert run.saves == [(3, "full")] and run.resumes == [3]
     assert run.points[4] == 6.5 and run.points[6] == 4.0  # a re-run step: the later value
 

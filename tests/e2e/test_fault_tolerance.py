@@ -18,7 +18,10 @@ pytestmark = pytest.mark.slow
 
 COMMON = ["--checkpoint.enable", "--checkpoint.no-last_save_model_only", "--checkpoint.interval", "4",
           "--training.steps", "14", "--parallelism.data_parallel_shard_degree", "2",
-          "--training.local_batch_size", "2", "--checkpoint.async_mode", "async_with_pinned_mem"]
+          "--training.local_batch_size", "2", "--checkpoint.async_mode", "async_with_pinned_mem",
+          # saves wait for the one before (torchtitan's way), so steps 4 and 8 are committed when a
+          # rank is killed after step 9 (deferred saves would land later on this fast CPU model)
+          "--checkpoint.when_busy", "wait"]
 
 
 def _last_step(metrics_path) -> int:

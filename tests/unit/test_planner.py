@@ -10,7 +10,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from cairn.checkpoint.planner import PLAN_CACHING, BytesMemo, CairnSavePlanner
-from cairn.checkpoint.storage import CheckpointStorage, _zip_crc32_off
+from cairn.checkpoint.local import LocalStore
 from test_staging import data_checksums
 from test_storage import assert_same, load, make_state
 
@@ -63,13 +63,13 @@ def blank(value):
     return value
 
 
-def load_like(storage: CheckpointStorage, step: int, expected: dict) -> dict:
+def load_like(storage: LocalStore, step: int, expected: dict) -> dict:
     state = blank(expected)
     storage.load(state, storage.step_dir(step), verify=True, no_dist=True)
     return state
 
 
-def save_with(planner, storage: CheckpointStorage, step: int, state: dict) -> None:
+def save_with(planner, storage: LocalStore, step: int, state: dict) -> None:
     dcp.save(state, storage_writer=storage.writer(step, {"kind": "full"}), planner=planner, no_dist=True)
 
 
@@ -83,7 +83,7 @@ class RecordingPlanner(CairnSavePlanner):
 
 
 def test_repeated_saves_write_the_default_planners_files(tmp_path):
-    storage = CheckpointStorage(tmp_path / "checkpoint")
+    storage = LocalStore(tmp_path / "checkpoint")
     memo = BytesMemo()
     RecordingPlanner.local_plans = []
     for step in (1, 2, 3):  # the plan of saves 2 and 3 comes from DCP's cache where it has one
@@ -98,7 +98,7 @@ def test_repeated_saves_write_the_default_planners_files(tmp_path):
 
 
 def test_a_changed_state_is_planned_anew(tmp_path):
-    storage = CheckpointStorage(tmp_path / "checkpoint")
+    storage = LocalStore(tmp_path / "checkpoint")
     memo = BytesMemo()
     save_with(CairnSavePlanner(memo), storage, 1, make_state(1))
     grown = make_state(2)

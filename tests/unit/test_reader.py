@@ -9,21 +9,22 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-import cairn.checkpoint.safe_load as safe_load
-from cairn.checkpoint.safe_load import _FileSlice, _raw_tensor_bytes
-from cairn.checkpoint.storage import CheckpointStorage
+import cairn.checkpoint.reader as reader_module
+from cairn.checkpoint.local import LocalStore
+from cairn.checkpoint.reader import FileSlice
+from cairn.checkpoint.torchzip import raw_tensor_bytes
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # DCP warns that no process group exists
 
 
-def record(tmp_path, tensor) -> _FileSlice:
+def record(tmp_path, tensor) -> FileSlice:
     """``tensor`` torch.saved at an offset inside a file, as a DCP data file holds it."""
     buffer = io.BytesIO()
     torch.save(tensor, buffer)
     path = tmp_path / "data.distcp"
     path.write_bytes(b"x" * 123 + buffer.getvalue() + b"y" * 7)
     fd = os.open(path, os.O_RDONLY)
-    return _FileSlice(fd, 123, len(buffer.getvalue()), path)
+    return FileSlice(fd, 123, len(buffer.getvalue()), path)
 
 
 @pytest.mark.parametrize("tensor", [
@@ -37,11 +38,11 @@ def record(tmp_path, tensor) -> _FileSlice:
 def test_plain_tensors_are_located(tmp_path, tensor):
     stored = record(tmp_path, tensor)
     try:
-        dtype, shape, start, length = _raw_tensor_bytes(stored)
+        dtype, shape, start, length = raw_tensor_bytes(stored)
         assert dtype == tensor.dtype and shape == tuple(tensor.shape) and length == tensor.numel() * tensor.element_size()
         target = torch.full_like(tensor, 0) if tensor.numel() else torch.empty_like(tensor)
         if length:
-            safe_load._read_into(stored, target, start, length)
+            reader_module._read_into(stored, target, start, length)
         assert torch.equal(target, tensor)
     finally:
         os.close(stored._fd)
@@ -49,14 +50,14 @@ def test_plain_tensors_are_located(tmp_path, tensor):
 
 def test_the_buffered_path_of_device_targets(tmp_path, monkeypatch):
     # what a GPU target takes: pieces through a reused host buffer (exercised here on the host)
-    monkeypatch.setattr(safe_load, "_READ_INTO_CHUNK", 1000)
-    monkeypatch.setattr(safe_load, "_bounce", safe_load.threading.local())
+    monkeypatch.setattr(reader_module, "_READ_INTO_CHUNK", 1000)
+    monkeypatch.setattr(reader_module, "_bounce", reader_module.threading.local())
     tensor = torch.randn(33, 65)  # 8580 bytes: nine pieces, the last one short
     stored = record(tmp_path, tensor)
     try:
-        dtype, shape, start, length = _raw_tensor_bytes(stored)
+        dtype, shape, start, length = raw_tensor_bytes(stored)
         target = torch.zeros_like(tensor)
-        safe_load._read_into(stored, target, start, length, direct=False)
+        reader_module._read_into(stored, target, start, length, direct=False)
         assert torch.equal(target, tensor)
     finally:
         os.close(stored._fd)
@@ -70,7 +71,7 @@ def test_the_buffered_path_of_device_targets(tmp_path, monkeypatch):
 def test_anything_else_is_left_to_torch_load(tmp_path, tensor):
     stored = record(tmp_path, tensor)
     try:
-        assert _raw_tensor_bytes(stored) is None
+        assert raw_tensor_bytes(stored) is None
     finally:
         os.close(stored._fd)
 
@@ -79,25 +80,25 @@ def test_non_tensor_records_are_left_to_torch_load(tmp_path):
     for value in ({"a": torch.ones(2)}, [torch.ones(2), torch.ones(2)], 3.5):
         stored = record(tmp_path, value)
         try:
-            assert _raw_tensor_bytes(stored) is None
+            assert raw_tensor_bytes(stored) is None
         finally:
             os.close(stored._fd)
 
 
 def test_loads_take_the_raw_path_and_fall_back_where_they_must(tmp_path, monkeypatch):
-    storage = CheckpointStorage(tmp_path / "checkpoint")
+    storage = LocalStore(tmp_path / "checkpoint")
     saved = {"w": torch.randn(8, 16), "b": torch.randn(16).to(torch.bfloat16), "t": torch.randn(6, 4).t(),
              "step": torch.tensor(7.0), "meta": {"position": 3}}
     dcp.save(saved, storage_writer=storage.writer(1, {"kind": "full"}), no_dist=True)
     calls = {"raw": 0, "fallback": 0}
-    raw = safe_load._place_raw
+    raw = reader_module._place_raw
 
     def counting(planner, items, stored):
         done = raw(planner, items, stored)
         calls["raw" if done else "fallback"] += 1
         return done
 
-    monkeypatch.setattr(safe_load, "_place_raw", counting)
+    monkeypatch.setattr(reader_module, "_place_raw", counting)
     template = {"w": torch.zeros(8, 16), "b": torch.zeros(16, dtype=torch.bfloat16), "t": torch.zeros(4, 6),
                 "step": torch.tensor(0.0), "meta": {"position": 0}}
     storage.load(template, storage.step_dir(1), verify=True, no_dist=True)

@@ -1,6 +1,6 @@
 """Async saves through AsyncSaver: host staging arenas and the writer process.
 
-Real DCP saves into CheckpointStorage (single process), written by the real child process;
+Real DCP saves into LocalStore (single process), written by the real child process;
 the GPU side (pinned arenas, the stream gate, device snapshots) is exercised by
 benchmarks/gpu_train_check.sh and the benchmark on GPU hosts.
 """
@@ -14,18 +14,20 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from cairn.checkpoint.staging import AsyncSaver, HostStager, snapshot_fits
-from cairn.checkpoint.storage import FAULT_ENV, CheckpointError, CheckpointStorage, find_checkpoint_error
+from cairn.checkpoint.errors import CheckpointError, find_checkpoint_error
+from cairn.checkpoint.faults import FAULT_ENV
+from cairn.checkpoint.local import LocalStore
 from test_storage import assert_same, folder_names, load, make_state, save
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # DCP warns that no process group exists
 
 
 @pytest.fixture
-def storage(tmp_path) -> CheckpointStorage:
-    return CheckpointStorage(tmp_path / "checkpoint")
+def storage(tmp_path) -> LocalStore:
+    return LocalStore(tmp_path / "checkpoint")
 
 
-def submit(saver: AsyncSaver, storage: CheckpointStorage, step: int, state: dict):
+def submit(saver: AsyncSaver, storage: LocalStore, step: int, state: dict):
     writer = storage.writer(step, {"kind": "full"})
     if saver.writer_process is not None:
         writer.delegate = saver.write_data
@@ -33,7 +35,7 @@ def submit(saver: AsyncSaver, storage: CheckpointStorage, step: int, state: dict
     return writer
 
 
-def data_checksums(storage: CheckpointStorage, step: int) -> dict:
+def data_checksums(storage: LocalStore, step: int) -> dict:
     files = storage.read_manifest(storage.step_dir(step))["files"]
     return {name: record["checksum"] for name, record in files.items() if name.endswith(".distcp")}
 

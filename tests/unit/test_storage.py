@@ -1,4 +1,4 @@
-"""CheckpointStorage: commit protocol, crash consistency, corruption, safe loading, purge.
+"""LocalStore: commit protocol, crash consistency, corruption, safe loading, purge.
 
 Real DCP saves and loads throughout (single process here; 2 gloo ranks in
 tests/distributed/test_storage_dist.py). Crashes are real SIGKILLs of forked children.
@@ -30,18 +30,17 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.planner import LoadPlan
 
-from cairn.checkpoint import storage as storage_module
-from cairn.checkpoint.safe_load import load_full_state_dict, load_metadata_file
-from cairn.checkpoint.storage import (
-    FAULT_ENV,
-    MANIFEST_NAME,
-    CheckpointError,
-    CheckpointStorage,
-    CorruptCheckpointError,
-    UnsafeCheckpointError,
-    find_checkpoint_error,
-    is_hf_dir,
-)
+from cairn.checkpoint import fsio
+from cairn.checkpoint import reader as reader_module
+from cairn.checkpoint import writer as writer_module
+from cairn.checkpoint.errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError, find_checkpoint_error
+from cairn.checkpoint.faults import FAULT_ENV
+from cairn.checkpoint.fsio import is_hf_dir
+from cairn.checkpoint.layout import MANIFEST_NAME
+from cairn.checkpoint.local import LocalStore
+from cairn.checkpoint.manifest import manifest_bytes
+from cairn.checkpoint.reader import load_full_state_dict
+from cairn.checkpoint.dcp_metadata import load_metadata_file
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # DCP warns that no process group exists
 
@@ -74,25 +73,25 @@ def assert_same(actual, expected, path="") -> None:
         assert actual == expected, path
 
 
-def save(storage: CheckpointStorage, step: int, **info) -> dict:
+def save(storage: LocalStore, step: int, **info) -> dict:
     state = make_state(step)
     dcp.save(state, storage_writer=storage.writer(step, {"kind": "full", **info}), no_dist=True)
     return state
 
 
-def load(storage: CheckpointStorage, step: int, verify: bool = True) -> dict:
+def load(storage: LocalStore, step: int, verify: bool = True) -> dict:
     state = make_state(10_000)  # same structure, other values
     storage.load(state, storage.step_dir(step), verify=verify, no_dist=True)
     return state
 
 
-def folder_names(storage: CheckpointStorage) -> list[str]:
+def folder_names(storage: LocalStore) -> list[str]:
     return sorted(os.listdir(storage.folder))
 
 
 @pytest.fixture
-def storage(tmp_path) -> CheckpointStorage:
-    return CheckpointStorage(tmp_path / "checkpoint")
+def storage(tmp_path) -> LocalStore:
+    return LocalStore(tmp_path / "checkpoint")
 
 
 # --- commit protocol ---------------------------------------------------------------------
@@ -119,14 +118,14 @@ def test_sync_save_commits_roundtrips_and_verifies(storage):
 def test_step_is_invisible_until_published(storage, monkeypatch):
     save(storage, 1)
     seen = {}
-    publish = storage_module.publish_staging
+    publish = writer_module.publish_staging
 
     def checking_publish(folder, staging, step):
         seen["before"] = storage.committed_steps()
         seen["staged"] = sorted(os.listdir(staging))
         return publish(folder, staging, step)
 
-    monkeypatch.setattr(storage_module, "publish_staging", checking_publish)
+    monkeypatch.setattr(writer_module, "publish_staging", checking_publish)
     save(storage, 2)
     assert seen["before"] == [1]
     assert seen["staged"] == [".metadata", "__0_0.distcp", MANIFEST_NAME]
@@ -197,8 +196,8 @@ def test_stock_dcp_dirs_are_committed_and_load_safely(storage):
 @pytest.mark.parametrize("exchange", [True, False], ids=["renameat2-exchange", "two-renames"])
 def test_replacing_a_step(storage, monkeypatch, exchange):
     if not exchange:
-        monkeypatch.setattr(storage_module, "_exchange", lambda a, b: False)
-    elif storage_module._renameat2() is None:
+        monkeypatch.setattr(fsio, "exchange", lambda a, b: False)
+    elif fsio._renameat2() is None:
         pytest.skip("no renameat2 here")
     save(storage, 1)
     first = save(storage, 2)
@@ -242,8 +241,8 @@ def test_writer_starts_writeback_as_it_writes(storage, monkeypatch, checksums):
         calls.append((fd, offset, length, flags))
         return 0
 
-    monkeypatch.setattr(storage_module, "_sync_file_range", record)
-    monkeypatch.setattr(storage_module, "WRITEBACK_BYTES", 1 << 20)
+    monkeypatch.setattr(fsio, "_sync_file_range", record)
+    monkeypatch.setattr(fsio, "WRITEBACK_BYTES", 1 << 20)
     state = {"big": torch.randn(1 << 20), "small": torch.randn(8), "step": 3}  # a 4 MiB tensor
     dcp.save(state, storage_writer=storage.writer(1, {"kind": "full"}, checksums=checksums), no_dist=True)
     assert calls and all(flags == 2 for _, _, _, flags in calls)  # SYNC_FILE_RANGE_WRITE
@@ -261,7 +260,7 @@ def test_writeback_size_from_the_environment(storage, monkeypatch):
     # CAIRN_WRITEBACK_MB: another size, 0 for never; a bad value names the variable when the
     # writer is made, before anything is written.
     calls: list[int] = []
-    monkeypatch.setattr(storage_module, "_sync_file_range", lambda fd, offset, length, flags: calls.append(length) or 0)
+    monkeypatch.setattr(fsio, "_sync_file_range", lambda fd, offset, length, flags: calls.append(length) or 0)
     state = {"big": torch.randn(1 << 20)}
     monkeypatch.setenv("CAIRN_WRITEBACK_MB", "0")
     dcp.save(state, storage_writer=storage.writer(1, {"kind": "full"}), no_dist=True)
@@ -282,9 +281,9 @@ def test_start_writeback_on_this_platform(tmp_path):
     with open(path, "wb") as f:
         f.write(os.urandom(1 << 16))
         f.flush()
-        started = storage_module.start_writeback(f.fileno(), 0, 1 << 16)
+        started = fsio.start_writeback(f.fileno(), 0, 1 << 16)
     assert started is sys.platform.startswith("linux")
-    assert storage_module.start_writeback(123456, 0, 0) is False  # nothing to write back
+    assert fsio.start_writeback(123456, 0, 0) is False  # nothing to write back
 
 
 def _zip_crcs(step_dir: Path, fqn: str) -> list[int]:
@@ -323,16 +322,14 @@ def test_writer_skips_torch_save_crc32_and_restores_the_setting(storage, checksu
 
 
 def test_read_ahead_budget_and_shared_items(storage, monkeypatch):
-    from cairn.checkpoint import safe_load
-
     saved = save(storage, 1)
     # A budget smaller than any item: the reader still goes one item at a time.
-    monkeypatch.setattr(safe_load, "READ_AHEAD_BYTES", 1)
+    monkeypatch.setattr(reader_module, "READ_AHEAD_BYTES", 1)
     assert_same(load(storage, 1, verify=False), saved)
     # Two requests served by one stored item (a row split of one saved tensor) read it once.
     reads = []
     real = torch.load
-    monkeypatch.setattr(safe_load.torch, "load", lambda f, **kw: reads.append(f) or real(f, **kw))
+    monkeypatch.setattr(reader_module.torch, "load", lambda f, **kw: reads.append(f) or real(f, **kw))
     reader = storage.reader(storage.step_dir(1))
     metadata = reader.read_metadata()
     reader.set_up_storage_reader(metadata, True)
@@ -353,9 +350,7 @@ def test_verifying_read_hashes_behind_the_reads_in_file_order(storage, monkeypat
     """A thread of its own hashes each file, following the read-ahead thread through it. With
     reads of 64 bytes every file takes many rounds between the two, and the hashes still come
     out whole and in file order (an intact step loads) and see a flip anywhere."""
-    from cairn.checkpoint import safe_load
-
-    monkeypatch.setattr(safe_load, "_READ_CHUNK", 64)
+    monkeypatch.setattr(reader_module, "_READ_CHUNK", 64)
     state = make_state(1)
     dcp.save(state, storage_writer=storage.writer(1, {"kind": "full"}, thread_count=2), no_dist=True)
     step_dir = storage.step_dir(1)
@@ -371,8 +366,8 @@ def test_verifying_read_hashes_behind_the_reads_in_file_order(storage, monkeypat
             _flip(path, offset)
     # The hashing thread finished every data file itself: none was hashed again afterwards.
     rehashed = []
-    real_check = safe_load.check_files
-    monkeypatch.setattr(safe_load, "check_files", lambda *a, only=None, **kw: rehashed.extend(only or ["(all)"])
+    real_check = reader_module.check_files
+    monkeypatch.setattr(reader_module, "check_files", lambda *a, only=None, **kw: rehashed.extend(only or ["(all)"])
                         or real_check(*a, only=only, **kw))
     target = make_state(0)
     reader = storage.reader(step_dir, verify=True)
@@ -389,7 +384,8 @@ def test_read_of_a_short_file_names_it(storage):
     data = storage.step_dir(4) / "__0_0.distcp"
     with open(data, "r+b") as f:
         f.truncate(data.stat().st_size // 2)
-    with pytest.raises(CheckpointError, match="__0_0.distcp: ends at byte"):
+    # named before any byte is read: the items that lie past the file's end, and its real size
+    with pytest.raises(CorruptCheckpointError, match=r"claims bytes \d+\.\.\d+ of __0_0.distcp, which has \d+ bytes"):
         load(storage, 4, verify=False)
 
 
@@ -397,7 +393,7 @@ def test_bad_arguments(storage, tmp_path):
     a_file = tmp_path / "not_a_dir"
     a_file.write_text("x")
     with pytest.raises(CheckpointError, match="--checkpoint.folder"):
-        CheckpointStorage(a_file)
+        LocalStore(a_file)
     with pytest.raises(ValueError, match="files"):
         storage.writer(1, {"files": 1})
     with pytest.raises(ValueError, match="keep_latest_k"):
@@ -409,7 +405,7 @@ def test_bad_arguments(storage, tmp_path):
 
 def _crash_child(folder: str, point: str, action: str, step: int, mode: str) -> None:
     os.environ[FAULT_ENV] = point
-    storage = CheckpointStorage(folder)
+    storage = LocalStore(folder)
     if action == "purge":
         storage.purge(1)
     else:
@@ -479,7 +475,7 @@ def test_crash_leaves_committed_steps_intact(storage, point, action, step, mode)
 
 
 def test_crash_between_the_two_renames_of_a_fallback_replace(storage, monkeypatch):
-    monkeypatch.setattr(storage_module, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(fsio, "exchange", lambda a, b: False)
     saved = {1: save(storage, 1), 2: save(storage, 2)}
     _run_crashing(storage.folder, "during_replace", step=2)
     assert not (storage.folder / "step-2").exists()
@@ -526,7 +522,7 @@ def _write_with_file_size_limit(folder: str, queue) -> None:
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
     try:
-        dcp.save(make_state(2), storage_writer=CheckpointStorage(folder).writer(2, {"kind": "full"}), no_dist=True)
+        dcp.save(make_state(2), storage_writer=LocalStore(folder).writer(2, {"kind": "full"}), no_dist=True)
         queue.put("saved")
     except BaseException as e:
         error = find_checkpoint_error(e)
@@ -663,8 +659,8 @@ def _resign_manifest(step_dir: Path) -> None:
     manifest = json.loads((step_dir / MANIFEST_NAME).read_bytes())
     del manifest["manifest_checksum"]
     for name, record in manifest["files"].items():
-        record["size"], record["checksum"] = storage_module._hash_file(step_dir / name)
-    (step_dir / MANIFEST_NAME).write_bytes(storage_module._manifest_bytes(manifest))
+        record["size"], record["checksum"] = fsio.hash_file(step_dir / name)
+    (step_dir / MANIFEST_NAME).write_bytes(manifest_bytes(manifest))
 
 
 @pytest.mark.parametrize("written_by", ["stock", "cairn", "cairn-resigned"])

@@ -19,7 +19,7 @@ import re
 
 import torch
 
-from cairn.checkpoint.hf import HFCheckpointError
+from cairn.checkpoint.errors import HFCheckpointError
 from cairn.models.llama3.flavors import llama3_flavors
 from cairn.models.llama3.model import TransformerModelArgs
 

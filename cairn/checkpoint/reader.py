@@ -1,27 +1,24 @@
-"""Reading checkpoints without running code that came from them.
+"""Reading a step into a state dict without running code from it, checked before it is trusted.
 
-Stock DCP unpickles bytes from the checkpoint in two places: the ``.metadata`` file
-(``pickle.load``) and every non-tensor item (``torch.load(weights_only=False)`` in
-``DefaultLoadPlanner.load_bytes``). A crafted file runs its payload in either. Here:
+Stock DCP unpickles bytes from the checkpoint in two places: the ``.metadata`` file and every
+non-tensor item (``torch.load(weights_only=False)`` in ``DefaultLoadPlanner.load_bytes``). A
+crafted file runs its payload in either. Here:
 
-- ``.metadata`` goes through an allowlist unpickler that resolves only the classes DCP's
-  metadata is made of (its dataclasses, ``torch.Size``, dtypes, layouts, paths); any other
-  global is refused before it is imported, so a payload never runs;
+- ``.metadata`` goes through the allowlist unpickler of ``dcp_metadata``;
 - non-tensor items load with ``torch.load(weights_only=True)`` (``SafeLoadPlanner``);
-- tensor items already load with ``weights_only=True`` in DCP's FileSystemReader; the tests
-  check that on every torch version they run on.
+- tensor items are read straight into their targets when the record is a plain tensor, else
+  with ``torch.load(weights_only=True)``.
 
-``SafeFileSystemReader`` also checks every file's size against the cairn manifest before
-reading (a missing or truncated file is named, rather than failing deep inside a read),
-and with ``verify=True`` checks hashes: ``.metadata`` before it is parsed, each data file
-before the rank that reads it reads it.
+``SafeFileSystemReader`` also checks, before it reads a byte of data: the manifest (its
+checksum, that it belongs to this step folder and to the save whose metadata it is with),
+every file's size against the manifest, and every item's offset and length against the real
+file; it opens only regular files, never following a link. With ``verify=True`` it checks
+hashes: ``.metadata`` before it is parsed, each data file while the rank that reads it reads it.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import importlib
 import io
 import logging
 import os
@@ -35,32 +32,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed.checkpoint.metadata as metadata_module
 import xxhash
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import FileSystemReader
-from torch.distributed.checkpoint.metadata import (
-    BytesStorageMetadata,
-    Metadata,
-    MetadataIndex,
-    StorageMeta,
-    TensorStorageMetadata,
-)
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.futures import Future
 
-from cairn.checkpoint.storage import (
+from cairn.checkpoint.dcp_metadata import load_metadata_file, out_of_bounds, save_id_of, written_by_cairn
+from cairn.checkpoint.errors import CheckpointError, UnsafeCheckpointError, corrupt_error, reraise_user_error
+from cairn.checkpoint.fsio import NotRegularFileError, open_regular, regular_file_stat
+from cairn.checkpoint.layout import MANIFEST_NAME, METADATA_NAME
+from cairn.checkpoint.manifest import (
     CHECKSUM_ALGORITHM,
-    MANIFEST_NAME,
-    METADATA_NAME,
-    SAVE_ID_PREFIX,
-    CheckpointError,
-    UnsafeCheckpointError,
-    _corrupt,
-    _holds,
-    _parse_manifest,
     check_files,
+    check_identity,
+    folder_step,
+    holds,
+    read_manifest,
 )
+from cairn.checkpoint.torchzip import raw_tensor_bytes, record_sizes_fit
 
 logger = logging.getLogger("cairn")
 
@@ -72,128 +63,18 @@ except ImportError:  # pragma: no cover
             root = root[key]
         root[path[-1]] = value
 
-_DCP_METADATA_MODULE = "torch.distributed.checkpoint.metadata"
-_PATH_CLASSES = frozenset({"Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath"})
-# module -> names a DCP .metadata may reference. Also admitted (see find_class): any class
-# defined in DCP's metadata module (its plain dataclasses and enums, including ones a later
-# torch adds) and, from ``torch``, dtypes and layouts by value.
-_ALLOWED_GLOBALS: dict[str, frozenset[str]] = {
-    "torch.distributed.checkpoint.filesystem": frozenset({"_StorageInfo"}),
-    "torch.serialization": frozenset({"_get_layout"}),
-    "torch": frozenset({"Size"}),
-    "collections": frozenset({"OrderedDict"}),
-    "builtins": frozenset({"set", "frozenset"}),
-    "copyreg": frozenset({"_reconstructor"}),
-    "pathlib": _PATH_CLASSES,
-    "pathlib._local": _PATH_CLASSES,  # where Python 3.13+ pickles its paths
-}
 
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickles DCP metadata; refuses every global outside ``_ALLOWED_GLOBALS``."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if module == _DCP_METADATA_MODULE:
-            value = getattr(metadata_module, name, None)
-            if isinstance(value, type) and value.__module__ == _DCP_METADATA_MODULE:
-                return value
-        elif module == "torch" and name not in _ALLOWED_GLOBALS["torch"]:
-            value = getattr(torch, name, None)
-            if isinstance(value, (torch.dtype, torch.layout)):
-                return value
-        elif name in _ALLOWED_GLOBALS.get(module, ()):
-            if module == "pathlib._local":
-                module = "pathlib"  # a file from Python 3.13+ read on an older Python
-            return getattr(importlib.import_module(module), name)
-        raise UnsafeCheckpointError(f"it references {module}.{name}, which DCP metadata never contains")
-
-    def persistent_load(self, pid: Any) -> Any:
-        raise UnsafeCheckpointError("it holds a persistent reference, which DCP metadata never contains")
-
-
-def load_metadata_file(path: str | os.PathLike) -> Metadata:
-    """DCP metadata from ``path`` without running code from it; CheckpointError names the file."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            metadata = _MetadataUnpickler(f).load()
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing: {path.parent} is not a DCP checkpoint, or its save never "
-                              "finished") from None
-    except UnsafeCheckpointError as e:
-        raise UnsafeCheckpointError(f"refusing to load {path}: {e}; the file is crafted or not DCP metadata. "
-                                    "Nothing from it was run") from None
-    except Exception as e:  # truncated or garbled pickles raise a zoo of types
-        raise _corrupt(path.parent, [f"{path}: unreadable DCP metadata ({type(e).__name__}: {e})"]) from None
-    problems = _metadata_shape_problems(metadata, path)
-    if problems:
-        raise _corrupt(path.parent, problems)
-    return metadata
-
-
-def _metadata_shape_problems(metadata: Any, path: Path) -> list[str]:
-    if not isinstance(metadata, Metadata):
-        return [f"{path}: holds a {type(metadata).__name__}, not DCP Metadata"]
-    if not isinstance(metadata.state_dict_metadata, dict) or not isinstance(metadata.storage_data, dict):
-        return [f"{path}: DCP metadata without its state_dict_metadata/storage_data tables"]
-    problems = []
-    for index, info in metadata.storage_data.items():
-        relative_path = getattr(info, "relative_path", None)
-        offset, length = getattr(info, "offset", None), getattr(info, "length", None)
-        # A crafted entry could point outside the checkpoint (``../../etc/passwd``).
-        if (not isinstance(relative_path, str) or not relative_path or "/" in relative_path
-                or "\\" in relative_path or relative_path in (".", "..")):
-            problems.append(f"{path}: item {getattr(index, 'fqn', index)!r} points to an invalid file name "
-                            f"{relative_path!r}")
-        elif not (isinstance(offset, int) and isinstance(length, int) and offset >= 0 and length >= 0):
-            problems.append(f"{path}: item {index.fqn!r} has an invalid offset/length ({offset}, {length})")
-    return problems
-
-
-def written_by_cairn(metadata: Metadata) -> bool:
-    save_id = getattr(getattr(metadata, "storage_meta", None), "save_id", None)
-    return isinstance(save_id, str) and save_id.startswith(SAVE_ID_PREFIX)
-
-
-def check_dcp_structure(step_dir: str | os.PathLike, manifest_expected: bool = False) -> list[str]:
-    """Problems in a DCP dir's structure: unsafe/unreadable ``.metadata``, items outside their files.
-
-    ``manifest_expected``: the dir has no manifest; report that if cairn wrote the metadata.
-    """
-    step_dir = Path(step_dir)
-    try:
-        metadata = load_metadata_file(step_dir / METADATA_NAME)
-    except CheckpointError as e:
-        return list(getattr(e, "problems", None) or [str(e)])
-    problems = []
-    if manifest_expected and written_by_cairn(metadata):
-        problems.append(f"{step_dir / MANIFEST_NAME}: missing (cairn wrote this step, with a manifest)")
-    sizes: dict[str, int | None] = {}
-    for index, info in metadata.storage_data.items():
-        name = info.relative_path
-        if name not in sizes:
-            try:
-                sizes[name] = (step_dir / name).stat().st_size
-            except FileNotFoundError:
-                sizes[name] = None
-                problems.append(f"{step_dir / name}: missing (DCP metadata points to it)")
-        if sizes[name] is not None and info.offset + info.length > sizes[name]:
-            problems.append(f"{step_dir / name}: item {index.fqn!r} ends at byte {info.offset + info.length}, "
-                            f"past the end of the file ({sizes[name]} bytes)")
-    for fqn, item in metadata.state_dict_metadata.items():
-        if isinstance(item, TensorStorageMetadata):
-            indexes = [MetadataIndex(fqn, chunk.offsets) for chunk in item.chunks]
-        elif isinstance(item, BytesStorageMetadata):
-            indexes = [MetadataIndex(fqn)]
-        else:
-            continue
-        if any(index not in metadata.storage_data for index in indexes):
-            problems.append(f"{step_dir / METADATA_NAME}: {fqn!r} has no stored data")
-    return problems
+def weights_only_refusal(error: BaseException) -> str:
+    """What ``torch.load(weights_only=True)`` refused, without torch's advice to load unsafely."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in lines:
+        if "GLOBAL" in line or "Unsupported" in line or "global" in line.lower():
+            return line.rstrip(".")
+    return "it holds something other than tensors and plain Python values"
 
 
 class SafeFileSystemReader(FileSystemReader):
-    """DCP's FileSystemReader that never unpickles code and checks files against the manifest."""
+    """DCP's FileSystemReader that never unpickles code and checks files before it reads them."""
 
     def __init__(self, path: str | os.PathLike, *, verify: bool = False):
         super().__init__(path)
@@ -202,33 +83,36 @@ class SafeFileSystemReader(FileSystemReader):
         self._manifest: dict | None = None
         self._manifest_checked = False
         self._verified: set[str] = set()
+        self._bounds_checked = False
         # Seconds the reads waited, once done, for the hashing thread (verify): what it added to them.
         self.hash_wait_s = 0.0
+
+    @property
+    def manifest(self) -> dict | None:
+        return self._manifest
 
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
         super().reset(checkpoint_id)
         if checkpoint_id:
             self._manifest, self._manifest_checked, self._verified = None, False, set()
+            self._bounds_checked = False
 
     def _check_manifest(self) -> None:
         if self._manifest_checked:
             return
         step_dir = Path(self.path)
-        try:
-            raw = (step_dir / MANIFEST_NAME).read_bytes()
-        except FileNotFoundError:
-            raw = None
-        if raw is None and self.verify:
+        manifest = read_manifest(step_dir)
+        if manifest is None and self.verify:
             logger.warning("%s has no %s (not written by cairn): checksums cannot be verified", step_dir,
                            MANIFEST_NAME)
-        if raw is not None:
-            manifest = _parse_manifest(raw, step_dir / MANIFEST_NAME)
-            problems = check_files(step_dir, manifest, checksums=False)
+        if manifest is not None:
+            problems = check_identity(manifest, folder_step(step_dir), step_dir / MANIFEST_NAME)
+            problems += check_files(step_dir, manifest, checksums=False)
             if not problems and self.verify:
                 problems = check_files(step_dir, manifest, checksums=True, only=[METADATA_NAME])
                 self._verified.add(METADATA_NAME)
             if problems:
-                raise _corrupt(step_dir, problems)
+                raise corrupt_error(step_dir, problems)
             self._manifest = manifest
         self._manifest_checked = True
 
@@ -239,9 +123,14 @@ class SafeFileSystemReader(FileSystemReader):
         try:
             self._check_manifest()
             metadata = load_metadata_file(self._get_metadata_path(rank))
+            step_dir = Path(self.path)
             if self._manifest is None and written_by_cairn(metadata):
-                raise _corrupt(Path(self.path), [f"{Path(self.path) / MANIFEST_NAME}: missing (cairn wrote this "
-                                                 "step, with a manifest)"])
+                raise corrupt_error(step_dir, [f"{step_dir / MANIFEST_NAME}: missing (cairn wrote this step, with "
+                                               "a manifest)"])
+            if self._manifest is not None:
+                problems = check_identity(self._manifest, None, step_dir / MANIFEST_NAME, save_id_of(metadata))
+                if problems:
+                    raise corrupt_error(step_dir, problems)
         except CheckpointError as e:
             self.last_error = e
             raise
@@ -252,6 +141,7 @@ class SafeFileSystemReader(FileSystemReader):
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         try:
+            self._check_bounds(plan)
             if self.verify and self._manifest is not None:
                 return self._read_verified(plan, planner)
             return self._read(plan, planner)
@@ -260,10 +150,35 @@ class SafeFileSystemReader(FileSystemReader):
             raise
         except pickle.UnpicklingError as e:  # a tensor item that is not a plain tensor
             error = UnsafeCheckpointError(f"refusing to load a tensor item from {self.path}: "
-                                          f"{str(e).splitlines()[0]}")
+                                          f"{weights_only_refusal(e)}; nothing from it was run")
             self.last_error = error
             raise error from None
 
+    def _check_bounds(self, plan: LoadPlan) -> None:
+        """Every item this rank reads lies inside a regular file of the step: checked against
+        the real files before any byte is read or any buffer allocated for it."""
+        step_dir = Path(self.path)
+        sizes: dict[str, int] = {}
+        problems: list[str] = []
+        for item in plan.items:
+            info = self.storage_data[item.storage_index]
+            name = info.relative_path
+            if name not in sizes:
+                try:
+                    sizes[name] = regular_file_stat(step_dir / name).st_size
+                except FileNotFoundError:
+                    sizes[name] = -1
+                    problems.append(f"{step_dir / name}: missing (DCP metadata points to it)")
+                except NotRegularFileError as e:
+                    sizes[name] = -1
+                    problems.append(str(e))
+            if sizes[name] >= 0:
+                problem = out_of_bounds(name, item.storage_index.fqn, info.offset, info.length, sizes[name],
+                                        step_dir / name)
+                if problem is not None:
+                    problems.append(problem)
+        if problems:
+            raise corrupt_error(step_dir, list(dict.fromkeys(problems)))
 
     def _read_verified(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         """Hash the files this rank reads while it reads them: one pass over a cold disk, not two.
@@ -299,9 +214,11 @@ class SafeFileSystemReader(FileSystemReader):
             record = files[name]
             if record.get("checksum") and checksum != record["checksum"]:
                 problems.append(f"{Path(self.path) / name}: checksum mismatch ({CHECKSUM_ALGORITHM} {checksum}, "
-                                f"manifest says {record['checksum']}){_holds(record)}")
+                                f"manifest says {record['checksum']}){holds(record)}")
+        unlisted = sorted(name for name in names if name not in files)
+        problems += [f"{Path(self.path) / name}: not in the manifest, so it cannot be verified" for name in unlisted]
         if problems:
-            raise _corrupt(Path(self.path), problems) from read_error
+            raise corrupt_error(Path(self.path), problems) from read_error
         if read_error is not None:
             raise read_error
         self._verified |= names
@@ -330,9 +247,9 @@ class SafeFileSystemReader(FileSystemReader):
         slots = threading.Semaphore(2 * PLACE_THREADS)
         pool = ThreadPoolExecutor(max_workers=PLACE_THREADS, thread_name_prefix="cairn-load")
 
-        def place(index: int, items: list[ReadItem], stored: _FileSlice) -> None:
+        def place(index: int, items: list[ReadItem], stored: FileSlice) -> None:
             try:
-                _place(planner, items, stored)
+                place_items(planner, items, stored)
             finally:
                 prefetch.consumed(index)
                 slots.release()
@@ -342,8 +259,8 @@ class SafeFileSystemReader(FileSystemReader):
                 path, offset, length = key
                 prefetch.wait_for(index)
                 if path not in handles:
-                    handles[path] = os.open(folder / path, os.O_RDONLY)
-                stored = _FileSlice(handles[path], offset, length, folder / path)
+                    handles[path] = open_regular(folder / path)
+                stored = FileSlice(handles[path], offset, length, folder / path)
                 slots.acquire()
                 if by_key[key][0].type == LoadItemType.BYTE_IO:  # sets into the state dict: this thread only
                     place(index, by_key[key], stored)
@@ -365,6 +282,20 @@ class SafeFileSystemReader(FileSystemReader):
         future: Future[None] = Future()
         future.set_result(None)
         return future
+
+
+class CachedMetadataReader(SafeFileSystemReader):
+    """A ``SafeFileSystemReader`` that reads (and checks) ``.metadata`` once, for the many
+    single-key loads of one command or conversion."""
+
+    def __init__(self, path: str | os.PathLike, *, verify: bool = False):
+        super().__init__(path, verify=verify)
+        self.metadata: Metadata | None = None
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        if self.metadata is None:
+            self.metadata = super().read_metadata(*args, **kwargs)
+        return self.metadata
 
 
 READ_AHEAD_BYTES = 1 << 30
@@ -431,7 +362,7 @@ class _Prefetch:
                 if path != name:
                     if handle is not None:
                         os.close(handle)
-                    handle, name = os.open(self._folder / path, os.O_RDONLY), path
+                    handle, name = open_regular(self._folder / path), path
                 got = 0
                 while got < length:  # preadv releases the GIL; a short file ends early (the reader names it)
                     n = os.preadv(handle, [scratch[:min(_READ_CHUNK, length - got)]], offset + got)
@@ -447,7 +378,7 @@ class _Prefetch:
                     self._done = index
                     self._cond.notify_all()
             self._complete = True
-        except OSError:
+        except (OSError, CheckpointError):
             pass  # the reader meets the same error itself, with its own message
         finally:
             if handle is not None:
@@ -466,8 +397,8 @@ class _Prefetch:
         for path in self._hash_order:
             digest, pos = xxhash.xxh3_128(), 0
             try:
-                handle = os.open(self._folder / path, os.O_RDONLY)
-            except OSError:
+                handle = open_regular(self._folder / path)
+            except (OSError, CheckpointError):
                 return
             try:
                 size = os.fstat(handle).st_size
@@ -509,14 +440,17 @@ class _Prefetch:
             self.hash_wait_s = time.perf_counter() - start
 
 
-class _FileSlice(io.RawIOBase):
-    """Bytes ``offset .. offset + length`` of a file (an fd, read with pread: threads may share
-    it), as a seekable file of their own."""
+class StoredItem(io.RawIOBase):
+    """The bytes of one stored item (``length`` of them, from ``path``), as a seekable file of
+    their own. Subclasses implement ``_pread(view, position)``."""
 
-    def __init__(self, fd: int, offset: int, length: int, path: Path):
+    def __init__(self, length: int, path: str | os.PathLike):
         super().__init__()
-        self._fd, self._start, self._length, self._path = fd, offset, length, path
+        self.length, self.path = length, path
         self._pos = 0
+
+    def _pread(self, view: memoryview, position: int) -> int:
+        raise NotImplementedError
 
     def readable(self) -> bool:
         return True
@@ -528,28 +462,53 @@ class _FileSlice(io.RawIOBase):
         return self._pos
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.length}[whence]
         self._pos = max(0, base + offset)
         return self._pos
 
     def readinto(self, out) -> int:
         view = memoryview(out).cast("B")
-        want = max(0, min(len(view), self._length - self._pos))
+        want = max(0, min(len(view), self.length - self._pos))
         got = 0
-        while got < want:  # preadv releases the GIL
-            n = os.preadv(self._fd, [view[got:want]], self._start + self._pos + got)
+        while got < want:
+            n = self._pread(view[got:want], self._pos + got)
             if not n:
-                raise CheckpointError(f"{self._path}: ends at byte {self._start + self._pos + got}, but the checkpoint "
-                                      f"metadata places an item at bytes {self._start}..{self._start + self._length}")
+                raise CheckpointError(f"{self.path}: ends within an item that the checkpoint metadata places "
+                                      f"there ({self.length} bytes)")
             got += n
         self._pos += got
         return got
 
     def read(self, size: int = -1) -> bytes:
-        want = self._length - self._pos if size is None or size < 0 else min(size, self._length - self._pos)
+        want = self.length - self._pos if size is None or size < 0 else min(size, self.length - self._pos)
         out = bytearray(max(0, want))
         self.readinto(out)
         return bytes(out)
+
+
+class FileSlice(StoredItem):
+    """Bytes ``offset .. offset + length`` of a file (an fd, read with pread: threads may share it)."""
+
+    def __init__(self, fd: int, offset: int, length: int, path: Path):
+        super().__init__(length, path)
+        self._fd, self._start = fd, offset
+
+    def _pread(self, view: memoryview, position: int) -> int:
+        return os.preadv(self._fd, [view], self._start + position)  # releases the GIL
+
+
+class BytesSlice(StoredItem):
+    """Bytes ``offset .. offset + length`` of a buffer in memory (an object read from a store)."""
+
+    def __init__(self, buffer, offset: int, length: int, path: str):
+        super().__init__(length, path)
+        self._buffer, self._start = memoryview(buffer).cast("B"), offset
+
+    def _pread(self, view: memoryview, position: int) -> int:
+        start = self._start + position
+        n = max(0, min(len(view), len(self._buffer) - start))
+        view[:n] = self._buffer[start:start + n]
+        return n
 
 
 def _tiles(ranges: list[tuple[int, int]], size: int | None) -> bool:
@@ -562,129 +521,14 @@ def _tiles(ranges: list[tuple[int, int]], size: int | None) -> bool:
     return size is not None and end == size
 
 
-class _TensorRecordUnpickler(pickle.Unpickler):
-    """Reads a tensor record's ``data.pkl`` into (storage dtype, storage numel, offset, size,
-    stride) without touching its storage bytes. Admits only what ``torch.save`` of a plain
-    tensor writes; anything else raises, and the record goes through ``torch.load`` instead."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
-            return _tensor_layout
-        if (module, name) == ("collections", "OrderedDict"):
-            return collections.OrderedDict
-        if module == "torch" and name.endswith("Storage") and name in _TYPED_STORAGES:
-            return _TYPED_STORAGES[name]
-        raise pickle.UnpicklingError(f"{module}.{name}")
-
-    def persistent_load(self, pid: Any) -> Any:
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
-                and isinstance(pid[1], torch.dtype)):
-            raise pickle.UnpicklingError("not a typed storage reference")
-        _, dtype, key, _location, numel = pid
-        return ("storage", dtype, str(key), int(numel))
-
-
-def _typed_storages() -> dict[str, torch.dtype]:
-    """torch.save names a storage by its legacy typed-storage class (torch.FloatStorage, ...)."""
-    import warnings
-
-    out = {}
-    for name in dir(torch):
-        if not name.endswith("Storage") or name in ("Storage", "TypedStorage", "UntypedStorage"):
-            continue
-        with contextlib.suppress(Exception), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # TypedStorage's deprecation notice
-            dtype = getattr(torch, name).dtype
-            if isinstance(dtype, torch.dtype) and not dtype.is_complex and not str(dtype).startswith("torch.q"):
-                out[name] = dtype
-    return out
-
-
-_TYPED_STORAGES = _typed_storages()
-
-
-def _tensor_layout(storage, offset, size, stride, requires_grad=False, hooks=None, *_):
-    return ("tensor", storage, int(offset), tuple(size), tuple(stride))
-
-
-_LOCAL_HEADER = 30  # bytes of a zip local file header before its name and extra field
-
-
-def zip_local_header(f, info) -> tuple[bytes, int]:
-    """(the fixed part of ``info``'s local file header, where the entry's bytes start) in the
-    zip archive ``f`` (a seekable binary file); BadZipFile if no local header is there."""
-    import zipfile
-
-    f.seek(info.header_offset)
-    header = f.read(_LOCAL_HEADER)
-    if len(header) != _LOCAL_HEADER or header[:4] != b"PK\x03\x04":
-        raise zipfile.BadZipFile(f"no local file header for {info.filename} at byte {info.header_offset}")
-    name_length, extra_length = int.from_bytes(header[26:28], "little"), int.from_bytes(header[28:30], "little")
-    return header, info.header_offset + _LOCAL_HEADER + name_length + extra_length
-
-
 _READ_INTO_CHUNK = 32 << 20
+# Whether whole stored tensors are read straight into their targets (the raw path); False sends
+# every tensor through torch.load (benchmarks/storage_bench.py measures both).
+RAW_PLACEMENT = True
 _bounce = threading.local()  # per placing thread: a reused host buffer for device targets
 
 
-def _raw_tensor_bytes(stored: _FileSlice) -> tuple[torch.dtype, tuple[int, ...], int, int] | None:
-    """(dtype, shape, offset, length) of a ``torch.save``d tensor's bytes inside ``stored``,
-    when the record holds one contiguous tensor that is its whole storage, stored
-    uncompressed, little-endian; None for anything else (``torch.load`` reads those)."""
-    import zipfile
-
-    def entry(info: zipfile.ZipInfo) -> tuple[int, int] | None:
-        """(start, length) of an uncompressed entry's bytes, from its local header. Not
-        ``ZipFile.read``: cairn writes these records without CRC32s (see storage._zip_crc32_off)."""
-        if info.compress_type != zipfile.ZIP_STORED:
-            return None
-        try:
-            return zip_local_header(stored, info)[1], info.file_size
-        except zipfile.BadZipFile:
-            return None
-
-    def read(info: zipfile.ZipInfo) -> bytes | None:
-        where = entry(info)
-        if where is None or where[1] > (1 << 20):
-            return None
-        stored.seek(where[0])
-        return stored.read(where[1])
-
-    try:
-        with zipfile.ZipFile(stored) as archive:
-            infos = archive.infolist()
-        pickles = [i for i in infos if i.filename.endswith("/data.pkl")]
-        storages = [i for i in infos if i.filename.split("/")[-2:-1] == ["data"]]
-        orders = [i for i in infos if i.filename.endswith("/byteorder")]
-        if len(pickles) != 1 or len(storages) != 1 or len(orders) > 1:
-            return None
-        if orders and read(orders[0]) != b"little":
-            return None
-        data_pkl = read(pickles[0])
-        if data_pkl is None:
-            return None
-        layout = _TensorRecordUnpickler(io.BytesIO(data_pkl)).load()
-    except (zipfile.BadZipFile, pickle.UnpicklingError, ValueError, TypeError, EOFError, KeyError,
-            AttributeError, IndexError):
-        return None
-    info = storages[0]
-    if not (isinstance(layout, tuple) and len(layout) == 5 and layout[0] == "tensor"):
-        return None
-    _, (_, dtype, key, numel), offset, size, stride = layout
-    expected_stride, running = [], 1
-    for dim in reversed(size):
-        expected_stride.append(running)
-        running *= dim
-    if (info.filename.rsplit("/", 1)[-1] != key or offset != 0 or numel != running
-            or tuple(reversed(expected_stride)) != stride or info.file_size != numel * dtype.itemsize):
-        return None
-    where = entry(info)
-    if where is None or where[0] + where[1] > stored._length:
-        return None
-    return dtype, size, where[0], where[1]
-
-
-def _read_into(stored: _FileSlice, target: torch.Tensor, start: int, length: int, *,
+def _read_into(stored: StoredItem, target: torch.Tensor, start: int, length: int, *,
                direct: bool | None = None) -> None:
     """The bytes ``start .. start + length`` of ``stored`` into the contiguous ``target``:
     straight into its memory on the host (``direct``), else through a reused host buffer in
@@ -697,7 +541,7 @@ def _read_into(stored: _FileSlice, target: torch.Tensor, start: int, length: int
         view = memoryview(flat.numpy())
         got = stored.readinto(view)
         if got != length:
-            raise CheckpointError(f"{stored._path}: {got} of {length} bytes of a tensor record")
+            raise CheckpointError(f"{stored.path}: {got} of {length} bytes of a tensor record")
         return
     buffer = getattr(_bounce, "buffer", None)
     if buffer is None:
@@ -707,20 +551,20 @@ def _read_into(stored: _FileSlice, target: torch.Tensor, start: int, length: int
         n = min(_READ_INTO_CHUNK, length - done)
         stored.seek(start + done)
         if stored.readinto(memoryview(buffer.numpy())[:n]) != n:
-            raise CheckpointError(f"{stored._path}: a tensor record ends early")
+            raise CheckpointError(f"{stored.path}: a tensor record ends early")
         flat[done:done + n].copy_(buffer[:n])  # synchronous: the buffer is reused next
         done += n
 
 
-def _place_raw(planner: LoadPlanner, items: list[ReadItem], stored: _FileSlice) -> bool:
+def _place_raw(planner: LoadPlanner, items: list[ReadItem], stored: StoredItem) -> bool:
     """The common case without deserializing: one read item taking a whole stored tensor into a
     contiguous target of its dtype and shape. False (nothing done) for any other case."""
-    if len(items) != 1:
+    if len(items) != 1 or not RAW_PLACEMENT:
         return False
     item = items[0]
     if any(start != 0 for start in item.storage_offsets):
         return False
-    raw = _raw_tensor_bytes(stored)
+    raw = raw_tensor_bytes(stored, stored.length)
     if raw is None:
         return False
     dtype, shape, start, length = raw
@@ -736,21 +580,32 @@ def _place_raw(planner: LoadPlanner, items: list[ReadItem], stored: _FileSlice) 
     return True
 
 
-def _place(planner: LoadPlanner, items: list[ReadItem], stored: _FileSlice) -> None:
+def _check_record(stored: StoredItem, fqn: str) -> None:
+    stored.seek(0)
+    if not record_sizes_fit(stored, stored.length):
+        raise corrupt_error(os.path.dirname(os.fspath(stored.path)) or stored.path, [
+            f"{stored.path}: the record of {fqn!r} is not a torch.save record whose entries lie inside it "
+            "(damaged or crafted)"])
+    stored.seek(0)
+
+
+def place_items(planner: LoadPlanner, items: list[ReadItem], stored: StoredItem) -> None:
     """The read items that one stored item serves, from its bytes, as DCP's FileSystemReader
     places them (but read and deserialized once for all of them). A whole stored tensor
     going into a target that matches it is read straight into the target (``_place_raw``)."""
+    fqn = items[0].storage_index.fqn
     if items[0].type == LoadItemType.BYTE_IO:
+        _check_record(stored, fqn)
         data = stored.read()
         for item in items:
             planner.load_bytes(item, io.BytesIO(data))
         return
     if _place_raw(planner, items, stored):
         return
-    stored.seek(0)
+    _check_record(stored, fqn)
     whole = torch.load(stored, map_location="cpu", weights_only=True)
     if not isinstance(whole, torch.Tensor):
-        raise UnsafeCheckpointError(f"tensor item {items[0].storage_index.fqn!r} holds a {type(whole).__name__}, "
+        raise UnsafeCheckpointError(f"{stored.path}: tensor item {fqn!r} holds a {type(whole).__name__}, "
                                     "not a tensor")
     for item in items:
         tensor = whole
@@ -784,9 +639,9 @@ class _WeightsOnlyObjects:
                 obj = torch.load(value, weights_only=True)
         except pickle.UnpicklingError as e:
             raise UnsafeCheckpointError(
-                f"refusing to unpickle {_where(self, read_item)}: {str(e).splitlines()[0]} Loading never runs "
-                "code from checkpoint files: save such values as plain Python types, or allow the class with "
-                "load_planner(safe_globals=[...])") from None
+                f"refusing to unpickle {_where(self, read_item)}: {weights_only_refusal(e)}; nothing from it was "
+                "run. Loading never runs code from checkpoint files: save such values as plain Python types, or "
+                "admit the class with load_planner(safe_globals=[...])") from None
         except Exception as e:
             raise CheckpointError(f"cannot read {_where(self, read_item)}: {type(e).__name__}: {e}") from None
         fqn = read_item.dest_index.fqn
@@ -830,15 +685,10 @@ def load_full_state_dict(step_dir: str | os.PathLike, *, keys: Iterable[str] | N
                               "without a template")
     import torch.distributed.checkpoint as dcp
 
-    from cairn.checkpoint.storage import find_checkpoint_error
-
     reader = SafeFileSystemReader(step_dir, verify=verify)
     planner = SafeEmptyStateDictLoadPlanner(keys)
     try:
         dcp.load({}, storage_reader=reader, planner=planner, no_dist=True)
     except BaseException as e:
-        error = reader.last_error or find_checkpoint_error(e)
-        if error is not None and error is not e:
-            raise error from e
-        raise
+        reraise_user_error(e, reader)
     return planner.original_state_dict  # the dict the planner rebuilt from the metadata and filled

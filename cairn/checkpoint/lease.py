@@ -1,0 +1,177 @@
+"""One run per checkpoint folder: a lease taken before anything in the folder is touched.
+
+A job launched twice, or a requeued job whose old copy still runs, would otherwise share a
+folder: the second run's start-up cleanup deletes the first run's save in flight, and both
+write steps over each other. The lease is a small record in the folder (``.cairn-lease.json``)
+naming its holder (host, pid, SLURM job, torchrun run and restart, start time) with a
+heartbeat that a thread of the holder renews every ``HEARTBEAT_S`` seconds. A second run
+refuses at start with one message naming the holder. It takes the lease over only when the
+holder is gone:
+
+- on the same host, its process no longer exists;
+- it belongs to the same torchrun run at an earlier restart (torchrun restarts all workers);
+- its heartbeat is older than the lease timeout (``CAIRN_LEASE_TIMEOUT``, default 60 s): a
+  holder on another node that died (clocks of a cluster's nodes are assumed synchronized).
+
+The store provides four primitives (``lease_read``, ``lease_create``, ``lease_replace``,
+``lease_delete``): on a POSIX folder, exclusive create and rename (works on shared
+filesystems across nodes); on an object store, conditional puts (``If-None-Match``,
+``If-Match``). Only rank 0 holds the lease, for the whole job.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Any
+
+from cairn.checkpoint.errors import CheckpointError
+
+logger = logging.getLogger("cairn")
+
+HEARTBEAT_S = 10.0
+TIMEOUT_ENV = "CAIRN_LEASE_TIMEOUT"
+DEFAULT_TIMEOUT_S = 60.0
+
+
+class FolderBusyError(CheckpointError):
+    """The checkpoint folder's lease is held by a run that is alive."""
+
+
+def lease_timeout() -> float:
+    raw = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not raw:
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        raise CheckpointError(f"{TIMEOUT_ENV}={raw!r}: expected seconds > 0")
+    return value
+
+
+def _me() -> dict[str, Any]:
+    env = os.environ
+    return {"host": socket.gethostname(), "pid": os.getpid(), "job_id": env.get("SLURM_JOB_ID"),
+            "run_id": env.get("TORCHELASTIC_RUN_ID"), "restart": int(env.get("TORCHELASTIC_RESTART_COUNT", "0") or 0),
+            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "token": uuid.uuid4().hex}
+
+
+def _pid_alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def describe(holder: dict[str, Any], now: float | None = None) -> str:
+    now = time.time() if now is None else now
+    parts = [f"host {holder.get('host')}", f"pid {holder.get('pid')}"]
+    if holder.get("job_id"):
+        parts.append(f"SLURM job {holder['job_id']}")
+    if holder.get("run_id") and holder.get("run_id") != "none":
+        parts.append(f"torchrun run {holder['run_id']}")
+    parts.append(f"started {holder.get('started')}")
+    beat = holder.get("heartbeat")
+    if isinstance(beat, (int, float)):
+        parts.append(f"last heartbeat {max(0.0, now - beat):.0f} s ago")
+    return ", ".join(parts)
+
+
+def stale_reason(holder: dict[str, Any], me: dict[str, Any], timeout: float, now: float | None = None) -> str | None:
+    """Why ``holder``'s lease no longer holds (None: its holder may be alive)."""
+    now = time.time() if now is None else now
+    if holder.get("host") == me["host"] and not _pid_alive(holder.get("pid")):
+        return f"its process {holder.get('pid')} on this host is gone"
+    if (me.get("run_id") not in (None, "none") and holder.get("run_id") == me["run_id"]
+            and isinstance(holder.get("restart"), int) and holder["restart"] < me["restart"]):
+        return f"torchrun restarted run {me['run_id']} (restart {holder['restart']} -> {me['restart']})"
+    beat = holder.get("heartbeat")
+    if not isinstance(beat, (int, float)):
+        return "it has no heartbeat"
+    if now - beat > timeout:
+        return f"its last heartbeat is {now - beat:.0f} s old (timeout {timeout:.0f} s)"
+    return None
+
+
+class FolderLease:
+    """The lease of one store's folder, held by this process until ``release``."""
+
+    def __init__(self, store, record: dict[str, Any], version: str):
+        self.store = store
+        self.record = record
+        self.version = version
+        self.lost: str | None = None  # why the lease was lost, if it was
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="cairn-lease", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def acquire(cls, store, timeout: float | None = None) -> FolderLease:
+        """Take the lease of ``store``'s folder, or raise FolderBusyError naming its live holder."""
+        timeout = lease_timeout() if timeout is None else timeout
+        me = _me()
+        for _ in range(5):
+            record = {**me, "heartbeat": time.time()}
+            version = store.lease_create(record)
+            if version is not None:
+                return cls(store, record, version)
+            current = store.lease_read()
+            if current is None:
+                continue  # released meanwhile: try again
+            holder, held_version = current
+            reason = stale_reason(holder, me, timeout)
+            if reason is None:
+                raise FolderBusyError(
+                    f"checkpoint folder {store.url} is in use by another run ({describe(holder)}); two runs on one "
+                    f"folder would delete each other's saves. Stop that run, or use another --checkpoint.folder. If "
+                    f"it is gone, its lease expires {timeout:.0f} s after its last heartbeat ({TIMEOUT_ENV})")
+            record = {**me, "heartbeat": time.time()}
+            version = store.lease_replace(record, held_version)
+            if version is not None:
+                logger.warning("took over the lease of checkpoint folder %s from %s: %s", store.url,
+                               describe(holder), reason)
+                return cls(store, record, version)
+        raise FolderBusyError(f"could not take the lease of checkpoint folder {store.url}: other runs keep taking it")
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            record = {**self.record, "heartbeat": time.time()}
+            try:
+                version = self.store.lease_replace(record, self.version)
+            except Exception as e:  # noqa: BLE001 - a storage hiccup: try again at the next beat
+                logger.warning("could not renew the lease of %s (%s: %s)", self.store.url, type(e).__name__, e)
+                continue
+            if version is None:
+                current = self.store.lease_read()
+                holder = describe(current[0]) if current else "nobody"
+                self.lost = f"the lease of checkpoint folder {self.store.url} was taken by {holder}"
+                logger.error("%s; this run will not save into it any more", self.lost)
+                return
+            self.record, self.version = record, version
+
+    def check(self) -> None:
+        """Raise CheckpointError if the lease was lost (another run took the folder over)."""
+        if self.lost is not None:
+            raise CheckpointError(f"{self.lost}; nothing more is saved there by this run")
+
+    def release(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        if self.lost is None:
+            try:
+                self.store.lease_delete(self.version)
+            except Exception as e:  # noqa: BLE001 - it expires by itself
+                logger.warning("could not release the lease of %s (%s); it expires by itself", self.store.url, e)

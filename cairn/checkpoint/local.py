@@ -1,0 +1,505 @@
+"""The local (or shared POSIX) filesystem behind the storage seam: ``LocalStore``.
+
+Step discovery, the rename-based commit (``writer.CairnStorageWriter``, ``commit.py``),
+verification against the manifest, deletes that make a step disappear in one rename, and
+start-up cleanup of what crashed saves left. The manager decides *when* and *what*; a store
+decides *how it lands*, so that a reader never sees a partial step and a crash at any moment
+leaves the older steps loadable. Names in the folder: see ``layout.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from cairn.checkpoint import fsio
+from cairn.checkpoint.commit import publish_staging
+from cairn.checkpoint.dcp_metadata import check_dcp_structure, load_metadata_file, save_id_of
+from cairn.checkpoint.errors import CheckpointError, CorruptCheckpointError, reraise_user_error
+from cairn.checkpoint.faults import fault_point
+from cairn.checkpoint.layout import (
+    LEASE_NAME,
+    MANIFEST_NAME,
+    METADATA_NAME,
+    aside_name,
+    aside_step,
+    is_trash,
+    staging_name,
+    staging_step,
+    step_name,
+    step_of,
+)
+from cairn.checkpoint.manifest import (
+    build_manifest,
+    check_files,
+    check_identity,
+    folder_step,
+    manifest_bytes,
+    normalize_info,
+    read_manifest,
+)
+from cairn.checkpoint.reader import SafeFileSystemReader, SafeLoadPlanner
+from cairn.checkpoint.writer import CairnStorageWriter, describe_os_error
+
+logger = logging.getLogger("cairn")
+
+
+def has_commit_marker(step_dir: Path) -> bool:
+    """A local step is committed once it has a manifest (cairn) or ``.metadata`` (stock DCP)."""
+    return (step_dir / MANIFEST_NAME).is_file() or (step_dir / METADATA_NAME).is_file()
+
+
+class Pacer:
+    """Spreads a large delete over time so it does not starve a writer on the same disk.
+
+    Files are shrunk ``chunk_bytes`` at a time (``ftruncate``), sleeping ``pause_s`` after each
+    chunk (``busy()`` true: ``busy_pause_s``), then unlinked: the filesystem frees their extents
+    in pieces instead of in one burst of journal and discard work.
+    """
+
+    def __init__(self, chunk_bytes: int = 1 << 30, pause_s: float = 0.0, busy_pause_s: float = 0.05,
+                 busy: Callable[[], bool] | None = None):
+        self.chunk_bytes, self.pause_s, self.busy_pause_s, self.busy = chunk_bytes, pause_s, busy_pause_s, busy
+        self.deleted_bytes = 0
+        self.paused_s = 0.0
+
+    def pause(self) -> None:
+        pause = self.busy_pause_s if self.busy is not None and self.busy() else self.pause_s
+        if pause > 0:
+            time.sleep(pause)
+            self.paused_s += pause
+
+    def remove_tree(self, path: Path) -> bool:
+        """``fsio.remove_tree`` with large files shrunk in chunks first."""
+        try:
+            for root, _, names in os.walk(path):
+                for name in names:
+                    file = Path(root) / name
+                    with contextlib.suppress(OSError):
+                        size = file.lstat().st_size
+                        if not file.is_symlink() and size > self.chunk_bytes:
+                            with open(file, "r+b") as f:
+                                while size > 0:
+                                    size = max(0, size - self.chunk_bytes)
+                                    os.ftruncate(f.fileno(), size)
+                                    self.deleted_bytes += self.chunk_bytes
+                                    self.pause()
+                        else:
+                            self.deleted_bytes += size
+        except OSError:
+            pass  # remove_tree below reports what it cannot delete
+        return fsio.remove_tree(path)
+
+
+class LocalStore:
+    """Step discovery, commits, verification, deletes and safe readers for one local checkpoint folder.
+
+    Safe to share between threads: deletes and the listing they rely on hold one lock.
+    """
+
+    scheme = "file"
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        if self.folder.exists() and not self.folder.is_dir():
+            raise CheckpointError(f"checkpoint folder {self.folder} (--checkpoint.folder) exists and is not a "
+                                  "directory")
+        self._delete_lock = threading.Lock()
+        self._warned_links: set[str] = set()
+
+    def __repr__(self) -> str:
+        return f"LocalStore({str(self.folder)!r})"
+
+    @property
+    def url(self) -> str:
+        return str(self.folder)
+
+    def exists(self) -> bool:
+        return self.folder.is_dir()
+
+    # --- discovery -------------------------------------------------------------------------------
+
+    def step_dir(self, step: int) -> Path:
+        """``folder/step-<step>``; during (or after a crash in) a fallback replace, the aside copy."""
+        path = self.folder / step_name(step)
+        if not path.is_dir():
+            aside = self.folder / aside_name(step)
+            if aside.is_dir() and not aside.is_symlink() and has_commit_marker(aside):
+                return aside
+        return path
+
+    def step_url(self, step: int) -> str:
+        return str(self.step_dir(step))
+
+    def committed_steps(self) -> list[int]:
+        """Ascending steps whose ``step-N`` dir is committed (cairn manifest or stock DCP ``.metadata``).
+
+        A ``step-N`` that is a symbolic link is not a step (logged once): cairn never follows
+        links in a checkpoint folder."""
+        if not self.folder.is_dir():
+            return []
+        committed, asides = set(), set()
+        with os.scandir(self.folder) as entries:
+            for entry in entries:
+                step, aside = step_of(entry.name), aside_step(entry.name)
+                if step is None and aside is None:
+                    continue
+                if entry.is_symlink():
+                    if entry.name not in self._warned_links:
+                        self._warned_links.add(entry.name)
+                        logger.warning("%s is a symbolic link, not a step: ignored (cairn never follows links in a "
+                                       "checkpoint folder)", entry.path)
+                    continue
+                if not entry.is_dir() or not has_commit_marker(Path(entry.path)):
+                    continue
+                (committed if step is not None else asides).add(step if step is not None else aside)
+        committed |= {step for step in asides if not (self.folder / step_name(step)).is_dir()}
+        return sorted(committed)
+
+    def read_manifest(self, step: int | str | os.PathLike) -> dict | None:
+        """The step's manifest (a step number or a step dir), None for a dir without one (stock
+        DCP); corrupt -> CorruptCheckpointError."""
+        return read_manifest(self._dir(step))
+
+    def _dir(self, step: int | str | os.PathLike) -> Path:
+        return self.step_dir(step) if isinstance(step, int) else Path(step)
+
+    # --- writing ---------------------------------------------------------------------------------
+
+    def writer(self, step: int, info: Mapping[str, Any] | None = None, *, checksums: bool = True,
+               process_group=None, **writer_options: Any) -> CairnStorageWriter:
+        """A DCP StorageWriter that stages, hashes, and atomically commits ``step-<step>``.
+
+        ``info`` (JSON-able) is merged into the manifest's top level. ``writer_options`` go to
+        DCP's FileSystemWriter (``thread_count``, ``single_file_per_rank``, ...). Nothing is
+        agreed between ranks here (``process_group`` is for stores that must).
+        """
+        if step < 0:
+            raise ValueError(f"checkpoint step must be >= 0, got {step}")
+        return CairnStorageWriter(self.folder, step, info, checksums=checksums, **writer_options)
+
+    def new_staging_dir(self, step: int, tag: str = "export") -> Path:
+        """An empty ``.tmp-step-<step>-<tag>`` dir in the folder, for ``publish_dir``."""
+        staging = self.folder / staging_name(step, tag)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir()
+        return staging
+
+    def publish_dir(self, staging: str | os.PathLike, step: int, info: Mapping[str, Any] | None = None, *,
+                    storage: str | None = None) -> Path:
+        """Commit a directory of plain files (e.g. an HF export) as ``step-<step>``.
+
+        Every file is fsynced and hashed, the manifest written, and the directory published
+        atomically, exactly as a DCP save. ``staging`` should come from ``new_staging_dir``;
+        one elsewhere is copied into the folder first. ``storage`` defaults to "hf" for an
+        HF directory, else "files".
+        """
+        staging = Path(staging)
+        info = normalize_info(info)
+        if not staging.is_dir():
+            raise CheckpointError(f"cannot publish step {step}: {staging} is not a directory")
+        try:
+            if staging.resolve().parent != self.folder.resolve():
+                own = self.new_staging_dir(step, "publish")
+                shutil.copytree(staging, own, dirs_exist_ok=True)
+                staging = own
+            (staging / MANIFEST_NAME).unlink(missing_ok=True)
+            files = {}
+            for path in sorted(p for p in staging.rglob("*") if p.is_file()):
+                fsio.fsync_file(path)
+                size, checksum = fsio.hash_file(path)
+                files[path.relative_to(staging).as_posix()] = {"size": size, "checksum": checksum}
+            for directory in [staging, *(p for p in staging.rglob("*") if p.is_dir())]:
+                fsio.fsync_dir(directory)
+            kind = storage or ("hf" if fsio.is_hf_dir(staging) else "files")
+            manifest = build_manifest(step, kind, files, info, checksums=True)
+            fsio.write_file_durably(staging / MANIFEST_NAME, manifest_bytes(manifest))
+            fsio.fsync_dir(staging)
+            final = publish_staging(self.folder, staging, step)
+        except OSError as e:
+            raise CheckpointError(f"committing step {step} from {staging} failed: {e}. Nothing was committed; "
+                                  f"earlier steps in --checkpoint.folder {self.folder} are untouched") from e
+        logger.info("committed %s checkpoint %s (%d files)", kind, final, len(files))
+        return final
+
+    @contextlib.contextmanager
+    def staged_dir(self, step: int, info: Mapping[str, Any] | None = None, *, tag: str = "export",
+                   storage: str | None = None) -> Iterator[Path]:
+        """An empty staging folder whose files are committed as ``step-<step>`` when the block
+        succeeds (``publish_dir``), deleted when it raises."""
+        staging = self.new_staging_dir(step, tag)
+        try:
+            yield staging
+            self.publish_dir(staging, step, info, storage=storage)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def local_copy(self, step: int | str | os.PathLike) -> Iterator[Path]:
+        """A local folder holding the step's files: here, the step dir itself."""
+        yield self._dir(step)
+
+    def discard_staging(self, step: int) -> None:
+        """Remove the staging dir of a failed save of ``step`` (no-op if there is none)."""
+        staging = self.folder / staging_name(step)
+        if staging.exists():
+            fsio.remove_tree(staging)
+
+    def check_writable(self) -> None:
+        """Create the folder if needed and write, fsync and remove a small file in it: a read-only
+        or full folder is found before training, not at the first save."""
+        probe = self.folder / f".cairn-write-probe-{os.getpid()}"
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fsio.write_file_durably(probe, b"cairn")
+            probe.unlink()
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                probe.with_name(probe.name + ".tmp").unlink(missing_ok=True)
+            raise CheckpointError(f"--checkpoint.folder {self.folder} is not writable: "
+                                  f"{describe_os_error(e, self.folder)}") from None
+
+    def free_bytes(self) -> int | None:
+        """Bytes free to this user on the folder's filesystem (None where that cannot be asked)."""
+        try:
+            info = os.statvfs(self.folder if self.folder.exists() else self.folder.parent)
+        except OSError:
+            return None
+        return info.f_bavail * info.f_frsize
+
+    # --- the lease (see lease.py) ----------------------------------------------------------------
+
+    @property
+    def _lease_path(self) -> Path:
+        return self.folder / LEASE_NAME
+
+    def lease_read(self) -> tuple[dict, str] | None:
+        """(the lease record, its version) or None when no lease is held."""
+        try:
+            record = json.loads(fsio.read_regular(self._lease_path, limit=1 << 16))
+        except FileNotFoundError:
+            return None
+        except (ValueError, CheckpointError, OSError) as e:
+            raise CheckpointError(f"{self._lease_path}: unreadable lease ({e}); if no run uses this folder, delete "
+                                  "it") from None
+        if not isinstance(record, dict) or not isinstance(record.get("token"), str):
+            raise CheckpointError(f"{self._lease_path}: not a cairn lease; if no run uses this folder, delete it")
+        return record, record["token"]
+
+    def _write_lease_tmp(self, record: dict) -> Path:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.folder / f"{LEASE_NAME}.tmp-{record['token']}-{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(record, f)
+            f.flush()
+            os.fsync(f.fileno())
+        return tmp
+
+    def lease_create(self, record: dict) -> str | None:
+        """Create the lease if none exists (atomically: a hard link of a complete file); its version, or None."""
+        tmp = self._write_lease_tmp(record)
+        try:
+            os.link(tmp, self._lease_path)
+        except FileExistsError:
+            return None
+        finally:
+            tmp.unlink(missing_ok=True)
+        fsio.fsync_dir(self.folder)
+        return record["token"]
+
+    def lease_replace(self, record: dict, version: str) -> str | None:
+        """Replace the lease if its version is still ``version``; the new version, or None."""
+        current = self.lease_read()
+        if current is None or current[1] != version:
+            return None
+        tmp = self._write_lease_tmp(record)
+        os.rename(tmp, self._lease_path)
+        fsio.fsync_dir(self.folder)
+        return record["token"]
+
+    def lease_delete(self, version: str) -> None:
+        current = self.lease_read()
+        if current is not None and current[1] == version:
+            self._lease_path.unlink(missing_ok=True)
+            fsio.fsync_dir(self.folder)
+
+    # --- reading ---------------------------------------------------------------------------------
+
+    def reader(self, step: int | str | os.PathLike, verify: bool = False) -> SafeFileSystemReader:
+        """A safe DCP StorageReader for a step (its number, or a step dir; see ``reader.py``)."""
+        return SafeFileSystemReader(self._dir(step), verify=verify)
+
+    def load_planner(self, **planner_options: Any) -> SafeLoadPlanner:
+        """DefaultLoadPlanner whose non-tensor items load with ``torch.load(weights_only=True)``.
+
+        ``planner_options``: DefaultLoadPlanner's (``allow_partial_load``, ...) and
+        ``safe_globals`` (extra classes to admit, as ``torch.serialization.safe_globals``).
+        """
+        return SafeLoadPlanner(**planner_options)
+
+    def load(self, state_dict: dict[str, Any], step: int | str | os.PathLike, *, verify: bool = False,
+             planner=None, process_group=None, no_dist: bool = False) -> SafeFileSystemReader:
+        """``dcp.load`` through ``reader`` and ``load_planner``, in place, on every rank; returns the reader.
+
+        A problem found on any rank is raised on every rank as the CheckpointError itself
+        (not DCP's CheckpointException wrapper), so callers can catch CorruptCheckpointError.
+        """
+        import torch.distributed.checkpoint as dcp
+
+        reader = self.reader(step, verify=verify)
+        try:
+            dcp.load(state_dict, storage_reader=reader, planner=planner or self.load_planner(),
+                     process_group=process_group, no_dist=no_dist)
+        except BaseException as e:
+            reraise_user_error(e, reader)
+        return reader
+
+    # --- integrity -------------------------------------------------------------------------------
+
+    def verify(self, step: int | str | os.PathLike, checksums: bool = True,
+               progress: Callable[[int, int], None] | None = None, notes: list[str] | None = None) -> list[str]:
+        """Every problem found in a step (its number or its dir), each naming its file (and what it
+        holds); [] if sound.
+
+        Checks the manifest (and that it is this step's), then each file's presence and size,
+        then (``checksums``) its hash; for DCP dirs also that ``.metadata`` parses safely,
+        belongs to the same save, and that every item it points to lies inside an existing
+        file. A dir without a manifest (stock DCP) gets the structural checks only; that is
+        said in ``notes`` (if given) and the log. ``progress(done, total)`` is called with bytes
+        hashed so far.
+        """
+        step_dir = self._dir(step)
+        notes = notes if notes is not None else []
+        if step_dir.is_symlink():
+            return [f"{step_dir} is a symbolic link; cairn never follows links in a checkpoint folder"]
+        if not step_dir.is_dir():
+            return [f"{step_dir}: no such checkpoint directory"]
+        problems: list[str] = []
+        manifest = None
+        try:
+            manifest = self.read_manifest(step_dir)
+        except CorruptCheckpointError as e:
+            problems.extend(e.problems)
+        if manifest is not None:
+            problems.extend(check_identity(manifest, folder_step(step_dir), step_dir / MANIFEST_NAME))
+            problems.extend(check_files(step_dir, manifest, checksums=checksums, progress=progress))
+            if checksums and manifest.get("checksum_algorithm") is None:
+                notes.append(f"{step_dir}: saved without checksums; sizes checked only")
+        elif not problems and not (step_dir / METADATA_NAME).exists():
+            return [f"{step_dir}: neither {MANIFEST_NAME} nor {METADATA_NAME}: not a committed checkpoint"]
+        elif not problems:
+            notes.append(f"{step_dir}: no {MANIFEST_NAME} (not written by cairn): checksums unavailable, "
+                         "structure checked only")
+            logger.warning(notes[-1])
+        if (step_dir / METADATA_NAME).exists() or (step_dir / METADATA_NAME).is_symlink():
+            found = check_dcp_structure(step_dir, manifest_expected=manifest is None and not problems)
+            problems.extend(p for p in found if p not in problems)
+            if manifest is not None and not found:
+                with contextlib.suppress(CheckpointError):
+                    save_id = save_id_of(load_metadata_file(step_dir / METADATA_NAME))
+                    problems.extend(check_identity(manifest, None, step_dir / MANIFEST_NAME, save_id))
+        return problems
+
+    # --- deleting --------------------------------------------------------------------------------
+
+    def delete(self, step: int, pacer: Pacer | None = None) -> bool:
+        """Make committed step ``step`` disappear in one rename (to a trash name), then delete it
+        (paced by ``pacer``); False (logged) if the rename failed and the step is still there."""
+        with self._delete_lock:
+            path = self.step_dir(step)
+            trash = self.folder / fsio.trash_name(step_name(step))
+            try:
+                os.rename(path, trash)
+                fsio.fsync_dir(self.folder)
+            except OSError as e:
+                logger.warning("could not purge checkpoint %s: %s", path, e)
+                return False
+        fault_point("during_purge")
+        if pacer is not None:
+            pacer.remove_tree(trash)
+        else:
+            fsio.remove_tree(trash)
+        return True
+
+    def purge(self, keep_latest_k: int, protect: Iterable[int] = (), pacer: Pacer | None = None) -> list[int]:
+        """Delete committed steps older than the newest ``keep_latest_k`` (0 keeps all).
+
+        Never the newest committed step, never a step in ``protect`` (being written), never a
+        staging dir. Each step is renamed to a trash name first, so it disappears in one
+        atomic step; a failing delete is logged and skipped. Safe in a background thread.
+        Returns the steps that are no longer visible.
+        """
+        if keep_latest_k < 0:
+            raise ValueError(f"--checkpoint.keep_latest_k must be >= 0, got {keep_latest_k}")
+        if keep_latest_k == 0:
+            return []
+        steps = self.committed_steps()
+        keep = set(steps[-keep_latest_k:]) | set(protect)
+        purged = [step for step in steps if step not in keep and self.delete(step, pacer)]
+        self.remove_trash(pacer)
+        if purged:
+            logger.info("purged checkpoints %s (keeping the newest %d)", purged, keep_latest_k)
+        return purged
+
+    def remove_trash(self, pacer: Pacer | None = None) -> None:
+        """Finish deletes that left their trash behind (a failed or interrupted delete)."""
+        for leftover in self._names(is_trash):
+            (pacer.remove_tree if pacer is not None else fsio.remove_tree)(leftover)
+
+    def cleanup_incomplete(self, protect: Iterable[int] = ()) -> list[Path]:
+        """Remove what crashed saves left behind; call at job start on one rank, holding the lease.
+
+        Staging dirs (except those of steps in ``protect``) and trash are deleted; an aside
+        copy from an interrupted replace is restored as ``step-N`` if that is missing, else
+        deleted. Uncommitted ``step-N`` dirs (a stock DCP save that crashed) are only logged.
+        Returns the paths removed.
+        """
+        protect = set(protect)
+        removed: list[Path] = []
+        for path in self._names(lambda name: True):
+            name = path.name
+            if path.is_symlink():
+                continue  # never followed, never deleted through: logged by committed_steps
+            if (step := staging_step(name)) is not None and step not in protect:
+                reason = "staging dir of an unfinished save"
+            elif is_trash(name):
+                reason = "interrupted delete"
+            elif name.startswith(LEASE_NAME + ".tmp-"):
+                reason = "a lease being written when its run died"
+            elif (step := aside_step(name)) is not None:
+                final = self.folder / step_name(step)
+                if not final.is_dir() and has_commit_marker(path):
+                    os.rename(path, final)
+                    fsio.fsync_dir(self.folder)
+                    logger.warning("restored %s from %s (a replace was interrupted)", final, path)
+                    continue
+                reason = "previous copy of a replaced step"
+            elif step_of(name) is not None and path.is_dir() and not has_commit_marker(path):
+                logger.warning("%s has neither %s nor %s: an incomplete save by another tool? It is ignored; "
+                               "delete it by hand", path, MANIFEST_NAME, METADATA_NAME)
+                continue
+            else:
+                continue
+            gone = fsio.remove_tree(path) if path.is_dir() else fsio.unlink_quietly(path)
+            if gone:
+                logger.warning("removed %s (%s)", path, reason)
+                removed.append(path)
+        if removed:
+            fsio.fsync_dir(self.folder)
+        return removed
+
+    def _names(self, keep: Callable[[str], bool]) -> list[Path]:
+        if not self.folder.is_dir():
+            return []
+        return sorted(self.folder / name for name in os.listdir(self.folder) if keep(name))

@@ -1,0 +1,138 @@
+"""The storage seam: what the manager, the save/load functions and the CLI need from a place
+that holds checkpoints, and ``open_store`` to get one for a path or URI.
+
+A store holds committed steps. Every implementation keeps the same promises (docs/design.md):
+a step is visible only once every rank's files and its manifest are complete; a crash at any
+moment leaves the committed steps readable; a delete makes a step invisible before it removes
+its files; reading never runs code from the checkpoint and checks what it reads against the
+manifest. Implementations: ``local.LocalStore`` (a local or shared POSIX folder; publish by
+rename) and ``s3.S3Store`` (``s3://bucket/prefix``; publish by a conditional put of a marker).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from cairn.checkpoint.errors import CheckpointError
+from cairn.checkpoint.local import LocalStore
+
+# URI schemes that name an object store; anything else (no scheme) is a local path.
+OBJECT_SCHEMES = ("s3",)
+
+
+@runtime_checkable
+class CheckpointStore(Protocol):
+    """What a place that holds checkpoints offers. Steps are named by number; ``url`` names the place."""
+
+    scheme: str
+
+    @property
+    def url(self) -> str: ...
+
+    def exists(self) -> bool:
+        """Whether the place exists yet (a new run's folder may not)."""
+
+    def committed_steps(self) -> list[int]:
+        """Ascending committed steps; nothing half-written or half-deleted is ever listed."""
+
+    def step_url(self, step: int) -> str:
+        """Where step ``step`` lives, for logs, messages and ``cairn checkpoint``."""
+
+    def read_manifest(self, step: int) -> dict | None:
+        """The step's manifest (None: a stock DCP step without one); CorruptCheckpointError if damaged."""
+
+    def writer(self, step: int, info: Mapping[str, Any] | None = None, *, checksums: bool = True,
+               **options: Any):
+        """A DCP StorageWriter that commits step ``step`` in its ``finish`` (build it on every rank)."""
+
+    def reader(self, step: int, verify: bool = False):
+        """A DCP StorageReader of step ``step`` that never runs code from it and checks what it reads."""
+
+    def load(self, state_dict: dict[str, Any], step: int, *, verify: bool = False, planner=None,
+             process_group=None, no_dist: bool = False):
+        """``dcp.load`` of step ``step`` into ``state_dict``; a CheckpointError on any rank is raised on all."""
+
+    def staged_dir(self, step: int, info: Mapping[str, Any] | None = None, *, tag: str = "export",
+                   storage: str | None = None) -> contextlib.AbstractContextManager[Path]:
+        """A local folder whose files are committed as step ``step`` when the block succeeds."""
+
+    def local_copy(self, step: int) -> contextlib.AbstractContextManager[Path]:
+        """A local folder holding step ``step``'s files (verified), for readers that need files."""
+
+    def verify(self, step: int, checksums: bool = True, progress: Callable[[int, int], None] | None = None,
+               notes: list[str] | None = None) -> list[str]:
+        """Every problem of step ``step`` against its manifest, each naming its file; [] if sound."""
+
+    def delete(self, step: int, pacer=None) -> bool:
+        """Make step ``step`` invisible, then remove its files; False (logged) if it could not."""
+
+    def cleanup_incomplete(self, protect=()) -> list:
+        """Remove what crashed saves and deletes left behind (one rank, holding the lease)."""
+
+    def check_writable(self) -> None:
+        """Raise CheckpointError naming the place if a save could not be written there."""
+
+
+def is_object_uri(location: str | os.PathLike) -> bool:
+    """Whether ``location`` names an object store (``s3://bucket/prefix``) rather than a local path."""
+    text = os.fspath(location)
+    return isinstance(text, str) and "://" in text and text.split("://", 1)[0].lower() in OBJECT_SCHEMES
+
+
+def open_store(location: str | os.PathLike, *, base_folder: str | os.PathLike | None = None) -> CheckpointStore:
+    """The store for a local path (relative ones resolve against ``base_folder``) or an
+    ``s3://bucket/prefix`` URI. Any other URI scheme is one clear error, never a local folder
+    named after it."""
+    text = os.fspath(location)
+    if "://" in text:
+        scheme = text.split("://", 1)[0].lower()
+        if scheme == "s3":
+            return _s3().S3Store.from_uri(text)
+        raise CheckpointError(f"{text}: unsupported storage scheme {scheme}://; cairn stores checkpoints in a local "
+                              "or shared folder, or in S3-compatible object storage (s3://bucket/prefix)")
+    path = Path(text)
+    if base_folder is not None and not path.is_absolute():
+        path = Path(base_folder) / path
+    return LocalStore(path)
+
+
+def open_step(location: str | os.PathLike, what: str) -> tuple[CheckpointStore, Any]:
+    """(store, step) for one DCP checkpoint named by a path or URI (``--checkpoint.initial_load_path``):
+    a local step folder, a committed cairn step in object storage, or a plain DCP prefix there.
+    ``step`` is what the store's ``reader``/``load`` take. ``what`` names the flag in messages."""
+    text = os.fspath(location)
+    if is_object_uri(text):
+        return _s3().step_store(text, what)
+    path = Path(text)
+    if not path.exists():
+        raise CheckpointError(f"{what} {path}: no such directory")
+    if not path.is_dir():
+        raise CheckpointError(f"{what} {path} is a file; it must be a DCP checkpoint folder (a step-N folder), or "
+                              "with --checkpoint.initial_load_in_hf a Hugging Face folder")
+    return LocalStore(path.parent), path
+
+
+@contextlib.contextmanager
+def local_folder(location: str | os.PathLike, what: str) -> Iterator[Path]:
+    """A local folder with the files at ``location``: the path itself, or (an object-store URI) a
+    verified download of what is there into a temporary folder, removed afterwards. ``what``
+    names the flag or argument for messages."""
+    if not is_object_uri(location):
+        yield Path(location)
+        return
+    with _s3().download_prefix(os.fspath(location), what) as path:
+        yield path
+
+
+def _s3():
+    """The object-store backend, imported on first use: only s3:// locations need boto3."""
+    try:
+        return importlib.import_module("cairn.checkpoint.s3")
+    except ImportError as e:
+        raise CheckpointError(f"s3:// locations need boto3 ({e}); ./run_train.sh installs it, or pip install boto3") \
+            from None
