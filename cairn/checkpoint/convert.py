@@ -62,6 +62,7 @@ from cairn.checkpoint.readers import (
     TorchCheckpoint,
     UsageError,
     detect_format,
+    group_of,
     progress_bar,
     quiet_dcp,
     read_batches,
@@ -379,13 +380,12 @@ def torch_file_to_dcp(src: Path, dst: Path, *, export_dtype: torch.dtype | None 
             "seconds": time.perf_counter() - start}
 
 
-def recast_dcp(src: Path, dst: Path, *, export_dtype: torch.dtype, model_only: bool = False,
+def recast_dcp(src: Path, dst: Path, *, export_dtype: torch.dtype | None, model_only: bool = False,
                progress: bool = False) -> dict:
-    """A DCP checkpoint re-cast to ``export_dtype`` (floating tensors; optimizer moments too unless
-    ``model_only``, which keeps the model keys only): a smaller copy of a full step, streamed a
-    batch of tensors at a time."""
-    from cairn.checkpoint.readers import group_of
-
+    """A DCP checkpoint re-cast to ``export_dtype``: a smaller copy of a full step, streamed a batch
+    of tensors at a time. Cast are the model's floating tensors and the optimizer's moments (not
+    its step counts, nor RNG or data state, which a cast would destroy); ``model_only`` keeps the
+    model keys only."""
     start = time.perf_counter()
     ckpt = DcpCheckpoint(src)
     entries = ckpt.entries()
@@ -394,8 +394,11 @@ def recast_dcp(src: Path, dst: Path, *, export_dtype: torch.dtype, model_only: b
     value_keys = [key for key in keys if not entries[key].is_tensor]
     values = ckpt.read(value_keys) if value_keys else {}
     total = sum(entries[key].num_bytes for key in tensor_keys)
-    targets = {key: torch.empty(entries[key].shape, dtype=cast_dtype(entries[key].dtype, export_dtype),
-                                device="meta") for key in tensor_keys}
+    def recast(key: str) -> torch.dtype:
+        cast = group_of(key) == "model" or (group_of(key) == "optimizer" and not key.endswith(".step"))
+        return cast_dtype(entries[key].dtype, export_dtype if cast else None)
+
+    targets = {key: torch.empty(entries[key].shape, dtype=recast(key), device="meta") for key in tensor_keys}
     batches = {key: batch for batch in read_batches(tensor_keys, entries) for key in batch}
     loaded: dict[str, torch.Tensor] = {}
 
@@ -421,8 +424,8 @@ def recast_dcp(src: Path, dst: Path, *, export_dtype: torch.dtype, model_only: b
                                                                            single_file_per_rank=False),
                      planner=RecastingPlanner(), no_dist=True)
     return {"tensors": len(tensor_keys), "values": len(value_keys),
-            "bytes": sum(math.prod(entries[k].shape) * cast_dtype(entries[k].dtype, export_dtype).itemsize
-                         for k in tensor_keys), "seconds": time.perf_counter() - start}
+            "bytes": sum(math.prod(entries[k].shape) * recast(k).itemsize for k in tensor_keys),
+            "seconds": time.perf_counter() - start}
 
 
 @dataclasses.dataclass

@@ -16,11 +16,15 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import sys
-import tomllib
 import types
 import typing
 from pathlib import Path
 from typing import Any, Callable
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser, as a package (pyproject.toml installs it there)
+    import tomli as tomllib
 
 from cairn.config.job_config import JobConfig
 

@@ -159,3 +159,24 @@ def test_copy_probe_smoke(tmp_path):
     bad = subprocess.run([sys.executable, script, "--buffers", "4"], cwd=REPO, capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode == 2 and "--buffers" in bad.stderr
+
+
+def test_run_stall_reads_the_runs_own_metrics(tmp_path):
+    """benchmarks/run_stall.py: every variant's window, extra time per save and save records, from
+    the metrics.jsonl of real run_train.sh runs (figures unchecked: a CPU under test load)."""
+    out = tmp_path / "stall.json"
+    command = [sys.executable, str(REPO / "benchmarks" / "run_stall.py"), "--out", str(out), "--folder",
+               str(tmp_path / "runs"), "--window", "3:10", "--interval", "4", "--only", "pinned_keep1,sync_keep1",
+               "--", "--config", "llama3_tiny", "--training.steps", "12"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "extra/save" in proc.stdout
+    report = json.loads(out.read_text())
+    assert set(report["figures"]) == {"none", "pinned_keep1", "sync_keep1"}
+    for name in ("pinned_keep1", "sync_keep1"):
+        figures = report["figures"][name]
+        assert figures["window_s"] > 0 and figures["extra_s"] is not None
+        assert [save["step"] for save in figures["saves"]] + [d["step"] for d in figures["deferred"]]
+        assert all(save["stall_s"] is not None for save in figures["saves"])
+    assert not (tmp_path / "runs").exists()

@@ -407,7 +407,34 @@ def test_convert_refuses_to_overwrite(capsys, ckpts, tmp_path):
     assert code == 2 and err.startswith("cairn checkpoint convert: already exists")
     assert (target / "keep.txt").read_text() == "mine"
     code, _, err = cli(capsys, "convert", ckpts.full, tmp_path / "x", "--to", "dcp")
-    assert code == 2 and "already a dcp checkpoint" in err
+    assert code == 2 and "already a dcp checkpoint" in err and "--export_dtype" in err
+
+
+def test_convert_dcp_to_dcp_recasts_and_keeps_the_model_only(capsys, ckpts, tmp_path):
+    """A smaller copy of a full step: --export_dtype re-casts floating tensors, --model_only drops
+    the optimizer, data and RNG state; the rest is kept as it is and loads."""
+    half = tmp_path / "half"
+    code, out, err = cli(capsys, "convert", ckpts.full, half, "--to", "dcp", "--export_dtype", "bfloat16")
+    assert code == 0, err
+    _, source = cli_json(capsys, "inspect", ckpts.full)
+    _, copy = cli_json(capsys, "inspect", half)
+    before = {e["key"]: e for e in source["entries"]}
+    after = {e["key"]: e for e in copy["entries"]}
+    assert after.keys() == before.keys()
+    for key, entry in after.items():
+        if entry["type"] == "tensor":
+            floating = before[key]["dtype"] in ("float32", "bfloat16", "float16")
+            cast = floating and (entry["group"] == "model" or (entry["group"] == "optimizer"
+                                                               and not key.endswith(".step")))
+            assert entry["dtype"] == ("bfloat16" if cast else before[key]["dtype"]), key
+            assert entry["shape"] == before[key]["shape"], key
+    model_only = tmp_path / "model_only"
+    assert cli(capsys, "convert", ckpts.full, model_only, "--to", "dcp", "--model_only")[0] == 0
+    _, small = cli_json(capsys, "inspect", model_only)
+    assert {e["group"] for e in small["entries"]} == {"model"}
+    assert cli(capsys, "diff", ckpts.full, model_only, "--only", "model")[0] == 0  # float32 kept as it was
+    code, _, err = cli(capsys, "diff", ckpts.full, half, "--only", "model", "--atol", "0.05")
+    assert code == 1 and "dtype" in err + _  # bf16 now: reported as a dtype change
 
 
 # --- plot --------------------------------------------------------------------------------------

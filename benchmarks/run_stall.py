@@ -1,0 +1,163 @@
+"""What checkpointing costs a real run, read from the run's own metrics.jsonl.
+
+Runs ``./run_train.sh`` once per variant (the same model, batch and steps; only the checkpoint
+flags differ), one after another on this machine, and compares each run's wall-clock time over
+a window of steps (``time`` of the window's last step record minus that of its first) with the
+same window of the run without checkpoints. Everything a user would see is in that figure:
+saves blocking, staging, retention deleting old steps on the same disk, a save coming due
+while the previous one is still written. Per variant it reports the extra time over the
+window, per save in it, the slowest step against the baseline's median step, and the
+``checkpoint_save`` / ``checkpoint_deferred`` records (``stall_s``, ``waited_s``,
+``deferred_steps``).
+
+    python benchmarks/run_stall.py --out stall.json -- --config llama3_1b --training.local_batch_size 4 \\
+        --training.steps 165
+    # default variants: none; async_with_pinned_mem with keep_latest_k 0 and 1; async and
+    # disabled (sync) with keep_latest_k 1; every save back to back (an interval shorter than a save)
+
+Flags after ``--`` go to every run; ``--variant name=FLAGS`` (repeatable) replaces the default
+variants, ``--window A:B`` picks the steps, ``--interval N`` the save interval of the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def default_variants(interval: int, b2b_interval: int) -> dict[str, list[str]]:
+    ckpt = ["--checkpoint.enable", "--checkpoint.interval", str(interval), "--checkpoint.no-last_save_model_only"]
+    return {
+        "none": [],
+        "pinned_keep0": [*ckpt, "--checkpoint.async_mode", "async_with_pinned_mem", "--checkpoint.keep_latest_k", "0"],
+        "pinned_keep1": [*ckpt, "--checkpoint.async_mode", "async_with_pinned_mem", "--checkpoint.keep_latest_k", "1"],
+        "async_keep1": [*ckpt, "--checkpoint.async_mode", "async", "--checkpoint.keep_latest_k", "1"],
+        "sync_keep1": [*ckpt, "--checkpoint.async_mode", "disabled", "--checkpoint.keep_latest_k", "1"],
+        "pinned_back_to_back": ["--checkpoint.enable", "--checkpoint.interval", str(b2b_interval),
+                                "--checkpoint.no-last_save_model_only", "--checkpoint.async_mode",
+                                "async_with_pinned_mem", "--checkpoint.keep_latest_k", "1"],
+    }
+
+
+def records(dump: Path) -> list[dict[str, Any]]:
+    path = dump / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def window_figures(rows: list[dict[str, Any]], first: int, last: int) -> dict[str, Any]:
+    steps = {r["step"]: r for r in rows if "event" not in r and "step_time_ms" in r}
+    if first not in steps or last not in steps:
+        return {"error": f"the run did not log steps {first} and {last}"}
+    inside = [steps[s]["step_time_ms"] / 1e3 for s in range(first + 1, last + 1) if s in steps]
+    saves = [r for r in rows if r.get("event") == "checkpoint_save" and first <= r["step"] < last]
+    deferred = [r for r in rows if r.get("event") == "checkpoint_deferred" and first <= r["step"] < last]
+    return {"window_s": steps[last]["time"] - steps[first]["time"], "steps": last - first,
+            "median_step_s": statistics.median(inside), "max_step_s": max(inside),
+            "saves": [{k: r.get(k) for k in ("step", "kind", "stall_s", "waited_s", "deferred_steps", "bytes")}
+                      for r in saves],
+            "deferred": [{k: r.get(k) for k in ("step", "due_step")} for r in deferred]}
+
+
+def run_variant(name: str, flags: list[str], common: list[str], folder: Path, ngpu: int, timeout: int) -> dict:
+    dump = folder / name
+    shutil.rmtree(dump, ignore_errors=True)
+    env = {**os.environ, "NGPU": str(ngpu), "PYTHONUNBUFFERED": "1"}
+    command = [str(REPO / "run_train.sh"), *common, *flags, "--job.dump_folder", str(dump)]
+    start = time.perf_counter()
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    out = {"flags": flags, "returncode": proc.returncode, "wall_s": time.perf_counter() - start,
+           "command": " ".join(shlex.quote(c) for c in command)}
+    if proc.returncode != 0:
+        out["error"] = (proc.stdout + proc.stderr)[-3000:]
+    out["records"] = records(dump)
+    log = [line for line in (proc.stdout + proc.stderr).splitlines()
+           if any(word in line for word in ("checkpoint step", "retention", "deferred", "WARNING"))]
+    out["log"] = log[-60:]
+    shutil.rmtree(dump / "checkpoint", ignore_errors=True)  # the disk holds one run's checkpoints at a time
+    return out
+
+
+def summarize(results: dict[str, dict], first: int, last: int) -> dict[str, Any]:
+    figures = {name: window_figures(r["records"], first, last) for name, r in results.items()}
+    base = figures.get("none", {})
+    for name, f in figures.items():
+        if "error" in f or "error" in base or name == "none":
+            continue
+        f["extra_s"] = f["window_s"] - base["window_s"]
+        count = len(f["saves"]) + len(f["deferred"])
+        f["extra_per_save_s"] = f["extra_s"] / len(f["saves"]) if f["saves"] else None
+        f["due_saves"] = count
+        f["slowest_step_over_baseline_median_s"] = f["max_step_s"] - base["median_step_s"]
+    return figures
+
+
+def table(figures: dict[str, dict], first: int, last: int) -> str:
+    lines = [f"window: steps {first}..{last} (wall clock between their metrics records)",
+             f"{'variant':<22}{'window s':>10}{'extra s':>9}{'saves':>7}{'extra/save':>12}{'slowest step':>14}"
+             f"{'deferred':>10}"]
+    for name, f in figures.items():
+        if "error" in f:
+            lines.append(f"{name:<22}  error: {f['error']}")
+            continue
+        extra = f.get("extra_s")
+        per = f.get("extra_per_save_s")
+        lines.append(f"{name:<22}{f['window_s']:>10.2f}{'' if extra is None else f'{extra:+.2f}':>9}"
+                     f"{len(f['saves']):>7}{'' if per is None else f'{per:+.3f}':>12}{f['max_step_s']:>14.3f}"
+                     f"{len(f['deferred']):>10}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    if "--" in argv:
+        split = argv.index("--")
+        argv, common = argv[:split], argv[split + 1:]
+    else:
+        common = []
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="JSON results")
+    parser.add_argument("--folder", default="outputs/run_stall", help="dump folders (on the checkpoint disk)")
+    parser.add_argument("--window", default="40:160", help="first:last step of the timed window")
+    parser.add_argument("--interval", type=int, default=50, help="save interval of the default variants")
+    parser.add_argument("--b2b-interval", type=int, default=10, help="save interval of the back-to-back variant")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
+                        help="a variant's checkpoint flags (replaces the defaults; 'none' is the baseline)")
+    parser.add_argument("--only", default=None, help="comma-separated default variants to run")
+    parser.add_argument("--ngpu", type=int, default=1)
+    parser.add_argument("--timeout", type=int, default=900, help="seconds per run")
+    args = parser.parse_args(argv)
+    first, last = (int(x) for x in args.window.split(":"))
+    if args.variant:
+        variants = {spec.partition("=")[0]: shlex.split(spec.partition("=")[2]) for spec in args.variant}
+    else:
+        variants = default_variants(args.interval, args.b2b_interval)
+        if args.only:
+            variants = {k: v for k, v in variants.items() if k in args.only.split(",") or k == "none"}
+    folder = Path(args.folder).resolve()
+    results: dict[str, dict] = {}
+    report: dict[str, Any] = {"common_flags": common, "window": [first, last], "runs": results,
+                              "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    for name, flags in variants.items():
+        results[name] = run_variant(name, flags, common, folder, args.ngpu, args.timeout)
+        report["figures"] = summarize(results, first, last)
+        Path(args.out).write_text(json.dumps(report, indent=1, default=str))  # partial results survive
+        print(f"{name}: exit {results[name]['returncode']}, {results[name]['wall_s']:.0f} s", flush=True)
+    report["figures"] = summarize(results, first, last)
+    Path(args.out).write_text(json.dumps(report, indent=1, default=str))
+    shutil.rmtree(folder, ignore_errors=True)
+    print(table(report["figures"], first, last), flush=True)
+    print(f"results: {Path(args.out).resolve()}", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
