@@ -197,6 +197,7 @@ class HostStager:
         self._layout: list[tuple[str, torch.Size, torch.dtype]] | None = None
         self._buffers: dict[str, torch.Tensor] = {}  # path -> host buffer (a view into the arena)
         self._device_buffers: dict[str, torch.Tensor] = {}
+        self._bounce: list[torch.Tensor] | None = None  # pinned pieces for pageable buffers (see _copy_through_bounce)
         self.arena: HostArena | None = None
         self.on_release: Callable[[HostArena], None] | None = None  # before an arena is closed
         self.allocated_bytes = 0
@@ -263,7 +264,7 @@ class HostStager:
 
     def release(self) -> None:
         """Give the buffers back (the next save makes new ones)."""
-        self._buffers, self._device_buffers, self._layout = {}, {}, None
+        self._buffers, self._device_buffers, self._layout, self._bounce = {}, {}, None, None
         if self.arena is not None:
             if self.on_release is not None:
                 self.on_release(self.arena)
@@ -313,11 +314,61 @@ class HostStager:
                 gate = torch.cuda.Event()
                 gate.record(self._stream)
                 return _rebuild(state_dict, _by_id(state_dict, copies)), gate, self._drain_snapshot
+            if not self.arena.pinned and any(local.is_cuda for _, local in leaves):
+                # pageable buffers: through pinned pieces, before the state may change (no gate left)
+                self._copy_through_bounce(self._pieces({path: local for path, local in leaves}))
+                copies = {path: self._buffers[path] for path, _ in leaves}
+                return _rebuild(state_dict, _by_id(state_dict, copies)), None, lambda: None
             for path, local in leaves:
                 copies[path] = self._buffers[path].copy_(local, non_blocking=local.is_cuda)
             done = torch.cuda.Event()
             done.record(self._stream)
         return _rebuild(state_dict, _by_id(state_dict, copies)), done, done.synchronize
+
+    def _pieces(self, sources: dict[str, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(device piece, host piece) pairs of at most ``_D2H_PIECE`` bytes covering ``sources``."""
+        pieces = []
+        for path, device in sources.items():
+            source, target = device.reshape(-1), self._buffers[path].view(-1)
+            step = max(1, _D2H_PIECE // max(1, device.element_size()))
+            pieces += [(source[i:i + step], target[i:i + step]) for i in range(0, source.numel(), step)]
+        return pieces
+
+    def _copy_through_bounce(self, pieces: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Device to pageable host memory through three reused pinned buffers of ``_D2H_PIECE`` bytes.
+
+        A device-to-host copy into pageable memory is done by the driver synchronously, through
+        its own staging, and holds the driver while it runs: the training thread's kernel
+        launches wait behind it (the 1B run of benchmarks/RESULTS.md, session 8: the step after
+        each ``async`` save took 1.5 s instead of 0.23 s). Into pinned memory the copy is
+        asynchronous on the side stream; the copy on to the pageable buffer is a host memcpy
+        (no GIL, no driver), one piece behind.
+        """
+        if self._bounce is None:
+            self._bounce = [torch.empty(_D2H_PIECE, dtype=torch.uint8, pin_memory=True) for _ in range(3)]
+        free = list(self._bounce)
+        pending: list[tuple[torch.cuda.Event, torch.Tensor, torch.Tensor]] = []
+
+        def finish_oldest() -> None:
+            event, bounce, target = pending.pop(0)
+            event.synchronize()
+            target.copy_(bounce[:target.numel()])
+            free.append(bounce)
+
+        with self._on_stream():
+            for source, target in pieces:
+                if source.numel() == 0:
+                    continue
+                if not free:
+                    finish_oldest()
+                bounce = free.pop(0)
+                source_bytes, target_bytes = source.view(torch.uint8), target.view(torch.uint8)
+                bounce[:source_bytes.numel()].copy_(source_bytes, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(self._stream)
+                pending.append((event, bounce, target_bytes))
+            while pending:
+                finish_oldest()
 
     def _drain_snapshot(self) -> None:
         """Copy the device snapshot to host in pieces of ``_D2H_PIECE`` bytes, two in flight.
@@ -327,11 +378,10 @@ class HostStager:
         loop (a loss's ``.item()``) behind it for the length of the transfer. Queued piece by
         piece, such a copy waits for one piece at most.
         """
-        pieces = []
-        for path, snapshot in self._device_buffers.items():
-            source, target = snapshot.view(-1), self._buffers[path].view(-1)
-            step = max(1, _D2H_PIECE // max(1, snapshot.element_size()))
-            pieces += [(source[i:i + step], target[i:i + step]) for i in range(0, source.numel(), step)]
+        pieces = self._pieces(self._device_buffers)
+        if not self.arena.pinned:
+            self._copy_through_bounce(pieces)
+            return
         in_flight: list[torch.cuda.Event] = []
         with self._on_stream():
             for source, target in pieces:

@@ -206,3 +206,37 @@ def test_snapshot_settings():
     assert HostStager(reuse=False, pin_memory=False, device_snapshot="auto").snapshot_mode == "off"
     with pytest.raises(ValueError, match="auto, on or off"):
         HostStager(reuse=True, pin_memory=True, device_snapshot="yes")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("pin", [True, False], ids=["pinned", "pageable"])
+@pytest.mark.parametrize("snapshot", ["on", "off"])
+def test_cuda_staging_is_exact_in_every_mode(monkeypatch, pin, snapshot):
+    """Device state to host buffers, pinned or pageable (through pinned pieces), with and without a
+    device snapshot, in pieces smaller than the tensors: every byte arrives, and the state may
+    change once the gate has passed."""
+    from cairn.checkpoint import staging
+
+    monkeypatch.setattr(staging, "_D2H_PIECE", 1 << 16)
+    device = torch.device("cuda", torch.cuda.current_device())
+    state = {"w": torch.randn(300, 257, device=device), "b": torch.randn(1000, device=device).to(torch.bfloat16),
+             "step": torch.tensor(7.0, device=device), "mask": torch.rand(99, device=device) > 0.5,
+             "empty": torch.empty(0, 3, device=device), "meta": {"position": 3}}
+    expected = {key: value.cpu().clone() for key, value in state.items() if isinstance(value, torch.Tensor)}
+    stager = HostStager(reuse=True, pin_memory=pin, device_snapshot=snapshot)
+    for round_ in range(2):
+        ready = stager.ready_marker()
+        staged, gate, drain = stager.enqueue(state, ready)
+        if gate is not None:
+            torch.cuda.current_stream().wait_event(gate)
+        for value in state.values():  # the training step changes the state once the gate allows
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                value.add_(1.0)
+        drain()
+        for key, value in expected.items():
+            assert staged[key].device.type == "cpu" and torch.equal(staged[key], value), (key, round_)
+        assert staged["meta"] == {"position": 3}
+        expected = {key: value.cpu().clone() for key, value in state.items() if isinstance(value, torch.Tensor)}
+    assert stager.allocations == 1
+    assert (stager.arena.pinned if stager.arena is not None else False) == pin
+    stager.release()
