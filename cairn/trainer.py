@@ -130,7 +130,7 @@ class Trainer:
 
         try:
             self.tokenizer = Tokenizer(job_config.model.tokenizer_path)
-        except FileNotFoundError as e:
+        except (FileNotFoundError, ValueError) as e:  # the tokenizer's messages name the flag
             raise ConfigError([str(e)]) from e
         self.model_spec = get_model_spec(job_config.model.name)
         self.model_args = self._model_args()

@@ -78,7 +78,11 @@ class SaveHandle:
 
     def result(self, timeout: float | None = None) -> str:
         if self.future is not None:
-            self.future.result(timeout)
+            try:
+                self.future.result(timeout)
+            except Exception:
+                self.future.cairn_reported = True  # raised here: closing the saver does not raise it again
+                raise
         return self.location
 
     @property

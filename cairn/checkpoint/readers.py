@@ -40,7 +40,7 @@ from cairn.checkpoint.hf import HFWeights, natural_order, read_hf_config
 from cairn.checkpoint.layout import GROUPS, MANIFEST_NAME, METADATA_NAME, staging_step, step_of
 from cairn.checkpoint.manifest import read_manifest
 from cairn.checkpoint.reader import CachedMetadataReader, SafeLoadPlanner, weights_only_refusal
-from cairn.checkpoint.dcp_metadata import load_metadata_file
+from cairn.checkpoint.dcp_metadata import check_dcp_structure, load_metadata_file
 from cairn.models import get_model_spec
 
 # Bytes of tensors read per side in one DCP read during diff/convert: bounds memory, keeps reads few.
@@ -128,6 +128,10 @@ class DcpCheckpoint:
                 raise
             self.problems = list(e.problems) or [str(e)]
             self.metadata = load_metadata_file(path / METADATA_NAME)  # still never unpickles code
+        # items that lie outside their files (crafted or damaged metadata), before anything is read
+        self.problems += [p for p in check_dcp_structure(path) if p not in self.problems and "claims bytes" in p]
+        if self.problems and not tolerate_corrupt:
+            raise CorruptCheckpointError(f"checkpoint {path} is corrupt: {self.problems[0]}", self.problems)
         self._entries: dict[str, Entry] | None = None
 
     def entries(self) -> dict[str, Entry]:

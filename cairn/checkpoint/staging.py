@@ -580,6 +580,8 @@ class AsyncSaver:
         future, self._future = self._future, None
         if future is None:
             return None
+        if getattr(future, "cairn_reported", False) and future.exception() is not None:
+            return None  # its caller already got this save's error from its handle
         return future.result()
 
     def close(self) -> None:

@@ -129,11 +129,21 @@ class HashingStream(io.RawIOBase):
         # inline, and waits for a large write's hash after the bytes were taken.
         self.hash_wait_s = 0.0
         self._fault_mid_data = armed("mid_data")
+        # The OSError a write met (a full disk): torch.save reports it as an unreadable
+        # "unexpected pos" RuntimeError, so the writer looks here for the real cause.
+        self.error: OSError | None = None
 
     def _put(self, view: memoryview) -> None:
         raise NotImplementedError
 
     def write(self, data) -> int:
+        try:
+            return self._write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def _write(self, data) -> int:
         view = memoryview(data).cast("B")
         if self._digest is None:
             self._put(view)
@@ -242,11 +252,15 @@ class WriterFileSystem(FileSystem):
             try:
                 yield stream
             except BaseException as e:
-                # DCP's helper threads drop their exceptions; keep them for write_data.
-                self.errors.append((path.name, e))
+                # DCP's helper threads drop their exceptions; keep them (the OSError behind
+                # torch.save's RuntimeError where there is one) for write_data.
+                self.errors.append((path.name, stream.error or e))
                 raise
             finally:
-                stream.close()
+                try:
+                    stream.close()
+                except OSError as e:  # the buffered tail met a full disk
+                    self.errors.append((path.name, e))
             self.digests[path.name] = (stream.size, stream.hexdigest())
             self.hash_wait_s[path.name] = stream.hash_wait_s
 
@@ -352,8 +366,14 @@ class CommittingWriter(FileSystemWriter):
                 future.set_result(self.delegate(self, plan, planner))
                 return future
             self.fs.reset_results()
-            with zip_crc32_off():
-                results = super().write_data(plan, planner).value()
+            try:
+                with zip_crc32_off():
+                    results = super().write_data(plan, planner).value()
+            except Exception as e:
+                cause = next((error for _, error in self.fs.errors if isinstance(error, OSError)), None)
+                if cause is not None:
+                    raise self._error("writing", cause) from e
+                raise
             if self.fs.errors:
                 name, error = self.fs.errors[0]
                 raise error

@@ -1,0 +1,162 @@
+"""A real S3-compatible server on 127.0.0.1 for the tests: moto's server mode, in a process of its own.
+
+    python tests/s3_server.py [--port P] [--lifetime S]
+
+prints ``http://127.0.0.1:<port>`` on its first line once it answers, then serves until its
+standard input closes (the process that started it went away), it is killed, or ``--lifetime``
+seconds have passed (default one hour): it always stops by itself. ``.ci/run`` starts one for
+the whole suite and exports ``CAIRN_TEST_S3_ENDPOINT``; without that variable the tests start
+their own (``tests/conftest.py``).
+
+``FaultProxy`` sits between a client and the server to inject what a real store does under
+load: ``503 SlowDown`` answers, and a window in which every connection is dropped (as while a
+server restarts). Its request loop runs on threads of the test process and stops with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "cairn-test", "AWS_SECRET_ACCESS_KEY": "cairn-test-secret",
+               "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(port: int, lifetime: float) -> None:
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    deadline = time.monotonic() + lifetime
+    print(f"http://127.0.0.1:{port}", flush=True)
+    closed = threading.Event()
+
+    def watch_stdin() -> None:
+        try:
+            while sys.stdin.read(1):
+                pass
+        except (OSError, ValueError):
+            pass
+        closed.set()
+
+    threading.Thread(target=watch_stdin, daemon=True).start()
+    while not closed.is_set() and time.monotonic() < deadline:
+        closed.wait(1.0)
+    server.stop()
+
+
+def start(lifetime: float = 3600.0) -> tuple[subprocess.Popen, str]:
+    """Start a server process; returns (process, endpoint URL) once it answers."""
+    port = free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, __file__, "--port", str(port), "--lifetime", str(lifetime)],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
+                               text=True)
+    line = process.stdout.readline().strip()
+    if not line.startswith("http://"):
+        process.kill()
+        raise RuntimeError(f"the S3 test server did not start (said {line!r})")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return process, line
+        except OSError:
+            time.sleep(0.1)
+    process.kill()
+    raise RuntimeError("the S3 test server does not answer")
+
+
+class FaultProxy:
+    """An HTTP proxy on 127.0.0.1 to ``upstream`` that can answer 503 SlowDown or drop connections."""
+
+    def __init__(self, upstream: str):
+        self.upstream = urlsplit(upstream)
+        self.slowdowns = 0  # answer this many next requests with 503 SlowDown
+        self.slowdown_methods = {"PUT", "GET", "POST", "HEAD", "DELETE"}
+        self.down_until = 0.0  # drop every connection until this time.monotonic()
+        self.requests = 0
+        self.injected = 0
+        self.dropped = 0
+        self._lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def _handle(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                with proxy._lock:
+                    proxy.requests += 1
+                    drop = time.monotonic() < proxy.down_until
+                    slow = not drop and proxy.slowdowns > 0 and self.command in proxy.slowdown_methods
+                    if slow:
+                        proxy.slowdowns -= 1
+                        proxy.injected += 1
+                    if drop:
+                        proxy.dropped += 1
+                if drop:
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                if slow:
+                    payload = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+                               b"<Message>Please reduce your request rate.</Message></Error>")
+                    self.send_response(503)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
+                connection = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=120)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection",)}
+                connection.request(self.command, self.path, body=body, headers=headers)
+                response = connection.getresponse()
+                data = response.read()
+                self.send_response(response.status, response.reason)
+                for key, value in response.getheaders():
+                    if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                connection.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--lifetime", type=float, default=3600.0, help="stop after this many seconds regardless")
+    args = parser.parse_args()
+    serve(args.port or free_port(), args.lifetime)
