@@ -183,3 +183,33 @@ def test_rank_killed_mid_save_leaves_previous_step(tmp_path):
     state = load_full_state_dict(storage.step_dir(1), verify=True)
     assert torch.equal(state["dtensor.weight"], torch.arange(64 * 4, dtype=torch.float32).reshape(64, 4))
     assert [path.name for path in storage.cleanup_incomplete()] == [".tmp-step-2"]
+
+
+def _default_load_refuses_damage_on_every_rank(rank: int, world_size: int, folder: str) -> str:
+    from torch.distributed.fsdp import fully_shard
+
+    from cairn.checkpoint import CorruptCheckpointError, load, save
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    model = _model()
+    fully_shard(model, mesh=mesh)
+    save(_state(rank, 1, mesh, model), folder, 1)
+    dist.barrier()
+    if rank == 0:  # same size, one byte: only rank 1's file, which rank 0 never reads
+        data = Path(folder) / "step-1" / "__1_0.distcp"
+        raw = bytearray(data.read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        data.write_bytes(bytes(raw))
+    dist.barrier()
+    fresh = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    fully_shard(fresh, mesh=mesh)
+    try:
+        load(_state(rank, 0, mesh, fresh), folder)  # verify is on by default
+    except CorruptCheckpointError as e:
+        return str(e)
+    return "loaded"
+
+
+def test_damage_in_one_ranks_file_fails_the_load_on_every_rank(tmp_path):
+    messages = run_distributed(_default_load_refuses_damage_on_every_rank, 2, str(tmp_path / "ckpt"))
+    assert all("__1_0.distcp" in message and "checksum mismatch" in message for message in messages), messages
