@@ -13,6 +13,7 @@ import dataclasses
 import gc
 import logging
 import os
+import random
 import sys
 import time
 
@@ -204,6 +205,7 @@ class Trainer:
 
     def _set_determinism(self, debug) -> None:
         torch.manual_seed(debug.seed)
+        random.seed(debug.seed + self.rank)  # Python's own generator too, as RNGState saves it
         if debug.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)

@@ -36,7 +36,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve(port: int, lifetime: float) -> None:
+def serve(port: int, lifetime: float, watch_stdin: bool = True) -> None:
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
@@ -45,7 +45,7 @@ def serve(port: int, lifetime: float) -> None:
     print(f"http://127.0.0.1:{port}", flush=True)
     closed = threading.Event()
 
-    def watch_stdin() -> None:
+    def watch_stdin_closed() -> None:
         try:
             while sys.stdin.read(1):
                 pass
@@ -53,7 +53,8 @@ def serve(port: int, lifetime: float) -> None:
             pass
         closed.set()
 
-    threading.Thread(target=watch_stdin, daemon=True).start()
+    if watch_stdin:
+        threading.Thread(target=watch_stdin_closed, daemon=True).start()
     while not closed.is_set() and time.monotonic() < deadline:
         closed.wait(1.0)
     server.stop()
@@ -124,7 +125,8 @@ class FaultProxy:
                     self.send_header("Content-Type", "application/xml")
                     self.send_header("Content-Length", str(len(payload)))
                     self.end_headers()
-                    self.wfile.write(payload)
+                    if self.command != "HEAD":  # a HEAD answer has no body
+                        self.wfile.write(payload)
                     return
                 connection = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=120)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection",)}
@@ -135,11 +137,19 @@ class FaultProxy:
                 for key, value in response.getheaders():
                     if key.lower() not in ("transfer-encoding", "connection", "content-length"):
                         self.send_header(key, value)
-                self.send_header("Content-Length", str(len(data)))
+                # a HEAD answer carries the object's length, not that of its (empty) body
+                length = response.getheader("Content-Length") if self.command == "HEAD" else None
+                self.send_header("Content-Length", length or str(len(data)))
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
                 connection.close()
+
+            def handle_one_request(self) -> None:
+                try:
+                    super().handle_one_request()
+                except (ConnectionError, OSError):  # the client went away (or the outage dropped it)
+                    self.close_connection = True
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
 
@@ -154,9 +164,67 @@ class FaultProxy:
         self.server.server_close()
 
 
+_started: tuple[subprocess.Popen, str] | None = None
+
+
+def endpoint() -> str:
+    """The server the tests use: ``$CAIRN_TEST_S3_ENDPOINT`` (``.ci/run`` starts one), else one started
+    for this process on first use, killed when the process exits."""
+    global _started
+    url = os.environ.get("CAIRN_TEST_S3_ENDPOINT")
+    if url:
+        return url
+    if _started is None:
+        import atexit
+
+        _started = start()
+        atexit.register(_started[0].kill)
+    return _started[1]
+
+
+def client(url: str):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=url, aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                        aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
+
+
+def new_bucket(url: str) -> str:
+    import uuid
+
+    name = f"cairn-test-{uuid.uuid4().hex[:12]}"
+    client(url).create_bucket(Bucket=name)
+    return name
+
+
+def environment(url: str) -> dict[str, str]:
+    """What a process needs to talk to the test server the way AWS tools are configured."""
+    return {**CREDENTIALS, "AWS_ENDPOINT_URL": url}
+
+
+try:
+    import pytest
+
+    @pytest.fixture
+    def s3(monkeypatch):
+        """A fresh bucket on the test server, and the environment pointing boto3 at it."""
+        from types import SimpleNamespace
+
+        url = endpoint()
+        for key, value in environment(url).items():
+            monkeypatch.setenv(key, value)
+        bucket = new_bucket(url)
+        return SimpleNamespace(url=url, bucket=bucket, uri=f"s3://{bucket}/run", client=client(url),
+                               env=environment(url))
+except ImportError:  # the server's own process (.ci/run) needs no pytest
+    pass
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--lifetime", type=float, default=3600.0, help="stop after this many seconds regardless")
+    parser.add_argument("--no-watch-stdin", action="store_true",
+                        help="serve until killed or --lifetime, whatever standard input does (.ci/run)")
     args = parser.parse_args()
-    serve(args.port or free_port(), args.lifetime)
+    serve(args.port or free_port(), args.lifetime, watch_stdin=not args.no_watch_stdin)

@@ -47,6 +47,7 @@ from cairn.checkpoint.errors import CheckpointError, CorruptCheckpointError
 from cairn.checkpoint.hf import load_hf, save_hf
 from cairn.checkpoint.layout import FULL, HF, MODEL_ONLY, SEED, dtype_named
 from cairn.checkpoint.lease import FolderLease
+from cairn.checkpoint.mirror import UploadWorker
 from cairn.checkpoint.retention import RetentionWorker
 from cairn.checkpoint.state import MODEL, ModelState, PerRankState, state_bytes
 from cairn.checkpoint.store import local_folder, open_step, open_store
@@ -107,6 +108,9 @@ class CheckpointManager:
         self._writing: set[int] = set()  # steps of saves in flight (retention never deletes them)
         self._lease: FolderLease | None = None
         self._retention: RetentionWorker | None = None
+        self._uploads: UploadWorker | None = None
+        self.mirror = None
+        self._mirror_steps: set[int] = set()
         if not self.enabled:
             return
         initialized = dist.is_available() and dist.is_initialized()
@@ -115,6 +119,8 @@ class CheckpointManager:
         self.layout = dict(layout) if layout is not None else {"world_size": self.world_size}
         self.store = open_store(config.folder, base_folder=base_folder)
         self.folder = self.store.url
+        if config.upload_to:
+            self.mirror = open_store(config.upload_to)
         self._agree(self._start_on_rank0 if self.rank == 0 else None)
         self._control = None
         if initialized and self.world_size > 1 and not config.load_only:
@@ -125,8 +131,11 @@ class CheckpointManager:
             self.async_saver = BackgroundSaver(config.async_mode, writer=config.async_writer,
                                                device_snapshot=config.device_snapshot)
         if self.rank == 0 and config.keep_latest_k > 0 and not config.load_only:
-            self._retention = RetentionWorker(self.store, config.keep_latest_k, protect=lambda: set(self._writing),
+            self._retention = RetentionWorker(self.store, config.keep_latest_k,
+                                              protect=lambda: set(self._writing) | self._uploading(),
                                               busy=lambda: bool(self._writing))
+        if self.rank == 0 and self.mirror is not None and not config.load_only:
+            self._uploads = UploadWorker(self.store, self.mirror, config.keep_latest_k)
         self._barrier()
 
     # --- start-up -----------------------------------------------------------------------------
@@ -137,6 +146,8 @@ class CheckpointManager:
             self._lease = FolderLease.acquire(self.store)
             self.store.check_writable()
             self.store.cleanup_incomplete()
+            if self.mirror is not None:
+                self.mirror.check_writable()
 
     def _agree(self, work: Callable[[], None] | None) -> None:
         """Run ``work`` on this rank (rank 0 passes it) and raise its CheckpointError on every rank."""
@@ -294,8 +305,14 @@ class CheckpointManager:
 
     def _after_commit(self, step: int) -> None:
         self._writing.discard(step)
+        if self._uploads is not None:
+            self._uploads.request(step)
         if self._retention is not None:
             self._retention.request()
+
+    def _uploading(self) -> set[int]:
+        """Steps the upload worker has yet to copy (retention keeps them until it has)."""
+        return self._uploads.pending() if self._uploads is not None else set()
 
     def _save_full(self, step: int) -> dict:
         state = self._full_state_dict()
@@ -364,6 +381,9 @@ class CheckpointManager:
                 self.async_saver.close()
                 self.async_saver = None
         finally:
+            if self._uploads is not None:
+                self._uploads.close()
+                self._uploads = None
             if self._retention is not None:
                 self._retention.close()
                 self._retention = None
@@ -382,12 +402,13 @@ class CheckpointManager:
         if not self.enabled:
             return False
         config = self.config
-        steps = self.store.committed_steps()
+        steps = self._committed_anywhere()
         wanted = step if step is not None else (config.load_step if config.load_step != -1 else None)
         if wanted is not None:
             if wanted not in steps:
-                where = (f"checkpoint.folder {self.folder} does not exist" if not self.store.exists()
-                         else f"committed steps in {self.folder}: {steps or 'none'}")
+                places = self.folder + (f" and {self.mirror.url}" if self.mirror is not None else "")
+                where = (f"checkpoint.folder {self.folder} does not exist" if not steps and not self.store.exists()
+                         else f"committed steps in {places}: {steps or 'none'}")
                 raise CheckpointError(f"--checkpoint.load_step={wanted} not found: {where}")
             return self._load_step(wanted, explicit=True)
         if steps:
@@ -422,20 +443,33 @@ class CheckpointManager:
                 raise CorruptCheckpointError(f"{e}{hint}", getattr(e, "problems", [])) from e
         return False
 
+    def _committed_anywhere(self) -> list[int]:
+        """Committed steps of the folder and, with --checkpoint.upload_to, of the mirror."""
+        self._mirror_steps = set(self.mirror.committed_steps()) if self.mirror is not None else set()
+        return sorted(set(self.store.committed_steps()) | self._mirror_steps)
+
+    def _store_of(self, step: int):
+        """Where step ``step`` is read from: the folder when it holds it, else the mirror."""
+        if self.mirror is not None and step in self._mirror_steps \
+                and step not in self.store.committed_steps():
+            return self.mirror
+        return self.store
+
     def _kind(self, step: int) -> str:
-        manifest = self.store.read_manifest(step) or {}
+        manifest = self._store_of(step).read_manifest(step) or {}
         return manifest.get("kind", SEED if step == 0 else FULL)
 
     def _load_step(self, step: int, *, explicit: bool) -> bool:
-        manifest = self.store.read_manifest(step) or {}
+        store = self._store_of(step)
+        manifest = store.read_manifest(step) or {}
         kind = manifest.get("kind", SEED if step == 0 else FULL)
-        location = self.store.step_url(step)
+        location = store.step_url(step)
         start = time.perf_counter()
         if kind == HF:
-            with self.store.local_copy(step) as local:
+            with store.local_copy(step) as local:
                 nbytes = self._read_hf(local)
         elif kind in (MODEL_ONLY, SEED):
-            nbytes = self._dcp_load(self.store, step, include_states=())
+            nbytes = self._dcp_load(store, step, include_states=())
         else:
             keys = [k for k in self.states if k not in self.config.exclude_from_loading]
             saved_layout = manifest.get("layout")
@@ -445,12 +479,12 @@ class CheckpointManager:
                                    "instead of restored", step, saved_layout, self.layout, key)
                     keys.remove(key)
                     self.states[key].reseed(self.seed if self.seed is not None else 0)
-            nbytes = self._dcp_load(self.store, step, include_states=keys)
+            nbytes = self._dcp_load(store, step, include_states=keys)
         seconds = time.perf_counter() - start
         logger.info("loaded %s checkpoint %s: %.1f MB%s in %.2f s", kind, location, nbytes / 1e6, self._per_rank(),
                     seconds)
         self.last_load = {"kind": kind, "from_step": step, "path": location, "bytes": nbytes,
-                          "seconds": round(seconds, 4), "tier": "disk" if self.store.scheme == "file" else "object",
+                          "seconds": round(seconds, 4), "tier": "disk" if store.scheme == "file" else "object",
                           "explicit": explicit}
         if kind != HF:
             self.last_load["phases"] = self.load_phases

@@ -134,6 +134,15 @@ class DcpCheckpoint:
             raise CorruptCheckpointError(f"checkpoint {path} is corrupt: {self.problems[0]}", self.problems)
         self._entries: dict[str, Entry] | None = None
 
+    @classmethod
+    def from_reader(cls, label: str, reader, manifest: dict | None, problems: Iterable[str] = ()) -> DcpCheckpoint:
+        """A step read through another store's reader (an ``s3://`` step); ``label`` names it."""
+        ckpt = cls.__new__(cls)
+        ckpt.path, ckpt.reader, ckpt.manifest, ckpt.problems = label, reader, manifest, list(problems)
+        ckpt.metadata = reader.read_metadata()
+        ckpt._entries = None
+        return ckpt
+
     def entries(self) -> dict[str, Entry]:
         if self._entries is None:
             files: dict[str, set[str]] = {}

@@ -119,13 +119,15 @@ class RetentionWorker:
             if step in keep:
                 continue
             start = time.perf_counter()
-            before = self.pacer.deleted_bytes
+            try:
+                gigabytes = int((self.store.read_manifest(step) or {}).get("total_bytes") or 0) / 1e9
+            except Exception:  # noqa: BLE001 - a damaged manifest: the step goes all the same
+                gigabytes = 0.0
             if not self.store.delete(step, self.pacer):
                 continue
             seconds = time.perf_counter() - start
             self.deleted.append(step)
             self.delete_seconds.append(seconds)
-            gigabytes = (self.pacer.deleted_bytes - before) / 1e9
             logger.info("retention: deleted checkpoint step %d (%.2f GB) in %.2f s (keeping the newest %d)", step,
                         gigabytes, seconds, self.keep_latest_k)
             interval = self._interval_s

@@ -124,13 +124,18 @@ def parse_uri(uri: str) -> tuple[str, str]:
 
 # --- the client ---------------------------------------------------------------------------------
 
-_clients: dict[int, Any] = {}
+_clients: dict[tuple, Any] = {}
 _client_lock = threading.Lock()
 
 
+_CLIENT_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_REGION",
+               "AWS_DEFAULT_REGION", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE")
+
+
 def client():
-    """This process's boto3 S3 client (thread-safe; made again after a fork)."""
-    pid = os.getpid()
+    """This process's boto3 S3 client (thread-safe; made again after a fork, or when the
+    environment that configures it changes)."""
+    pid = (os.getpid(), tuple(os.environ.get(name) for name in _CLIENT_ENV))
     with _client_lock:
         made = _clients.get(pid)
         if made is None:
@@ -464,6 +469,8 @@ class S3StorageWriter(CommittingWriter):
         self.path = f"s3://{store.bucket}/{self.data_prefix}"
         self.fs = S3FileSystem(store.bucket, checksums)
         self.save_id = save_id
+        # The step's marker version when this save began: the commit's condition (commit()).
+        self.previous: str | None = store.marker_etag(step)
 
     def reset(self, checkpoint_id=None) -> None:
         if checkpoint_id is not None and str(checkpoint_id) not in (self.location, self.path):
@@ -492,7 +499,11 @@ class S3StorageWriter(CommittingWriter):
     def _publish(self, manifest: bytes) -> None:
         put_bytes(self.store.bucket, f"{self.data_prefix}/{MANIFEST_NAME}", manifest)
         fault_point("during_publish")
-        self.store.commit(self.step, self.save_id, manifest)
+        try:
+            self.store.commit(self.step, self.save_id, manifest, previous=self.previous)
+        except CheckpointError:
+            self.store._delete_prefix(self.data_prefix + "/")  # refused: its objects are nobody's
+            raise
 
     def _staging_text(self) -> str:
         return self.path
@@ -880,9 +891,7 @@ class S3Store:
         if len(raw) != marker.get("manifest_size") or xxhash.xxh3_128(raw).hexdigest() != marker.get("manifest_xxh3"):
             raise corrupt_error(self.step_url(step), [f"{where}: does not match its commit marker (modified?)"])
         manifest = parse_manifest(raw, where)
-        problems = check_identity(manifest, step, where)
-        if manifest.get("save_id") not in (None, marker["save_id"]):
-            problems.append(f"{where}: belongs to save {manifest.get('save_id')}, the marker to {marker['save_id']}")
+        problems = check_identity(manifest, step, where)  # bound to the marker by its hash above
         if problems:
             raise corrupt_error(self.step_url(step), problems)
         return marker["save_id"], manifest
@@ -890,32 +899,35 @@ class S3Store:
     def read_manifest(self, step: int) -> dict | None:
         return self.committed_manifest(step)[1]
 
-    def commit(self, step: int, save_id: str, manifest: bytes) -> None:
-        """Put step ``step``'s marker: conditional, so no two saves both commit it."""
+    def marker_etag(self, step: int) -> str | None:
+        """The version of step ``step``'s marker now (None: not committed), for ``commit(previous=)``."""
+        try:
+            return client().head_object(Bucket=self.bucket, Key=self.marker_key(step))["ETag"]
+        except Exception as e:  # noqa: BLE001
+            if error_code(e) in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise explain(e, f"s3://{self.bucket}/{self.marker_key(step)}", "reading") from None
+
+    def commit(self, step: int, save_id: str, manifest: bytes, previous: str | None = None) -> None:
+        """Put step ``step``'s marker, conditionally: only if the step is still what this save saw
+        when it began (``previous``: the marker's version then, None: not committed). Two saves
+        can never both commit from the same state; the one that comes second is refused."""
         marker = json.dumps({"format": MARKER_FORMAT, "step": step, "save_id": save_id,
                              "manifest_size": len(manifest), "manifest_xxh3": xxhash.xxh3_128(manifest).hexdigest(),
                              "committed_unix": round(time.time(), 3)}, sort_keys=True).encode()
         key = self.marker_key(step)
+        replaced = self.read_marker(step) if previous is not None else None
         try:
-            put_bytes(self.bucket, key, marker, IfNoneMatch="*")
-            return
-        except ClientError as e:
-            if error_code(e) not in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
-                raise explain(e, f"s3://{self.bucket}/{key}", "committing") from None
-        previous = self.read_marker(step)  # replacing a committed step (this run holds the lease)
-        try:
-            if previous is None:
-                put_bytes(self.bucket, key, marker, IfNoneMatch="*")
-            else:
-                put_bytes(self.bucket, key, marker, IfMatch=previous[1])
+            put_bytes(self.bucket, key, marker, **({"IfMatch": previous} if previous else {"IfNoneMatch": "*"}))
         except ClientError as e:
             if error_code(e) in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
-                raise CheckpointError(f"{self.step_url(step)} was committed by another save while this one was "
-                                      "committing; this save was not committed") from None
+                raise CheckpointError(f"{self.step_url(step)} was committed by another save after this one began; "
+                                      "this save was not committed (is another run writing into "
+                                      f"{self.url}?)") from None
             raise explain(e, f"s3://{self.bucket}/{key}", "committing") from None
-        fault_point("during_replace")
-        if previous is not None and previous[0]["save_id"] != save_id:
-            self._delete_prefix(self.save_prefix(step, previous[0]["save_id"]) + "/")
+        if replaced is not None and replaced[0]["save_id"] != save_id:
+            fault_point("during_replace")
+            self._delete_prefix(self.save_prefix(step, replaced[0]["save_id"]) + "/")
             logger.info("replaced existing %s", self.step_url(step))
 
     # --- writing ---------------------------------------------------------------------------------
@@ -937,6 +949,7 @@ class S3Store:
         uploads; else one is built from the hashes taken while uploading."""
 
         local = Path(local)
+        previous = self.marker_etag(step)
         save_id = new_save_id()
         prefix = self.save_prefix(step, save_id)
         paths = sorted(p for p in local.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
@@ -959,10 +972,9 @@ class S3Store:
         if problems:
             self._delete_prefix(prefix + "/")
             raise corrupt_error(local, problems)
-        if manifest is not None:
+        if manifest is not None:  # the same save's manifest (its save id names the DCP save, not the folder)
             body = dict(manifest)
             body.pop("manifest_checksum", None)
-            body["save_id"] = save_id
             data = manifest_bytes(body)
         else:
             kind = storage or ("hf" if is_hf_dir(local) else "files")
@@ -970,7 +982,7 @@ class S3Store:
                                                  save_id=save_id))
         put_bytes(self.bucket, f"{prefix}/{MANIFEST_NAME}", data)
         fault_point("during_publish")
-        self.commit(step, save_id, data)
+        self.commit(step, save_id, data, previous=previous)
         logger.info("committed checkpoint %s (%d files)", self.step_url(step), len(files))
         return self.step_url(step)
 
@@ -1290,6 +1302,11 @@ def download_prefix(uri: str, what: str) -> Iterator[Path]:
         store = S3Store(bucket, prefix)
         keys = [(item["Key"], item["Size"]) for page in store._list(prefix + "/" if prefix else "")
                 for item in page.get("Contents", [])]
+        if not keys and prefix and _exists(bucket, prefix):  # one object (a .pt file): as a local file
+            path = target / name
+            _download_to(bucket, prefix, client().head_object(Bucket=bucket, Key=prefix)["ContentLength"], path)
+            yield path
+            return
         if not keys:
             raise CheckpointError(f"{what} {uri}: nothing there (no objects under that prefix)")
         futures = []
@@ -1330,6 +1347,17 @@ def step_store(uri: str, what: str) -> tuple[Any, Any]:
     return store, S3StorageReader(store, None, data_prefix=prefix)
 
 
+def upload_path(local: Path, uri: str) -> int:
+    """A local file (to the object ``uri``) or folder (under the prefix ``uri``); returns the bytes sent."""
+    if local.is_dir():
+        return upload_folder(local, uri)
+    bucket, key = parse_uri(uri)
+    if not key or _exists(bucket, key):
+        raise CheckpointError(f"{uri} already exists or names no object; choose a new key (nothing is ever "
+                              "overwritten)")
+    return upload_file(local, bucket, key)[0]
+
+
 def upload_folder(local: Path, uri: str) -> int:
     """Every file under ``local`` to the prefix ``uri`` (an export), concurrently; returns the bytes sent."""
     bucket, prefix = parse_uri(uri)
@@ -1341,9 +1369,3 @@ def upload_folder(local: Path, uri: str) -> int:
                                       else path.relative_to(local).as_posix())
                for path in sorted(local.rglob("*")) if path.is_file()]
     return sum(future.result()[0] for future in futures)
-
-
-def mirror_step(local_store, s3_store: S3Store, step: int) -> str:
-    """Upload a committed local step to ``s3_store`` as the same step, checked against its manifest."""
-    manifest = local_store.read_manifest(step)
-    return s3_store.publish_dir(local_store.step_dir(step), step, manifest=manifest)

@@ -129,6 +129,12 @@ def local_folder(location: str | os.PathLike, what: str) -> Iterator[Path]:
         yield path
 
 
+def upload_local(local: str | os.PathLike, location: str) -> None:
+    """A local file or folder (a conversion's result) to ``location`` in object storage, which must
+    not hold anything yet."""
+    _s3().upload_path(Path(local), os.fspath(location))
+
+
 def _s3():
     """The object-store backend, imported on first use: only s3:// locations need boto3."""
     try:

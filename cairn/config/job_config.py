@@ -199,7 +199,13 @@ class CheckpointSection:
     enable: bool = False
     """Save checkpoints (and resume from them). Off: nothing is saved or loaded."""
     folder: str = "checkpoint"
-    """Where step-N folders go: relative to --job.dump_folder, or an absolute path."""
+    """Where step-N folders go: relative to --job.dump_folder, an absolute path, or object storage
+    (s3://bucket/prefix; credentials and endpoint as for every AWS tool, AWS_ENDPOINT_URL for
+    S3-compatible stores)."""
+    upload_to: str | None = None
+    """Also keep every committed step in object storage (s3://bucket/prefix): uploaded in the
+    background after each local commit, retention applied there too. Resume takes the newest
+    committed step of either place, so a lost machine loses no step that finished uploading."""
     interval: int = 500
     """Save every this many steps (the last step is always saved)."""
     keep_latest_k: int = 10
@@ -277,6 +283,15 @@ class CheckpointSection:
             out.append(f"--checkpoint.async_mode must be one of {', '.join(ASYNC_MODES)} (got {self.async_mode!r})")
         if not self.folder:
             out.append("--checkpoint.folder must not be empty")
+        elif "://" in self.folder and not self.folder.lower().startswith("s3://"):
+            out.append(f"--checkpoint.folder {self.folder}: unsupported storage scheme "
+                       f"{self.folder.split('://')[0]}://; use a local or shared folder, or s3://bucket/prefix")
+        if self.upload_to is not None:
+            if not self.upload_to.lower().startswith("s3://"):
+                out.append(f"--checkpoint.upload_to {self.upload_to}: expected s3://bucket/prefix")
+            elif self.folder.lower().startswith("s3://"):
+                out.append("--checkpoint.upload_to mirrors a local --checkpoint.folder; the folder is already "
+                           f"{self.folder}")
         if self.device_snapshot not in DEVICE_SNAPSHOT:
             out.append(f"--checkpoint.device_snapshot must be one of {', '.join(DEVICE_SNAPSHOT)} "
                        f"(got {self.device_snapshot!r})")

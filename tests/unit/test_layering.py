@@ -28,7 +28,7 @@ LAYERS: list[set[str]] = [
     {"writer", "reader"},
     {"local", "s3"},
     {"store", "memory"},
-    {"staging", "hf", "retention"},
+    {"staging", "hf", "retention", "mirror"},
     {"api"},
     {"manager"},
     {"readers"},

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import os
+import tempfile
 import time
 import zipfile
 from collections.abc import Callable, Iterable
@@ -45,8 +46,17 @@ from cairn.checkpoint.convert import ConvertOptions, convert_checkpoint
 from cairn.checkpoint.errors import CheckFailed, CheckpointError, UsageError, first_line
 from cairn.checkpoint.fsio import display_path, is_hf_dir
 from cairn.checkpoint.hf import HFWeights
-from cairn.checkpoint.layout import MANIFEST_NAME, METADATA_NAME, aside_step, staging_step, step_of, trash_step
+from cairn.checkpoint.layout import (
+    MANIFEST_NAME,
+    METADATA_NAME,
+    aside_step,
+    staging_step,
+    step_name,
+    step_of,
+    trash_step,
+)
 from cairn.checkpoint.local import LocalStore
+from cairn.checkpoint.store import is_object_uri, local_folder, open_step, open_store, upload_local
 from cairn.checkpoint.readers import (
     GROUPS,
     DcpCheckpoint,
@@ -272,9 +282,38 @@ def format_ls(folder: Path, rows: list[StepRow], style: Style) -> list[str]:
     return lines
 
 
+def _remote_rows(store, checksums: bool) -> list[StepRow]:
+    """The committed steps of an object-store folder, newest first (uncommitted objects are never listed
+    as steps; ``cairn checkpoint verify`` and a run's start-up cleanup deal with them)."""
+    rows = []
+    for step in store.committed_steps():
+        row = StepRow(step_name(step), store.step_url(step), step, True)
+        try:
+            manifest = store.read_manifest(step)
+        except CheckpointError as e:
+            manifest, row.problems = None, list(getattr(e, "problems", None) or [str(e)])
+        if manifest is not None:
+            row.problems = store.verify(step, checksums=checksums)
+            row.kind, row.storage = manifest.get("kind"), manifest.get("storage")
+            row.layout, row.model, row.created = manifest.get("layout"), manifest.get("model"), manifest.get("created_unix")
+            row.num_bytes, row.num_files = int(manifest.get("total_bytes") or 0), len(manifest.get("files") or {})
+            row.checked = "checksums" if checksums and manifest.get("checksum_algorithm") else "sizes"
+            row.dtype = _model_dtype(manifest, Path("."))
+        rows.append(row)
+    rows.sort(key=lambda row: row.step, reverse=True)
+    return rows
+
+
 def cmd_ls(args: argparse.Namespace) -> int:
-    folder = resolve_folder(Path(args.folder))
-    rows = list_steps(folder, checksums=args.checksums, show_bar=show_progress(args))
+    if is_object_uri(args.folder):
+        store = open_store(args.folder)
+        if not store.exists():
+            raise UsageError("nothing there (no objects under that prefix)", args.folder)
+        rows = _remote_rows(store, args.checksums)
+        folder = store.url
+    else:
+        folder = resolve_folder(Path(args.folder))
+        rows = list_steps(folder, checksums=args.checksums, show_bar=show_progress(args))
     if args.json:
         print(json.dumps({"folder": str(folder), "steps": [row.to_json() for row in rows]}, indent=1))
     else:
@@ -321,7 +360,9 @@ def _header(ckpt, entries: dict[str, Entry]) -> list[tuple[str, str]]:
     if manifest.get("created_unix"):
         lines.append(("created", f"{local_time(manifest['created_unix'], with_seconds=True)}, torch "
                                  f"{manifest.get('torch_version', '?')}, cairn {manifest.get('cairn_version', '?')}"))
-    if ckpt.path.is_dir():
+    if isinstance(ckpt.path, str):  # in object storage: what its manifest records
+        num_bytes, num_files = int(manifest.get("total_bytes") or 0), len(manifest.get("files") or {})
+    elif ckpt.path.is_dir():
         num_bytes, num_files = _disk_usage(ckpt.path)
     else:
         num_bytes, num_files = ckpt.path.stat().st_size, 1
@@ -449,9 +490,28 @@ def inspect_json(ckpt, entries: dict[str, Entry], values: dict[str, Any]) -> dic
     }
 
 
+def open_any(location: str, tolerate_corrupt: bool = False):
+    """The reader of a checkpoint path, or of a step in object storage (read there, not downloaded)."""
+    if not is_object_uri(location):
+        return open_checkpoint(Path(location), tolerate_corrupt=tolerate_corrupt)
+    try:
+        store, step = open_step(location, "checkpoint")
+        manifest, problems = None, []
+        if isinstance(step, int):
+            try:
+                manifest = store.read_manifest(step)
+            except CheckpointError as e:
+                if not tolerate_corrupt:
+                    raise
+                problems = list(getattr(e, "problems", None) or [str(e)])
+        return DcpCheckpoint.from_reader(location.rstrip("/"), store.reader(step), manifest, problems)
+    except CheckpointError as e:
+        raise CheckFailed(first_line(e), location) from e
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
-    path = Path(args.step_dir)
-    ckpt = open_checkpoint(path, tolerate_corrupt=True)
+    path = args.step_dir
+    ckpt = open_any(path, tolerate_corrupt=True)
     entries = ckpt.entries()
     if args.group:
         unknown = sorted(set(args.group) - set(GROUPS))
@@ -589,11 +649,43 @@ def format_verify(verdicts: list[Verdict], style: Style) -> list[str]:
     return lines
 
 
-def relative_to_step(problem: str, step: Path) -> str:
+def relative_to_step(problem: str, step: Path | str) -> str:
+    if isinstance(step, str):
+        return problem.replace(f"{step}/", "")
     return problem.replace(f"{step}{os.sep}", "") if step.is_dir() else problem
 
 
+def _verify_remote(location: str, checksums: bool) -> list[Verdict]:
+    store = open_store(location)
+    parent, _, name = location.rstrip("/").rpartition("/")
+    step = step_of(name)
+    if step is not None and step in open_store(parent).committed_steps():
+        store, steps = open_store(parent), [step]
+    else:
+        steps = list(reversed(store.committed_steps()))
+        if not steps:
+            raise UsageError("no committed checkpoint here: not a step or a folder of steps", location)
+    verdicts = []
+    for step in steps:
+        notes: list[str] = []
+        problems = store.verify(step, checksums=checksums, notes=notes)
+        manifest = None
+        with contextlib.suppress(CheckpointError):
+            manifest = store.read_manifest(step)
+        verdicts.append(Verdict(store.step_url(step), "checksums" if checksums else "sizes", problems, notes,
+                                int((manifest or {}).get("total_bytes") or 0)))
+    return verdicts
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
+    if is_object_uri(args.path):
+        verdicts = _verify_remote(args.path, not args.quick)
+        if args.json:
+            print(json.dumps({"ok": not any(v.problems for v in verdicts),
+                              "checked": [v.to_json() for v in verdicts]}, indent=1))
+        else:
+            print("\n".join(format_verify(verdicts, Style(use_color(args.color)))))
+        return EXIT_FAILED if any(v.problems for v in verdicts) else EXIT_OK
     targets = verify_targets(Path(args.path))
     checksums = not args.quick
     total = sum(_planned_bytes(path, checksums) for path in targets)
@@ -794,7 +886,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
     if args.atol < 0:
         raise UsageError(f"--atol must be >= 0 (got {args.atol})")
     groups = _split_groups(args.only, Path(args.a))
-    a, b = open_checkpoint(Path(args.a)), open_checkpoint(Path(args.b))
+    a, b = open_any(args.a), open_any(args.b)
     a, b = _as_comparable(a, b, args.model_name), _as_comparable(b, a, args.model_name)
     total = sum(e.num_bytes for e in a.entries().values() if e.is_tensor and (not groups or e.group in groups))
     with progress_bar(total, "diff", show_progress(args)) as advance:
@@ -822,6 +914,17 @@ def _split_groups(values: list[str] | None, path: Path) -> list[str] | None:
 # --- convert -------------------------------------------------------------------------------------
 
 
+def _convert_remote(src: str, dst: str, to: str, options: ConvertOptions) -> dict:
+    """A conversion with either end in object storage: the source downloaded (and verified) into a
+    temporary folder, the result written into one and uploaded to the destination."""
+    with local_folder(src, "convert") as source, tempfile.TemporaryDirectory(prefix="cairn-convert-") as scratch:
+        result = Path(scratch) / "converted" if is_object_uri(dst) else Path(dst)
+        stats = convert_checkpoint(source, result, to, options)
+        if is_object_uri(dst):
+            upload_local(result, dst)
+    return stats
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     src, dst = Path(args.src), Path(args.dst)
     options = ConvertOptions(model_name=args.model_name, flavor=args.model_flavor, export_dtype=args.export_dtype,
@@ -830,7 +933,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if args.hf_assets_path and not Path(args.hf_assets_path).is_dir():
         raise UsageError("--hf_assets_path: no such directory", args.hf_assets_path)
     start = time.perf_counter()
-    stats = convert_checkpoint(src, dst, args.to, options)
+    if is_object_uri(args.src) or is_object_uri(args.dst):
+        stats = _convert_remote(args.src, args.dst, args.to, options)
+    else:
+        stats = convert_checkpoint(src, dst, args.to, options)
     what = f"{stats['tensors']} tensors" + (f" and {stats['values']} other values" if stats.get("values") else "")
     print(f"wrote {display_path(dst)} ({args.to}): {what}, {human_bytes(stats.get('bytes'))} in "
           f"{time.perf_counter() - start:.1f} s")
