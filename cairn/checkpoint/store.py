@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -126,6 +127,29 @@ def local_folder(location: str | os.PathLike, what: str) -> Iterator[Path]:
         yield Path(location)
         return
     with _s3().download_prefix(os.fspath(location), what) as path:
+        yield path
+
+
+@contextlib.contextmanager
+def local_output(location: str | os.PathLike | None) -> Iterator[Path | None]:
+    """Where a tool writes its output: the local path itself, or (an object-store URI) a path in a
+    temporary folder whose result is uploaded to the URI when the block succeeds."""
+    if location is None or not is_object_uri(location):
+        yield None if location is None else Path(location)
+        return
+    with tempfile.TemporaryDirectory(prefix="cairn-output-") as scratch:
+        result = Path(scratch) / "output"
+        yield result
+        upload_local(result, os.fspath(location))
+
+
+@contextlib.contextmanager
+def optional_local_folder(location: str | os.PathLike | None, what: str) -> Iterator[Path | None]:
+    """``local_folder`` for an option that may be absent."""
+    if location is None:
+        yield None
+        return
+    with local_folder(location, what) as path:
         yield path
 
 

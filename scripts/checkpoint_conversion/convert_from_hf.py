@@ -18,6 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # a checkout run without `pip install -e .`
 
 from cairn.checkpoint.errors import CheckpointError  # noqa: E402
+from cairn.checkpoint.store import local_folder, local_output  # noqa: E402
 from cairn.checkpoint.convert import convert_hf_to_dcp  # noqa: E402
 
 
@@ -33,8 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
-        stats = convert_hf_to_dcp(args.input_dir, args.output_dir, model_name=args.model_name,
-                                  flavor=args.model_flavor, dtype=args.dtype, progress=not args.quiet)
+        # either folder may be s3://bucket/prefix: read from a verified download, written through an upload
+        with local_folder(args.input_dir, "input_dir") as source, local_output(args.output_dir) as target:
+            stats = convert_hf_to_dcp(source, target, model_name=args.model_name, flavor=args.model_flavor,
+                                      dtype=args.dtype, progress=not args.quiet)
     except (ValueError, CheckpointError) as e:  # every user error: the message names the file, key or flag
         print(f"convert_from_hf: error: {e}", file=sys.stderr)
         return 2

@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # a checkout run without `pip install -e .`
 
 from cairn.checkpoint.errors import CheckpointError  # noqa: E402
+from cairn.checkpoint.store import local_folder, local_output, optional_local_folder  # noqa: E402
 from cairn.checkpoint.convert import convert_dcp_to_hf  # noqa: E402
 from cairn.checkpoint.hf import DEFAULT_MAX_SHARD_BYTES  # noqa: E402
 
@@ -40,10 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
-        stats = convert_dcp_to_hf(args.input_dir, args.output_dir, model_name=args.model_name,
-                                  flavor=args.model_flavor, hf_assets_path=args.hf_assets_path,
-                                  export_dtype=args.export_dtype, max_shard_bytes=args.max_shard_bytes,
-                                  progress=not args.quiet)
+        # any of the three folders may be s3://bucket/prefix
+        with local_folder(args.input_dir, "input_dir") as source, \
+                optional_local_folder(args.hf_assets_path, "--hf_assets_path") as assets, \
+                local_output(args.output_dir) as target:
+            stats = convert_dcp_to_hf(source, target, model_name=args.model_name, flavor=args.model_flavor,
+                                      hf_assets_path=assets, export_dtype=args.export_dtype,
+                                      max_shard_bytes=args.max_shard_bytes, progress=not args.quiet)
     except (ValueError, CheckpointError) as e:  # every user error: the message names the file, key or flag
         print(f"convert_to_hf: error: {e}", file=sys.stderr)
         return 2

@@ -68,6 +68,21 @@ def test_hf_export_to_object_storage_and_back(s3, tmp_path, capsys):
     started = train(tmp_path / "b", "--checkpoint.enable", "--training.steps", "1", "--checkpoint.initial_load_in_hf",
                     "--checkpoint.initial_load_path", f"{uri}/step-2", env=s3.env)
     assert "loaded Hugging Face weights from s3://" in started.output
+    # the offline conversion scripts, both ends in object storage
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    scripts = REPO / "scripts" / "checkpoint_conversion"
+    env = {**__import__("os").environ, **s3.env}
+    for command in ([scripts / "convert_from_hf.py", f"{uri}/step-2", f"{s3.uri}/dcp_from_hf", "--quiet"],
+                    [scripts / "convert_to_hf.py", f"{s3.uri}/dcp_from_hf", f"{s3.uri}/hf_again", "--model_flavor",
+                     "tiny", "--hf_assets_path", str(REPO / "assets" / "tokenizer"), "--quiet"]):
+        done = subprocess.run([sys.executable, *map(str, command)], env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert main(["checkpoint", "diff", f"{uri}/step-2", f"{s3.uri}/hf_again"]) == 0
 
 
 def test_cli_on_object_storage(s3, tmp_path, capsys):

@@ -8,6 +8,7 @@ checkpoint is corrupt or unsafe (``diff``: different), 2 a usage error.
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import dataclasses
 import json
@@ -490,12 +491,28 @@ def inspect_json(ckpt, entries: dict[str, Entry], values: dict[str, Any]) -> dic
     }
 
 
+# Downloads a command reads from, removed when the command's process ends.
+_DOWNLOADS = contextlib.ExitStack()
+atexit.register(_DOWNLOADS.close)
+
+
 def open_any(location: str, tolerate_corrupt: bool = False):
     """The reader of a checkpoint path, or of a step in object storage (read there, not downloaded)."""
     if not is_object_uri(location):
         return open_checkpoint(Path(location), tolerate_corrupt=tolerate_corrupt)
     try:
         store, step = open_step(location, "checkpoint")
+    except CheckpointError:  # not DCP (a Hugging Face folder in a bucket): read from a verified download
+        local = _DOWNLOADS.enter_context(local_folder(location, "checkpoint"))
+        ckpt = open_checkpoint(local, tolerate_corrupt=tolerate_corrupt)
+        ckpt.path = location.rstrip("/")
+        return ckpt
+    try:
+        if isinstance(step, int) and (store.read_manifest(step) or {}).get("storage") == "hf":
+            local = _DOWNLOADS.enter_context(store.local_copy(step))
+            ckpt = open_checkpoint(local, tolerate_corrupt=tolerate_corrupt)
+            ckpt.path = location.rstrip("/")
+            return ckpt
         manifest, problems = None, []
         if isinstance(step, int):
             try:
