@@ -215,14 +215,14 @@ def get_range(bucket: str, key: str, start: int, length: int, into: memoryview |
 
     def fetch():
         response = client().get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{start + length - 1}")
-        data = response["Body"].read()
-        if len(data) != length:
-            raise CheckpointError(f"s3://{bucket}/{key}: {len(data)} bytes where {length} were asked for at byte "
+        data = response["Body"].read()  # one read: faster than urllib3's readinto into the buffer here
+        got = len(data)
+        if into is not None and got == length:
+            into[:length] = data
+        if got != length:
+            raise CheckpointError(f"s3://{bucket}/{key}: {got} bytes where {length} were asked for at byte "
                                   f"{start} (the object is shorter than its record)")
-        if into is None:
-            return data
-        into[:length] = data
-        return None
+        return None if into is not None else data
 
     if length == 0:
         return b"" if into is None else None

@@ -180,3 +180,21 @@ def test_run_stall_reads_the_runs_own_metrics(tmp_path):
         assert [save["step"] for save in figures["saves"]] + [d["step"] for d in figures["deferred"]]
         assert all(save["stall_s"] is not None for save in figures["saves"])
     assert not (tmp_path / "runs").exists()
+
+
+def test_s3_bench_smoke(tmp_path):
+    """benchmarks/s3_bench.py on 16 MB against the test server it starts: every figure and ratio."""
+    out = tmp_path / "s3.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "s3_bench.py"), "--gb", "0.016", "--tensor-mb",
+                           "4", "--repeats", "1", "--connections", "2", "--out", str(out)],
+                          cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    report = json.loads(out.read_text())
+    assert set(report["ceilings"]) == {"1", "2"}
+    assert all(v["put_gbps"] > 0 and v["get_gbps"] > 0 for v in report["ceilings"].values())
+    assert all(report["cairn"][k] > 0 for k in ("save_gbps", "load_verify_gbps", "load_gbps"))
+    assert report["dcp_fsspec"]["save_gbps"] > 0 and report["dcp_fsspec"]["load_gbps"] > 0
+    assert set(report["ratios"]) == {"cairn_save_over_put_ceiling", "cairn_load_over_get_ceiling",
+                                     "put_ceiling_n_over_1", "get_ceiling_n_over_1", "cairn_over_fsspec_save",
+                                     "cairn_over_fsspec_load"}

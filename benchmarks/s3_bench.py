@@ -1,0 +1,194 @@
+"""Checkpoints in object storage: cairn's S3Store against the server's own ceilings and DCP's fsspec (s3fs).
+
+One command, one server, one state (``--gb`` of float32 tensors of ``--tensor-mb`` each), in
+the same run:
+
+- the server's ceilings with raw boto3 calls: one object of ``--ceiling-mb`` up as a multipart
+  upload and down with ranged GETs of ``CAIRN_S3_PART_MB`` parts, one connection at a time and
+  ``--connections`` at once;
+- cairn: ``save`` of the state as a step (multipart, hashed as it goes up, committed by the
+  marker), ``load`` of it back (ranged GETs, verified, and with ``verify=False``);
+- DCP's own ``FsspecWriter`` / ``FsspecReader`` over s3fs (what torchtitan's s3:// support uses),
+  writing one file per rank as cairn does (``single_file_per_rank``), its thread count as cairn's.
+
+Without ``--endpoint`` it starts the test server of ``tests/s3_server.py`` (moto's server mode)
+on 127.0.0.1 in a process of its own. That server is one Python process: where it caps every
+client, the 1- and N-connection ceilings show it, and the ratios say so.
+
+    python benchmarks/s3_bench.py --gb 1 --out s3_bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+import torch  # noqa: E402
+import torch.distributed.checkpoint as dcp  # noqa: E402
+
+from cairn.checkpoint import load, save  # noqa: E402
+from cairn.checkpoint.s3 import S3Store, client, part_bytes  # noqa: E402
+
+
+def state_of(gigabytes: float, tensor_mb: int) -> dict[str, torch.Tensor]:
+    count = max(1, int(gigabytes * 1e9 / (tensor_mb << 20)))
+    generator = torch.Generator().manual_seed(0)
+    return {f"layer{i}.weight": torch.rand(tensor_mb << 18, generator=generator) for i in range(count)}
+
+
+def nbytes(state: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def raw_put(bucket: str, key: str, data: bytes, connections: int) -> float:
+    s3 = client()
+    part = part_bytes()
+    start = time.perf_counter()
+    upload = s3.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
+    pieces = [(i + 1, data[offset:offset + part]) for i, offset in enumerate(range(0, len(data), part))]
+
+    def put(piece):
+        number, body = piece
+        return {"PartNumber": number, "ETag": s3.upload_part(Bucket=bucket, Key=key, UploadId=upload,
+                                                             PartNumber=number, Body=body)["ETag"]}
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=connections) as pool:
+        parts = list(pool.map(put, pieces))
+    s3.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=upload, MultipartUpload={"Parts": parts})
+    return time.perf_counter() - start
+
+
+def raw_get(bucket: str, key: str, size: int, connections: int) -> float:
+    s3 = client()
+    part = part_bytes()
+    start = time.perf_counter()
+
+    def get(offset):
+        end = min(size, offset + part) - 1
+        return len(s3.get_object(Bucket=bucket, Key=key, Range=f"bytes={offset}-{end}")["Body"].read())
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=connections) as pool:
+        got = sum(pool.map(get, range(0, size, part)))
+    assert got == size
+    return time.perf_counter() - start
+
+
+def timed(fn, repeats: int) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--gb", type=float, default=1.0, help="size of the state saved and loaded")
+    parser.add_argument("--tensor-mb", type=int, default=64, help="size of each tensor")
+    parser.add_argument("--ceiling-mb", type=int, default=0,
+                        help="size of the object the raw ceilings move (0: the state's size, so that the server "
+                             "serves the ranges of an object as large as cairn's one data file)")
+    parser.add_argument("--connections", type=int, default=int(os.environ.get("CAIRN_S3_CONNECTIONS", 16)))
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--endpoint", default=None, help="an S3-compatible endpoint (default: start the test server)")
+    parser.add_argument("--skip-fsspec", action="store_true")
+    parser.add_argument("--out", default="s3_bench.json")
+    args = parser.parse_args(argv)
+    os.environ["CAIRN_S3_CONNECTIONS"] = str(args.connections)
+    server = None
+    if args.endpoint is None:
+        import s3_server
+
+        server, args.endpoint = s3_server.start(lifetime=7200)
+        os.environ.update(s3_server.environment(args.endpoint))
+    os.environ["AWS_ENDPOINT_URL"] = args.endpoint
+    s3 = client()
+    bucket = f"cairn-bench-{uuid.uuid4().hex[:10]}"
+    s3.create_bucket(Bucket=bucket)
+    report: dict = {"host": {"python": platform.python_version(), "torch": torch.__version__,
+                             "cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")},
+                    "config": {**vars(args), "part_bytes": part_bytes(), "argv": argv}}
+    try:
+        state = state_of(args.gb, args.tensor_mb)
+        size = nbytes(state)
+        payload = os.urandom(args.ceiling_mb << 20 if args.ceiling_mb else size)
+        ceilings = {}
+        for connections in (1, args.connections):
+            puts = [raw_put(bucket, f"ceiling/{connections}-{i}", payload, connections) for i in range(args.repeats)]
+            gets = [raw_get(bucket, f"ceiling/{connections}-0", len(payload), connections)
+                    for _ in range(args.repeats)]
+            ceilings[str(connections)] = {"put_gbps": len(payload) / min(puts) / 1e9,
+                                          "get_gbps": len(payload) / min(gets) / 1e9, "put_s": puts, "get_s": gets}
+        report["ceilings"] = ceilings
+        del payload
+        report["state_bytes"] = size
+        store = S3Store(bucket, "cairn")
+        step = iter(range(1, 1000))
+        saves = timed(lambda: save(state, store, next(step)), args.repeats)
+        target = {key: torch.empty_like(value) for key, value in state.items()}
+        loads = timed(lambda: load(target, store), args.repeats)
+        assert all(torch.equal(target[k], state[k]) for k in state)
+        loads_plain = timed(lambda: load(target, store, verify=False), args.repeats)
+        report["cairn"] = {"save_s": saves, "load_verify_s": loads, "load_s": loads_plain,
+                           "save_gbps": size / statistics.median(saves) / 1e9,
+                           "load_verify_gbps": size / statistics.median(loads) / 1e9,
+                           "load_gbps": size / statistics.median(loads_plain) / 1e9}
+        if not args.skip_fsspec:
+            from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+
+            count = iter(range(1000))
+            paths: list[str] = []
+
+            def fsspec_save() -> None:
+                paths.append(f"s3://{bucket}/fsspec/step-{next(count)}")
+                dcp.save(state, storage_writer=FsspecWriter(paths[-1], single_file_per_rank=True, sync_files=False,
+                                                            thread_count=1), no_dist=True)
+
+            fsspec_saves = timed(fsspec_save, args.repeats)
+            fsspec_loads = timed(lambda: dcp.load(target, storage_reader=FsspecReader(paths[-1]), no_dist=True),
+                                 args.repeats)
+            report["dcp_fsspec"] = {"save_s": fsspec_saves, "load_s": fsspec_loads,
+                                    "save_gbps": size / statistics.median(fsspec_saves) / 1e9,
+                                    "load_gbps": size / statistics.median(fsspec_loads) / 1e9}
+        best = ceilings[str(args.connections)]
+        ratios = {"cairn_save_over_put_ceiling": report["cairn"]["save_gbps"] / best["put_gbps"],
+                  "cairn_load_over_get_ceiling": report["cairn"]["load_verify_gbps"] / best["get_gbps"],
+                  "put_ceiling_n_over_1": best["put_gbps"] / ceilings["1"]["put_gbps"],
+                  "get_ceiling_n_over_1": best["get_gbps"] / ceilings["1"]["get_gbps"]}
+        if "dcp_fsspec" in report:
+            ratios["cairn_over_fsspec_save"] = report["cairn"]["save_gbps"] / report["dcp_fsspec"]["save_gbps"]
+            ratios["cairn_over_fsspec_load"] = report["cairn"]["load_verify_gbps"] / report["dcp_fsspec"]["load_gbps"]
+        report["ratios"] = ratios
+    finally:
+        Path(args.out).write_text(json.dumps(report, indent=1, default=str))
+        if server is not None:
+            server.kill()
+    c = report["ceilings"]
+    print(f"state {report['state_bytes'] / 1e9:.2f} GB, parts of {part_bytes() >> 20} MiB, endpoint {args.endpoint}")
+    for n, figures in c.items():
+        print(f"  raw boto3, {n:>2} connection(s): PUT {figures['put_gbps']:.3f} GB/s, GET {figures['get_gbps']:.3f} GB/s")
+    print(f"  cairn: save {report['cairn']['save_gbps']:.3f} GB/s, load (verified) "
+          f"{report['cairn']['load_verify_gbps']:.3f} GB/s, load {report['cairn']['load_gbps']:.3f} GB/s")
+    if "dcp_fsspec" in report:
+        print(f"  DCP fsspec (s3fs): save {report['dcp_fsspec']['save_gbps']:.3f} GB/s, load "
+              f"{report['dcp_fsspec']['load_gbps']:.3f} GB/s")
+    for name, value in report["ratios"].items():
+        print(f"  {name:<32}{value:8.2f}")
+    print(f"results: {Path(args.out).resolve()}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
