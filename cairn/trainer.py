@@ -316,8 +316,13 @@ class Trainer:
                                     "tokens_seen": self.train_state.tokens_seen})
             save_info = self.checkpointer.save(step, last_step=step == total_steps, stopping=step == stop_at)
             if save_info:
-                event = "checkpoint_deferred" if save_info.get("deferred") else "checkpoint_save"
-                self.metrics.event(step, event, **save_info)
+                snapshot = save_info.pop("memory", None) if save_info.get("kind") != "memory" else save_info
+                if snapshot is not None:
+                    self.metrics.event(step, "memory_snapshot_skipped" if snapshot.get("skipped")
+                                       else "memory_snapshot", **snapshot)
+                if snapshot is not save_info:
+                    event = "checkpoint_deferred" if save_info.get("deferred") else "checkpoint_save"
+                    self.metrics.event(step, event, **save_info)
 
     def _create_seed_checkpoint(self) -> None:
         degrees = self.parallel_dims.degrees

@@ -4,7 +4,8 @@
 save: it and the training process), ``CAIRN_FAULT=<point>:enospc`` raises
 ``OSError(ENOSPC)`` there instead, ``CAIRN_FAULT=<point>:exit`` ends only the process that
 reaches it (exit code 99), ``CAIRN_FAULT=<point>:sleep=<s>`` sleeps there (a slow disk, a
-slow purge), and ``CAIRN_FAULT_RANK=<r>`` limits it to one rank. Points: ``before_data``
+slow purge), ``CAIRN_FAULT_RANK=<r>`` limits it to one rank, and ``CAIRN_FAULT_SKIP=<n>`` lets
+each process pass the point ``n`` times before it acts. Points: ``before_data``
 (staging dir made, nothing written), ``mid_data`` (after the first bytes of the first data
 file), ``after_data_before_commit`` (every data file written, no ``.metadata`` yet),
 ``during_publish`` (manifest written, right before the publishing rename or marker),
@@ -12,7 +13,7 @@ file), ``after_data_before_commit`` (every data file written, no ``.metadata`` y
 two-rename fallback, between the two renames), ``during_purge`` (a purged step renamed to
 trash, or its marker removed, not yet deleted), ``during_upload`` (an object store: after the
 first part of the first data object), ``during_snapshot`` and ``during_replica`` (the memory
-tier: half way through a snapshot's copy, and through a replica's transfer). Unset, each
+tier: a snapshot copied into its slot, not yet committed; a replica's transfer begun). Unset, each
 point costs one dictionary lookup.
 
 A leaf of the checkpoint package: it imports nothing of cairn.
@@ -28,10 +29,12 @@ import time
 
 FAULT_ENV = "CAIRN_FAULT"
 FAULT_RANK_ENV = "CAIRN_FAULT_RANK"
+FAULT_SKIP_ENV = "CAIRN_FAULT_SKIP"
 FAULT_EXIT_CODE = 99
 WRITER_PROCESS_ENV = "CAIRN_WRITER_PROCESS"  # set in an async save's writer process
 FAULT_POINTS = ("before_data", "mid_data", "after_data_before_commit", "during_publish", "during_replace",
                 "during_purge", "during_upload", "during_snapshot", "during_replica")
+_passed: dict[str, int] = {}  # point -> times this process passed it (for CAIRN_FAULT_SKIP)
 
 
 def armed(point: str) -> bool:
@@ -50,6 +53,11 @@ def fault_point(point: str, rank: int | None = None) -> None:
     only_rank = os.environ.get(FAULT_RANK_ENV)
     if only_rank is not None and rank is not None and int(only_rank) != rank:
         return
+    skip = int(os.environ.get(FAULT_SKIP_ENV, "0") or 0)
+    if skip:
+        _passed[point] = _passed.get(point, 0) + 1
+        if _passed[point] <= skip:
+            return
     if action == "enospc":
         raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (injected by {FAULT_ENV}={spec})")
     if action.startswith("sleep="):

@@ -19,8 +19,13 @@ state: ``{<model FQNs>: tensors, "optimizer": {...}, "train_state": {...}, ...}`
 any ``Stateful``; one that implements ``reseed(seed)`` (``state.RNGState``) is restored only
 on the layout that saved it and re-seeded on any other.
 
-Load precedence (auto-resume): the newest committed step in the folder (or
-``--checkpoint.load_step``) wins, and then every ``initial_*`` option is ignored by design;
+With ``--checkpoint.memory_interval K`` every K-th step is also snapshotted into host memory
+that outlives the process (``memory.py``); a restart resumes from the newest snapshot every
+rank can get (its own, or a replica on the next node) when it is at least as new as the
+newest committed step, else from the folder.
+
+Load precedence (auto-resume): a memory snapshot as above; the newest committed step in the
+folder (or ``--checkpoint.load_step``, which never takes a snapshot) wins, and then every ``initial_*`` option is ignored by design;
 else ``--checkpoint.initial_load_path`` (or HF weights); else a fresh start.
 
 Everything in the checkpoint folder goes through a store (``store.py``: a local or shared
@@ -33,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
@@ -47,6 +53,7 @@ from cairn.checkpoint.errors import CheckpointError, CorruptCheckpointError
 from cairn.checkpoint.hf import load_hf, save_hf
 from cairn.checkpoint.layout import FULL, HF, MODEL_ONLY, SEED, dtype_named
 from cairn.checkpoint.lease import FolderLease
+from cairn.checkpoint.memory import MemoryTier, default_dir, restore
 from cairn.checkpoint.mirror import UploadWorker
 from cairn.checkpoint.retention import RetentionWorker
 from cairn.checkpoint.state import MODEL, ModelState, PerRankState, state_bytes
@@ -54,6 +61,9 @@ from cairn.checkpoint.store import local_folder, open_step, open_store
 from cairn.config.job_config import CheckpointSection
 
 logger = logging.getLogger("cairn")
+
+# A replica exchange whose peer died fails after this long instead of holding the thread.
+MEMORY_GROUP_TIMEOUT_S = 300
 
 CheckpointConfig = CheckpointSection
 
@@ -111,6 +121,8 @@ class CheckpointManager:
         self._uploads: UploadWorker | None = None
         self.mirror = None
         self._mirror_steps: set[int] = set()
+        self.memory: MemoryTier | None = None
+        self._finished = False  # the last step was saved: close() removes the memory snapshots
         if not self.enabled:
             return
         initialized = dist.is_available() and dist.is_initialized()
@@ -136,7 +148,20 @@ class CheckpointManager:
                                               busy=lambda: bool(self._writing))
         if self.rank == 0 and self.mirror is not None and not config.load_only:
             self._uploads = UploadWorker(self.store, self.mirror, config.keep_latest_k)
+        if config.memory_interval > 0 and not config.load_only:
+            self._open_memory_tier(initialized)
         self._barrier()
+
+    def _open_memory_tier(self, initialized: bool) -> None:
+        # The replicas travel on a gloo group of their own, used only by the snapshots' thread.
+        group = dist.new_group(backend="gloo", timeout=timedelta(seconds=MEMORY_GROUP_TIMEOUT_S)) \
+            if initialized and self.world_size > 1 else None
+        directory = self.config.memory_dir or default_dir(self.folder)
+        try:
+            self.memory = MemoryTier(directory, rank=self.rank, world_size=self.world_size, layout=self.layout,
+                                     replicas=self.config.memory_replicas, group=group)
+        except OSError as e:
+            raise CheckpointError(f"--checkpoint.memory_dir {directory}: {e.strerror or e}") from e
 
     # --- start-up -----------------------------------------------------------------------------
 
@@ -182,8 +207,23 @@ class CheckpointManager:
         self._prepared = True
         state = self._full_state_dict()
         self._check_room(state_bytes(state))
+        if self.memory is not None:
+            self._check_memory_room(state_bytes(state))
+            self.memory.prepare(state)
         if self.async_saver is not None:
             self.async_saver.prepare(state)
+
+    def _check_memory_room(self, local_bytes: int) -> None:
+        """The snapshots need room for their slots on every node: stop before training on if not."""
+        problem = self.memory.room_problem(local_bytes)
+        problems = [problem]
+        if self.world_size > 1:
+            problems = [None] * self.world_size
+            dist.all_gather_object(problems, problem, group=self._gloo_group())
+        found = [p for p in problems if p]
+        if found:
+            raise CheckpointError(f"--checkpoint.memory_dir: {found[0]}; lower --checkpoint.memory_replicas, point "
+                                  "--checkpoint.memory_dir at a larger tmpfs, or set --checkpoint.memory_interval 0")
 
     def _check_room(self, local_bytes: int) -> None:
         """A step needs about the state's bytes (all ranks): refuse to train on if the folder has less."""
@@ -218,6 +258,50 @@ class CheckpointManager:
     def save(self, step: int, last_step: bool = False, stopping: bool = False) -> dict | None:
         """Save if the policy says so; returns what was saved (for logs/metrics) or None.
 
+        Call it after every step: it also takes the memory tier's snapshot when one is due
+        (returned as ``kind`` "memory", or under ``"memory"`` beside a save of the same step).
+        See ``_save_to_store`` for the folder's saves.
+        """
+        if not self.enabled or self.config.load_only:
+            return None
+        info = self._save_to_store(step, last_step, stopping)
+        if self.memory is not None and not last_step:
+            snapshot = self._snapshot(step)
+            if snapshot is not None:
+                info = snapshot if info is None else {**info, "memory": snapshot}
+        if last_step:
+            self._finished = True
+        return info
+
+    def _snapshot(self, step: int) -> dict | None:
+        """The memory tier's snapshot, every ``memory_interval`` steps, skipped (on every rank)
+        while the previous one is still in flight on any rank."""
+        memory = self.memory
+        memory.record_progress(step)
+        if step % self.config.memory_interval:
+            return None
+        busy = memory.in_flight
+        if self.world_size > 1:
+            flag = torch.tensor([1 if busy else 0])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._gloo_group())
+            busy = bool(flag.item())
+        if busy:
+            logger.warning("memory snapshot of step %d skipped: the previous one is still in flight (a snapshot "
+                           "every %d steps is more often than one takes)", step, self.config.memory_interval)
+            return {"kind": "memory", "skipped": True}
+        previous = dict(memory.last_seconds)
+        start = time.perf_counter()
+        state = self._full_state_dict()
+        memory.snapshot(step, state)
+        info = {"kind": "memory", "bytes": state_bytes(state), "stall_s": round(time.perf_counter() - start, 4),
+                "replicas": memory.replicas}
+        if previous:
+            info["previous_s"] = {k: round(v, 4) for k, v in previous.items()}
+        return info
+
+    def _save_to_store(self, step: int, last_step: bool, stopping: bool) -> dict | None:
+        """The folder's save if the policy says so.
+
         An async save that comes due while the previous one is still being written is deferred
         (``--checkpoint.when_busy defer``: training goes on, nothing waits) and taken at the first
         step after the previous one is committed; the returned dict says so (``deferred``, and
@@ -225,8 +309,6 @@ class CheckpointManager:
         due or deferred save now. The last step's save, a stopping one and every one under
         ``when_busy wait`` wait for the previous one (``waited_s``).
         """
-        if not self.enabled or self.config.load_only:
-            return None
         self.prepare_async()
         due = self._should_save(step, last_step)
         if not due and self._deferred_from is None:
@@ -363,6 +445,8 @@ class CheckpointManager:
         """Call before the optimizer step: the staged copy must be taken first."""
         if self.async_saver is not None:
             self.async_saver.wait_for_staging()
+        if self.memory is not None:
+            self.memory.wait_for_staging()
 
     def _finish_in_flight(self) -> float:
         """Wait for the save in flight (if any); returns the seconds waited."""
@@ -375,12 +459,16 @@ class CheckpointManager:
         return time.perf_counter() - start
 
     def close(self) -> None:
-        """Finish the save in flight, stop the background workers, give the folder's lease back."""
+        """Finish the save in flight, stop the background workers, give the folder's lease back.
+        A run whose last step was saved removes its memory snapshots; any other keeps them."""
         try:
             if self.async_saver is not None:
                 self.async_saver.close()
                 self.async_saver = None
         finally:
+            if self.memory is not None:
+                self.memory.close(remove=self._finished)
+                self.memory = None
             if self._uploads is not None:
                 self._uploads.close()
                 self._uploads = None
@@ -411,6 +499,8 @@ class CheckpointManager:
                          else f"committed steps in {places}: {steps or 'none'}")
                 raise CheckpointError(f"--checkpoint.load_step={wanted} not found: {where}")
             return self._load_step(wanted, explicit=True)
+        if self.memory is not None and self._restore_from_memory(steps):
+            return True
         if steps:
             return self._load_newest(steps)
         if config.initial_load_in_hf:
@@ -442,6 +532,34 @@ class CheckpointManager:
                         "(or --checkpoint.fallback_on_corrupt)" if older is not None else "")
                 raise CorruptCheckpointError(f"{e}{hint}", getattr(e, "problems", [])) from e
         return False
+
+    def _restore_from_memory(self, steps: list[int]) -> bool:
+        """Resume from the memory tier when it holds a step at least as new as the folder's newest."""
+        if self.config.exclude_from_loading:
+            logger.info("--checkpoint.exclude_from_loading is set: resuming from the folder, not from memory")
+            return False
+        disk = steps[-1] if steps else None
+        restored = restore(self.memory, disk, self._full_state_dict, self._apply_full,
+                           group=self._gloo_group() if self.world_size > 1 else None)
+        if restored is None:
+            if self.rank == 0 and disk is not None:
+                logger.info("no memory snapshot at or after step-%d in %s: resuming from the folder", disk,
+                            self.memory.dir)
+            return False
+        lost = restored["steps_lost"]
+        logger.info("restored step %d from host %s in %.2f s (%s%s); the folder's newest step is %s",
+                    restored["from_step"], "memory and replicas" if restored["tier"] == "replica" else "memory",
+                    restored["seconds"], f"{restored['bytes'] / 1e6:.1f} MB{self._per_rank()}",
+                    f", {lost} step(s) lost" if lost is not None else "",
+                    f"step-{disk}" if disk is not None else "none")
+        self.last_load = {"kind": FULL, "explicit": False, "disk_step": disk, **restored}
+        return True
+
+    def _apply_full(self, state: dict[str, Any]) -> None:
+        """Hand a full state dict (model FQNs and one entry per state) to the model and the states."""
+        self.model.load_state_dict({k: v for k, v in state.items() if k not in self.states})
+        for key, stateful in self.states.items():
+            stateful.load_state_dict(state[key])
 
     def _committed_anywhere(self) -> list[int]:
         """Committed steps of the folder and, with --checkpoint.upload_to, of the mirror."""

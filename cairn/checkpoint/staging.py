@@ -100,11 +100,20 @@ class HostArena:
 
     _ids = itertools.count()
 
-    def __init__(self, nbytes: int, *, pin: bool, device: torch.device | None = None):
+    def __init__(self, nbytes: int, *, pin: bool, device: torch.device | None = None, path: str | None = None):
         self.id = next(HostArena._ids)
         self.nbytes = max(nbytes, mmap.PAGESIZE)
         self.fd: int | None = None
-        if writer_process.supported():
+        self.path = path
+        if path is not None:  # a file (in /dev/shm: the memory tier's slots outlive this process)
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+            try:
+                os.ftruncate(self.fd, self.nbytes)
+                self.mmap = mmap.mmap(self.fd, self.nbytes)
+            except BaseException:
+                os.close(self.fd)
+                raise
+        elif writer_process.supported():
             self.fd = os.memfd_create("cairn-staging", os.MFD_CLOEXEC)
             try:
                 os.ftruncate(self.fd, self.nbytes)
@@ -181,12 +190,14 @@ class HostStager:
     "auto" (``snapshot_fits`` decides when the reused buffers are made, after the first step).
     """
 
-    def __init__(self, *, reuse: bool, pin_memory: bool, device_snapshot: str | bool = "off"):
+    def __init__(self, *, reuse: bool, pin_memory: bool, device_snapshot: str | bool = "off",
+                 arena_path: str | None = None):
         if isinstance(device_snapshot, bool):
             device_snapshot = "on" if device_snapshot else "off"
         if device_snapshot not in ("auto", "on", "off"):
             raise ValueError(f"device_snapshot must be auto, on or off (got {device_snapshot!r})")
         self.reuse = reuse
+        self.arena_path = arena_path  # a file for the arena instead of anonymous shared memory
         self.pin_memory = pin_memory and torch.cuda.is_available()
         # "auto" is settled in _prepare; never without kept buffers (a snapshot made per save
         # would allocate a shard of device memory at every save).
@@ -250,7 +261,7 @@ class HostStager:
             logger.info("async saves %s a device snapshot (--checkpoint.device_snapshot auto): %.1f GB needed, "
                         "%.1f GB of %.1f GB free on %s", "take" if self.device_snapshot else "skip",
                         needed / 1e9, free / 1e9, total_memory / 1e9, device)
-        self.arena = HostArena(total, pin=self.pin_memory, device=device)
+        self.arena = HostArena(total, pin=self.pin_memory, device=device, path=self.arena_path)
         if self.reuse and not self.arena.pinned:
             self.arena.pretouch()
         self.allocations += 1
@@ -261,6 +272,15 @@ class HostStager:
                                     for path, local in leaves}
             self.device_allocated_bytes += sum(nbytes(b) for b in self._device_buffers.values())
         self._layout = layout
+
+    def buffer_layout(self) -> list[dict]:
+        """Where each staged tensor lies in the arena: path, shape, dtype, offset, bytes (in leaf order)."""
+        out = []
+        for path, buffer in self._buffers.items():
+            located = self.locate(buffer)
+            out.append({"path": path, "shape": list(buffer.shape), "dtype": str(buffer.dtype).removeprefix("torch."),
+                        "offset": located[1] if located else None, "nbytes": nbytes(buffer)})
+        return out
 
     def release(self) -> None:
         """Give the buffers back (the next save makes new ones)."""

@@ -261,6 +261,16 @@ class CheckpointSection:
     and the async stall 2x larger (benchmarks/RESULTS.md)."""
     fallback_on_corrupt: bool = False
     """On auto-resume, skip a corrupt newest step and load the newest valid one (logged)."""
+    memory_interval: int = 0
+    """Also snapshot the whole training state into host memory every this many steps (0: off).
+    Snapshots outlive the training process (tmpfs), so a restart after a crash resumes from the
+    newest one when it is at least as new as the newest disk step: seconds, and at most this
+    many steps lost. Costs host memory of twice the rank's state (four times with replicas)."""
+    memory_replicas: int = 0
+    """1: also keep a copy of each rank's snapshot on the next node (the rank LOCAL_WORLD_SIZE
+    further on), so a node that is lost and replaced restores from its neighbours' memory."""
+    memory_dir: str | None = None
+    """Where this node keeps the snapshots (default: /dev/shm/cairn-<hash of the checkpoint folder>)."""
 
     def normalize(self) -> None:
         # Seed 000's command gives --checkpoint.create_seed_checkpoint without --checkpoint.enable.
@@ -302,6 +312,16 @@ class CheckpointSection:
                        f"(got {self.async_writer!r})")
         if self.write_threads < 1:
             out.append(f"--checkpoint.write_threads must be >= 1 (got {self.write_threads})")
+        if self.memory_interval < 0:
+            out.append(f"--checkpoint.memory_interval must be >= 0, 0 is off (got {self.memory_interval})")
+        if self.memory_replicas not in (0, 1):
+            out.append(f"--checkpoint.memory_replicas must be 0 or 1 (got {self.memory_replicas})")
+        elif self.memory_replicas and not self.memory_interval:
+            out.append("--checkpoint.memory_replicas needs --checkpoint.memory_interval > 0")
+        if self.memory_interval and self.load_only:
+            out.append("--checkpoint.memory_interval takes snapshots; --checkpoint.load_only takes none")
+        if self.memory_dir is not None and ("://" in self.memory_dir or not self.memory_dir):
+            out.append(f"--checkpoint.memory_dir {self.memory_dir!r}: expected a local folder (e.g. under /dev/shm)")
         for key in self.exclude_from_loading:
             if key == "model":
                 out.append("--checkpoint.exclude_from_loading cannot exclude 'model': a checkpoint "

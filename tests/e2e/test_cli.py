@@ -505,3 +505,27 @@ def test_training_logs_say_what_where_how_much_how_long(ckpts):
     assert [(e["event"], e["step"], e["kind"]) for e in events] == [
         ("checkpoint_load", 0, "seed"), ("checkpoint_save", 3, "full"), ("checkpoint_save", 6, "model_only")]
     assert all(e["bytes"] > 0 for e in events)
+
+
+def test_ls_memory_lists_a_nodes_snapshots_and_finds_a_damaged_one(capsys, tmp_path):
+    """`ls FOLDER --memory`: a run's snapshots (kept by a run that stopped early), committed and
+    checked; a damaged byte makes its slot 'corrupt', named; a missing folder is a usage error."""
+    shm = tmp_path / "shm"
+    train(tmp_path / "run", "--checkpoint.enable", "--training.steps", "8", "--checkpoint.memory_interval", "2",
+          "--checkpoint.memory_dir", str(shm), "--debug.exit_after_step", "5")
+    code, out, _ = cli(capsys, "ls", str(shm), "--memory")
+    assert code == 0 and "committed" in out and "trained to: rank 0 step 5" in out
+    assert [line.split()[0] for line in out.splitlines()[2:4]] == ["4", "2"]  # newest first
+    code, listing = cli_json(capsys, "ls", str(shm), "--memory", "--checksums")
+    assert code == 0 and [(s["step"], s["holder"], s["problems"]) for s in listing["snapshots"]] == [(4, "rank-0", []),
+                                                                                        (2, "rank-0", [])]
+    damaged = Path(next(s["path"] for s in listing["snapshots"] if s["step"] == 2)) / "data.bin"
+    with open(damaged, "r+b") as f:
+        f.seek(100)
+        value = f.read(1)[0]
+        f.seek(100)
+        f.write(bytes([value ^ 1]))
+    code, out, _ = cli(capsys, "ls", str(shm), "--memory", "--checksums")
+    assert code == 0 and "corrupt" in out and "rank-0/slot-0/data.bin: checksum mismatch" in flat(out)
+    code, _, err = cli(capsys, "ls", str(tmp_path / "nowhere"), "--memory")
+    assert code == 2 and "nowhere" in err and "memory_dir" in err

@@ -87,6 +87,19 @@ def test_all_problems_reported_once():
     assert len(info.value.problems) == 10
 
 
+@pytest.mark.parametrize("args,needle", [
+    (["--checkpoint.memory_interval", "-1"], "--checkpoint.memory_interval must be >= 0"),
+    (["--checkpoint.memory_interval", "2", "--checkpoint.memory_replicas", "2"], "--checkpoint.memory_replicas must"),
+    (["--checkpoint.memory_replicas", "1"], "needs --checkpoint.memory_interval"),
+    (["--checkpoint.memory_interval", "2", "--checkpoint.load_only"], "--checkpoint.load_only takes none"),
+    (["--checkpoint.memory_interval", "2", "--checkpoint.memory_dir", "s3://b/x"], "--checkpoint.memory_dir"),
+])
+def test_memory_tier_flags_are_checked(args, needle):
+    with pytest.raises(ConfigError) as info:
+        parse_args(args)
+    assert needle in str(info.value) and len(info.value.problems) == 1
+
+
 def test_excluding_optimizer_needs_lr_scheduler():
     with pytest.raises(ConfigError, match="lr_scheduler"):
         parse_args(["--checkpoint.exclude_from_loading", "optimizer"])

@@ -28,6 +28,7 @@ from cairn.checkpoint.fsio import NotRegularFileError, free_space_text, open_reg
 from cairn.checkpoint.lease import FolderLease, stale_reason
 from cairn.checkpoint.local import LocalStore
 from cairn.checkpoint.manifest import manifest_bytes
+from tmpfs import small_tmpfs_mounter
 from test_storage import _resign_manifest, make_state, save
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -229,24 +230,15 @@ def test_same_size_corruption_fails_a_default_load(storage, damage):
 
 # --- 6. errors a user can act on -------------------------------------------------------------
 
-def _mount_tmpfs(path: Path, size: str) -> bool:
-    path.mkdir(parents=True, exist_ok=True)
-    try:
-        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                                capture_output=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return result.returncode == 0
+@pytest.fixture
+def small_tmpfs():
+    yield from small_tmpfs_mounter()
 
 
 @pytest.fixture
-def small_filesystem(tmp_path):
+def small_filesystem(tmp_path, small_tmpfs):
     """A 3 MiB tmpfs where the machine allows mounting one (root in a container that permits it)."""
-    path = tmp_path / "small"
-    if not _mount_tmpfs(path, "3m"):
-        pytest.skip("cannot mount a tmpfs here; test_a_full_disk_via_the_fault_point covers the write path")
-    yield path
-    subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30)
+    return small_tmpfs(tmp_path / "small", "3m")
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])

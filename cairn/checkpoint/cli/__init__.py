@@ -43,6 +43,7 @@ _EXAMPLES = {
   cairn checkpoint ls outputs/checkpoint
   cairn checkpoint ls outputs --checksums        # a run's dump folder works too
   cairn checkpoint ls outputs/checkpoint --json | jq '.steps[0]'
+  cairn checkpoint ls /dev/shm/cairn-0123456789ab --memory   # this node's memory snapshots
 """,
     "inspect": """examples:
   cairn checkpoint inspect outputs/checkpoint/step-500
@@ -122,6 +123,8 @@ def add_checkpoint_parser(commands) -> None:
              "verified, dtype, size, files, saving layout, time.")
     ls.add_argument("folder", help="checkpoint folder (or a run's dump folder)")
     ls.add_argument("--checksums", action="store_true", help="hash every file (default: sizes only)")
+    ls.add_argument("--memory", action="store_true",
+                    help="FOLDER is a node's --checkpoint.memory_dir: list its memory snapshots and replicas")
 
     inspect = add("inspect", "commands.cmd_inspect", "keys, shapes, dtypes, bytes and files of a checkpoint",
                   "What a checkpoint holds: keys by group (model, optimizer, lr_scheduler,\n"

@@ -57,6 +57,7 @@ from cairn.checkpoint.layout import (
     trash_step,
 )
 from cairn.checkpoint.local import LocalStore
+from cairn.checkpoint.memory import list_snapshots
 from cairn.checkpoint.store import is_object_uri, local_folder, open_step, open_store, upload_local
 from cairn.checkpoint.readers import (
     GROUPS,
@@ -305,7 +306,45 @@ def _remote_rows(store, checksums: bool) -> list[StepRow]:
     return rows
 
 
+MEMORY_COLUMNS = [Column("step", 8), Column("holder", 14), Column("slot", 6), Column("state", 10),
+                  Column("size", 9, right=True), Column("layout", 20), Column("taken", 16)]
+
+
+def format_memory_ls(folder: Path, rows: list[dict], style: Style) -> list[str]:
+    lines = [style.bold(f"memory snapshots in {elide(display_path(folder), WIDTH - 21)}")]
+    if not rows:
+        return lines + ["  none"]
+    lines.append(style.dim(table_line(MEMORY_COLUMNS, [c.header for c in MEMORY_COLUMNS])))
+    for row in rows:
+        problems = row.get("problems")
+        state = "torn" if not row["committed"] else ("corrupt" if problems else "ok" if problems is not None
+                                                      else "committed")
+        state_style = style.red if problems else (style.yellow if not row["committed"] else None)
+        cells = [str(row["step"]) if row["step"] is not None else "-", row["holder"], row["slot"], state,
+                 human_bytes(row["bytes"]), layout_text(row["layout"]), local_time(row["created_unix"])]
+        lines.append(table_line(MEMORY_COLUMNS, cells, [None, None, None, state_style, None, None, None]))
+    trained = {row["rank"]: row["trained_to"] for row in rows if row.get("trained_to") is not None}
+    if trained:
+        lines.append("trained to: " + ", ".join(f"rank {rank} step {step}" for rank, step in sorted(trained.items())))
+    for row in rows:
+        for problem in row.get("problems") or []:
+            lines += wrapped(problem.replace(f"{folder}{os.sep}", ""), indent="")  # relative to the folder
+    lines += wrapped("torn: a snapshot cut short (never loaded); replica-of-<r>: rank r's snapshot kept on this node. "
+                     "A run restores the newest step every rank has whole.", indent="")
+    return lines
+
+
 def cmd_ls(args: argparse.Namespace) -> int:
+    if args.memory:
+        folder = Path(args.folder)
+        if not folder.is_dir():
+            raise UsageError("no such folder (a node's --checkpoint.memory_dir)", args.folder)
+        rows = list_snapshots(folder, checksums=args.checksums)
+        if args.json:
+            print(json.dumps({"folder": str(folder), "snapshots": rows}, indent=1))
+        else:
+            print("\n".join(format_memory_ls(folder, rows, Style(use_color(args.color)))))
+        return EXIT_OK
     if is_object_uri(args.folder):
         store = open_store(args.folder)
         if not store.exists():
