@@ -8,7 +8,8 @@ saves blocking, staging, retention deleting old steps on the same disk, a save c
 while the previous one is still written. Per variant it reports the extra time over the
 window, per save in it, the slowest step against the baseline's median step, and the
 ``checkpoint_save`` / ``checkpoint_deferred`` records (``stall_s``, ``waited_s``,
-``deferred_steps``).
+``deferred_steps``), and the memory tier's ``memory_snapshot`` records (extra time per
+snapshot, the fraction of the baseline's window).
 
     python benchmarks/run_stall.py --out stall.json -- --config llama3_1b --training.local_batch_size 4 \\
         --training.steps 165
@@ -62,11 +63,15 @@ def window_figures(rows: list[dict[str, Any]], first: int, last: int) -> dict[st
     inside = [steps[s]["step_time_ms"] / 1e3 for s in range(first + 1, last + 1) if s in steps]
     saves = [r for r in rows if r.get("event") == "checkpoint_save" and first <= r["step"] < last]
     deferred = [r for r in rows if r.get("event") == "checkpoint_deferred" and first <= r["step"] < last]
+    snapshots = [r for r in rows if r.get("event") == "memory_snapshot" and first <= r["step"] < last]
     return {"window_s": steps[last]["time"] - steps[first]["time"], "steps": last - first,
             "median_step_s": statistics.median(inside), "max_step_s": max(inside),
             "saves": [{k: r.get(k) for k in ("step", "kind", "stall_s", "waited_s", "deferred_steps", "bytes")}
                       for r in saves],
-            "deferred": [{k: r.get(k) for k in ("step", "due_step")} for r in deferred]}
+            "deferred": [{k: r.get(k) for k in ("step", "due_step")} for r in deferred],
+            "snapshots": [{k: r.get(k) for k in ("step", "stall_s", "bytes")} for r in snapshots],
+            "snapshots_skipped": sum(1 for r in rows if r.get("event") == "memory_snapshot_skipped"
+                                     and first <= r["step"] < last)}
 
 
 def run_variant(name: str, flags: list[str], common: list[str], folder: Path, ngpu: int, timeout: int) -> dict:
@@ -97,6 +102,8 @@ def summarize(results: dict[str, dict], first: int, last: int) -> dict[str, Any]
         f["extra_s"] = f["window_s"] - base["window_s"]
         count = len(f["saves"]) + len(f["deferred"])
         f["extra_per_save_s"] = f["extra_s"] / len(f["saves"]) if f["saves"] else None
+        f["extra_per_snapshot_s"] = f["extra_s"] / len(f["snapshots"]) if f["snapshots"] and not f["saves"] else None
+        f["extra_fraction"] = f["extra_s"] / base["window_s"]
         f["due_saves"] = count
         f["slowest_step_over_baseline_median_s"] = f["max_step_s"] - base["median_step_s"]
     return figures
@@ -104,17 +111,18 @@ def summarize(results: dict[str, dict], first: int, last: int) -> dict[str, Any]
 
 def table(figures: dict[str, dict], first: int, last: int) -> str:
     lines = [f"window: steps {first}..{last} (wall clock between their metrics records)",
-             f"{'variant':<22}{'window s':>10}{'extra s':>9}{'saves':>7}{'extra/save':>12}{'slowest step':>14}"
-             f"{'deferred':>10}"]
+             f"{'variant':<22}{'window s':>10}{'extra s':>9}{'saves':>7}{'extra/ckpt':>12}{'slowest step':>14}"
+             f"{'deferred':>10}{'snapshots':>11}{'extra %':>9}"]
     for name, f in figures.items():
         if "error" in f:
             lines.append(f"{name:<22}  error: {f['error']}")
             continue
         extra = f.get("extra_s")
-        per = f.get("extra_per_save_s")
+        per = f.get("extra_per_save_s") if f.get("saves") else f.get("extra_per_snapshot_s")
         lines.append(f"{name:<22}{f['window_s']:>10.2f}{'' if extra is None else f'{extra:+.2f}':>9}"
                      f"{len(f['saves']):>7}{'' if per is None else f'{per:+.3f}':>12}{f['max_step_s']:>14.3f}"
-                     f"{len(f['deferred']):>10}")
+                     f"{len(f['deferred']):>10}{len(f.get('snapshots', [])):>11}"
+                     f"{'' if extra is None else format(100 * f['extra_fraction'], '+.2f'):>9}")
     return "\n".join(lines)
 
 
