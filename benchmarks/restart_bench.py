@@ -19,8 +19,8 @@ stay cached, as on a restart in place. From the restarted run's own records:
 Goodput for one failure every ``--mtbf`` seconds (the expected waste of checkpoint cost, lost
 work and restart; each tier at the interval that minimizes it, Young/Daly
 ``sqrt(2 * cost * mtbf)``, and at the interval it ran with) needs each tier's cost per
-checkpoint: give run_stall.py's JSON with ``--stall-json`` (its ``extra_per_save_s`` or
-``extra_per_snapshot_s`` per variant, named in ``--cost``).
+checkpoint: give run_stall.py's JSON with ``--stall-json`` (per variant named in ``--cost``, its
+``spike_extra_per_checkpoint_s``, else ``extra_per_snapshot_s`` / ``extra_per_save_s``).
 
     python benchmarks/restart_bench.py --out restart.json -- --training.steps 200
 """
@@ -46,6 +46,11 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import psutil  # noqa: E402
 
 from disk_io import evict, files_under  # noqa: E402  (benchmarks/)
+
+
+# A checkpoint's cost from run_stall.py's figures, first found: the stalls above the run's own
+# median step (immune to run-to-run drift of the machine), else the window against the baseline's.
+COST_KEYS = ("spike_extra_per_checkpoint_s", "extra_per_snapshot_s", "extra_per_save_s")
 
 
 def tiers(interval: int) -> dict[str, list[str]]:
@@ -171,7 +176,11 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--mtbf", type=float, default=3600.0, help="seconds between failures, for goodput")
     parser.add_argument("--stall-json", default=None, help="run_stall.py's JSON: each tier's cost per checkpoint")
     parser.add_argument("--cost", action="append", default=[], metavar="TIER=VARIANT",
-                        help="the run_stall variant whose cost per checkpoint a tier pays, e.g. memory=memory_k10")
+                        help="the run_stall variant whose cost per checkpoint a tier pays, e.g. memory=memory_k10, "
+                             "or that cost in seconds, e.g. memory=0.007")
+    parser.add_argument("--from-json", default=None,
+                        help="take the tiers' restarts from this earlier report instead of running them "
+                             "(to compute goodput with other costs)")
     args = parser.parse_args(argv)
     chosen = tiers(args.interval)
     if args.only:
@@ -183,6 +192,10 @@ def main(argv: list[str]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"common_flags": common, "interval": args.interval, "kill_after": args.kill_after,
                               "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "tiers": {}}
+    if args.from_json:
+        report["tiers"] = json.loads(Path(args.from_json).read_text())["tiers"]
+        report["from_json"] = args.from_json
+        chosen = {}
     for name, flags in chosen.items():
         try:
             report["tiers"][name] = run_tier(name, flags, common, folder, args)
@@ -190,14 +203,16 @@ def main(argv: list[str]) -> None:
             report["tiers"][name] = {"error": str(e) or type(e).__name__,
                                      "log": (folder / f"{name}.log").read_text()[-3000:]}
         Path(args.out).write_text(json.dumps(report, indent=1, default=str))
-    if args.stall_json:
-        figures = json.loads(Path(args.stall_json).read_text())["figures"]
+    if args.cost:
+        figures = json.loads(Path(args.stall_json).read_text())["figures"] if args.stall_json else {}
         report["goodput"] = {}
         for spec in args.cost:
             tier, _, variant = spec.partition("=")
             row, f = report["tiers"].get(tier, {}), figures.get(variant, {})
-            cost = f.get("extra_per_snapshot_s") if f.get("extra_per_snapshot_s") is not None \
-                else f.get("extra_per_save_s")
+            try:
+                cost = float(variant)
+            except ValueError:
+                cost = next((f[key] for key in COST_KEYS if f.get(key) is not None), None)
             if "total_s" not in row or cost is None:
                 continue
             report["goodput"][tier] = {"cost_variant": variant, "cost_per_checkpoint_s": cost,

@@ -9,7 +9,9 @@ while the previous one is still written. Per variant it reports the extra time o
 window, per save in it, the slowest step against the baseline's median step, and the
 ``checkpoint_save`` / ``checkpoint_deferred`` records (``stall_s``, ``waited_s``,
 ``deferred_steps``), and the memory tier's ``memory_snapshot`` records (extra time per
-snapshot, the fraction of the baseline's window).
+snapshot, the fraction of the baseline's window). On a machine whose speed drifts from run to
+run, ``spike_extra_s`` compares only the time steps spent above each run's own median step
+(the stalls around each checkpoint, not a uniform slowdown).
 
     python benchmarks/run_stall.py --out stall.json -- --config llama3_1b --training.local_batch_size 4 \\
         --training.steps 165
@@ -64,8 +66,12 @@ def window_figures(rows: list[dict[str, Any]], first: int, last: int) -> dict[st
     saves = [r for r in rows if r.get("event") == "checkpoint_save" and first <= r["step"] < last]
     deferred = [r for r in rows if r.get("event") == "checkpoint_deferred" and first <= r["step"] < last]
     snapshots = [r for r in rows if r.get("event") == "memory_snapshot" and first <= r["step"] < last]
+    median = statistics.median(inside)
     return {"window_s": steps[last]["time"] - steps[first]["time"], "steps": last - first,
-            "median_step_s": statistics.median(inside), "max_step_s": max(inside),
+            "median_step_s": median, "max_step_s": max(inside),
+            # the time steps spent above this run's own median step: stalls, not a uniform slowdown,
+            # and immune to the machine running all steps of one run faster than another's
+            "above_median_s": sum(t - median for t in inside if t > median),
             "saves": [{k: r.get(k) for k in ("step", "kind", "stall_s", "waited_s", "deferred_steps", "bytes")}
                       for r in saves],
             "deferred": [{k: r.get(k) for k in ("step", "due_step")} for r in deferred],
@@ -97,13 +103,16 @@ def summarize(results: dict[str, dict], first: int, last: int) -> dict[str, Any]
     figures = {name: window_figures(r["records"], first, last) for name, r in results.items()}
     base = figures.get("none", {})
     for name, f in figures.items():
-        if "error" in f or "error" in base or name == "none":
+        if "error" in f or "window_s" not in base or name == "none":
             continue
         f["extra_s"] = f["window_s"] - base["window_s"]
         count = len(f["saves"]) + len(f["deferred"])
         f["extra_per_save_s"] = f["extra_s"] / len(f["saves"]) if f["saves"] else None
         f["extra_per_snapshot_s"] = f["extra_s"] / len(f["snapshots"]) if f["snapshots"] and not f["saves"] else None
         f["extra_fraction"] = f["extra_s"] / base["window_s"]
+        f["spike_extra_s"] = f["above_median_s"] - base["above_median_s"]
+        checkpoints = len(f["saves"]) or len(f["snapshots"])
+        f["spike_extra_per_checkpoint_s"] = f["spike_extra_s"] / checkpoints if checkpoints else None
         f["due_saves"] = count
         f["slowest_step_over_baseline_median_s"] = f["max_step_s"] - base["median_step_s"]
     return figures

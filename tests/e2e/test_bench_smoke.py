@@ -198,3 +198,34 @@ def test_s3_bench_smoke(tmp_path):
     assert set(report["ratios"]) == {"cairn_save_over_put_ceiling", "cairn_load_over_get_ceiling",
                                      "put_ceiling_n_over_1", "get_ceiling_n_over_1", "cairn_over_fsspec_save",
                                      "cairn_over_fsspec_load"}
+
+
+def test_restart_bench_smoke(tmp_path):
+    """benchmarks/restart_bench.py: a run killed with SIGKILL after a memory snapshot and after a
+    disk save, restarted by torchrun, each phase of the restart and the goodput from run_stall's costs."""
+    stall = tmp_path / "stall.json"
+    snapshots = "--checkpoint.enable --checkpoint.interval 1000 --checkpoint.memory_interval 2"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "run_stall.py"), "--out", str(stall), "--folder",
+                           str(tmp_path / "rs"), "--window", "2:8", "--variant", "none=",
+                           "--variant", f"memory_k2={snapshots}", "--", "--config", "llama3_tiny",
+                           "--training.steps", "9"],
+                          cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert json.loads(stall.read_text())["figures"]["memory_k2"]["snapshots"]
+    out = tmp_path / "restart.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "restart_bench.py"), "--out", str(out),
+                           "--folder", str(tmp_path / "rb"), "--interval", "2", "--kill-after", "1",
+                           "--only", "memory,disk_cold", "--stall-json", str(stall), "--cost", "memory=memory_k2",
+                           "--", "--config", "llama3_tiny", "--training.steps", "400"],
+                          cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    report = json.loads(out.read_text())
+    memory, disk = report["tiers"]["memory"], report["tiers"]["disk_cold"]
+    assert memory["tier"] == "memory" and disk["tier"] == "disk", report
+    for row in (memory, disk):
+        assert row["returncode"] == 0 and row["steps_lost"] >= 0 and row["from_step"] >= 2
+        assert all(row[k] > 0 for k in ("init_s", "restore_s", "first_step_s", "total_s"))
+    assert 0 < report["goodput"]["memory"]["best"]["goodput"] <= 1
+    assert not (tmp_path / "rb").exists()
