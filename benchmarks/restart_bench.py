@@ -46,6 +46,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import psutil  # noqa: E402
 
 from disk_io import evict, files_under  # noqa: E402  (benchmarks/)
+from run_stall import split_run_flags  # noqa: E402
 
 
 # A checkpoint's cost from run_stall.py's figures, first found: the stalls above the run's own
@@ -160,11 +161,7 @@ def goodput(cost_s: float, restart_s: float, step_s: float, mtbf_s: float, inter
 
 
 def main(argv: list[str]) -> None:
-    if "--" in argv:
-        split = argv.index("--")
-        argv, common = argv[:split], argv[split + 1:]
-    else:
-        common = []
+    argv, common = split_run_flags(argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--folder", default="outputs/restart_bench", help="dump folders (on the checkpoint disk)")

@@ -135,12 +135,16 @@ def table(figures: dict[str, dict], first: int, last: int) -> str:
     return "\n".join(lines)
 
 
+def split_run_flags(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(this script's arguments, the flags after ``--`` that go to every run)."""
+    if "--" not in argv:
+        return argv, []
+    split = argv.index("--")
+    return argv[:split], argv[split + 1:]
+
+
 def main(argv: list[str]) -> None:
-    if "--" in argv:
-        split = argv.index("--")
-        argv, common = argv[:split], argv[split + 1:]
-    else:
-        common = []
+    argv, common = split_run_flags(argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="JSON results")
     parser.add_argument("--folder", default="outputs/run_stall", help="dump folders (on the checkpoint disk)")

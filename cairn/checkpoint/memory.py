@@ -183,7 +183,7 @@ class MemoryTier:
     """
 
     def __init__(self, directory: str | os.PathLike, *, rank: int, world_size: int, layout: dict,
-                 replicas: int = 0, group=None, replica_group_timeout: float = 120.0):
+                 replicas: int = 0, group=None):
         self.dir = Path(directory)
         self.rank, self.world_size, self.layout = rank, world_size, dict(layout)
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size) or world_size)

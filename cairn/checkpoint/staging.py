@@ -107,22 +107,17 @@ class HostArena:
         self.path = path
         if path is not None:  # a file (in /dev/shm: the memory tier's slots outlive this process)
             self.fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
-            try:
-                os.ftruncate(self.fd, self.nbytes)
-                self.mmap = mmap.mmap(self.fd, self.nbytes)
-            except BaseException:
-                os.close(self.fd)
-                raise
-        elif writer_process.supported():
+        elif writer_process.supported():  # shareable with the writer process
             self.fd = os.memfd_create("cairn-staging", os.MFD_CLOEXEC)
+        if self.fd is None:
+            self.mmap = mmap.mmap(-1, self.nbytes)
+        else:
             try:
                 os.ftruncate(self.fd, self.nbytes)
                 self.mmap = mmap.mmap(self.fd, self.nbytes)
             except BaseException:
                 os.close(self.fd)
                 raise
-        else:
-            self.mmap = mmap.mmap(-1, self.nbytes)
         self._base = torch.frombuffer(self.mmap, dtype=torch.uint8)
         self.base_ptr = self._base.data_ptr()
         self.pinned = False
