@@ -165,6 +165,7 @@ def main() -> None:
     if rank == 0:
         (Path(args.out) / "final.json").write_text(json.dumps({"tensors": final, "verify_problems": problems}))
         print(f"done at step {args.steps}; every committed step verified: {not problems}", flush=True)
+    dist.barrier()  # the ranks leave together: none tears its process group down while another still works
     dist.destroy_process_group()
 
 

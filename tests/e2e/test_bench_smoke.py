@@ -171,7 +171,7 @@ def test_run_stall_reads_the_runs_own_metrics(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    assert "extra/save" in proc.stdout
+    assert "extra/ckpt" in proc.stdout
     report = json.loads(out.read_text())
     assert set(report["figures"]) == {"none", "pinned_keep1", "sync_keep1"}
     for name in ("pinned_keep1", "sync_keep1"):

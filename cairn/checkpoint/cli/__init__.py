@@ -43,7 +43,7 @@ _EXAMPLES = {
   cairn checkpoint ls outputs/checkpoint
   cairn checkpoint ls outputs --checksums        # a run's dump folder works too
   cairn checkpoint ls outputs/checkpoint --json | jq '.steps[0]'
-  cairn checkpoint ls /dev/shm/cairn-0123456789ab --memory   # this node's memory snapshots
+  cairn checkpoint ls /dev/shm/cairn-0123456789ab --memory  # this node's tier
 """,
     "inspect": """examples:
   cairn checkpoint inspect outputs/checkpoint/step-500
