@@ -131,6 +131,7 @@ def run_tier(name: str, flags: list[str], common: list[str], folder: Path, args)
         out.update(returncode=launcher.returncode, trained_before_kill=trained, from_step=load["from_step"],
                    tier=load.get("tier"), steps_lost=trained - load["from_step"], bytes=load.get("bytes"),
                    detect_s=started - killed_at, init_s=load_start - started, restore_s=load["seconds"],
+                   restore_phases_s=load.get("phases_s"),
                    first_step_s=first["time"] - load["time"], total_s=first["time"] - killed_at,
                    median_step_s=median([r["step_time_ms"] / 1e3 for r in records(dump) if "step_time_ms" in r]))
     finally:

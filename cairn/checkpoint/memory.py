@@ -480,6 +480,7 @@ def restore(tier: MemoryTier, disk_step: int | None, template_of: Callable[[], d
     steps lost, bytes, seconds) or None: then the disk decides. ``group``: a gloo group of
     every rank, used by this (the training) thread only."""
     start = time.perf_counter()
+    phases: dict[str, float] = {}
     world = tier.world_size
     mine = tier.inventory()
     inventories = [mine]
@@ -502,21 +503,33 @@ def restore(tier: MemoryTier, disk_step: int | None, template_of: Callable[[], d
                 plan[rank] = ("replica", held[rank][0], held[rank][1][step])
         if len(plan) != world:
             continue
-        problems, nbytes = _restore_step(tier, step, plan, template_of, apply, group)
+        phases["agree"] = time.perf_counter() - start
+        problems, nbytes = _restore_step(tier, step, plan, template_of, apply, group, phases)
         if not problems:
             lost = max(0, progress - step) if progress is not None else None
             replicas = sum(1 for how in plan.values() if how[0] == "replica")
             return {"from_step": step, "tier": "replica" if replicas else "memory", "steps_lost": lost,
                     "ranks_from_replicas": replicas, "bytes": nbytes, "path": str(tier.dir),
-                    "seconds": round(time.perf_counter() - start, 4)}
+                    "seconds": round(time.perf_counter() - start, 4),
+                    "phases_s": {name: round(value, 4) for name, value in phases.items()}}
         logger.error("memory snapshot of step %d is unusable (%s); trying an older one", step,
                      "; ".join(problems[:3]))
     return None
 
 
-def _restore_step(tier: MemoryTier, step: int, plan: dict, template_of, apply, group) -> tuple[list[str], int]:
+def _restore_step(tier: MemoryTier, step: int, plan: dict, template_of, apply, group,
+                  phases: dict[str, float]) -> tuple[list[str], int]:
     """Every rank gets its bytes (its own slot, or sent by the keeper of its replica) and checks
-    them against the live state; only when every rank can is anything loaded."""
+    them against the live state; only when every rank can is anything loaded. ``phases``
+    gets the seconds of each part (check, replicas, state, copy, apply)."""
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        phases[name] = phases.get(name, 0.0) + now - clock
+        clock = now
+
     how = plan[tier.rank]
     record, data, state, problems = None, None, None, []
     if how[0] == "own":
@@ -525,9 +538,11 @@ def _restore_step(tier: MemoryTier, step: int, plan: dict, template_of, apply, g
         problems = slot.problems(record, tier.hashers) if record else [f"{slot.folder}: no record"]
         if not problems:
             data, state = slot.folder / DATA, (slot.folder / STATE).read_bytes()
+    lap("check")
     received = _send_replicas(tier, step, plan, group)
     if how[0] == "replica":
         record, state, data, problems = received
+    lap("replicas")
     try:
         template, filled, leaves = None, None, []
         if not problems:
@@ -541,6 +556,7 @@ def _restore_step(tier: MemoryTier, step: int, plan: dict, template_of, apply, g
     flag = torch.tensor([1 if problems else 0])
     if tier.world_size > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    lap("state")
     try:
         if problems or int(flag.item()):
             return problems or [f"step {step}: another rank could not use its copy"], 0
@@ -552,7 +568,9 @@ def _restore_step(tier: MemoryTier, step: int, plan: dict, template_of, apply, g
                     with torch.no_grad():
                         local.copy_(source.view(local.dtype).view(local.shape))
                     del source
+        lap("copy")
         apply(filled)
+        lap("apply")
         return [], sum(leaf["nbytes"] for leaf in record["leaves"])
     finally:
         if how[0] == "replica" and data is not None:
