@@ -86,6 +86,17 @@ def is_trash(name: str) -> bool:
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 
 
+def steps_to_purge(steps: list[int], keep_latest_k: int, protect=()) -> list[int]:
+    """The committed ``steps`` (ascending) that retention removes: all but the newest
+    ``keep_latest_k`` and those in ``protect``; none when ``keep_latest_k`` is 0 (keep all)."""
+    if keep_latest_k < 0:
+        raise ValueError(f"--checkpoint.keep_latest_k must be >= 0, got {keep_latest_k}")
+    if keep_latest_k == 0:
+        return []
+    keep = set(steps[-keep_latest_k:]) | set(protect)
+    return [step for step in steps if step not in keep]
+
+
 def dtype_named(name: str | torch.dtype) -> torch.dtype:
     """``torch.bfloat16`` for "bfloat16" (or "torch.bfloat16", or the dtype itself); ValueError
     naming the value for anything that is not a torch dtype."""

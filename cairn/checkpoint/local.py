@@ -36,6 +36,7 @@ from cairn.checkpoint.layout import (
     staging_step,
     step_name,
     step_of,
+    steps_to_purge,
 )
 from cairn.checkpoint.manifest import (
     build_manifest,
@@ -440,13 +441,8 @@ class LocalStore:
         atomic step; a failing delete is logged and skipped. Safe in a background thread.
         Returns the steps that are no longer visible.
         """
-        if keep_latest_k < 0:
-            raise ValueError(f"--checkpoint.keep_latest_k must be >= 0, got {keep_latest_k}")
-        if keep_latest_k == 0:
-            return []
-        steps = self.committed_steps()
-        keep = set(steps[-keep_latest_k:]) | set(protect)
-        purged = [step for step in steps if step not in keep and self.delete(step, pacer)]
+        purged = [step for step in steps_to_purge(self.committed_steps(), keep_latest_k, protect)
+                  if self.delete(step, pacer)]
         self.remove_trash(pacer)
         if purged:
             logger.info("purged checkpoints %s (keeping the newest %d)", purged, keep_latest_k)

@@ -194,7 +194,7 @@ class SafeFileSystemReader(FileSystemReader):
             info = self.storage_data[item.storage_index]
             ranges.setdefault(info.relative_path, []).append((info.offset, info.length))
         names = set(ranges) - self._verified
-        whole = {name for name in names if name in files and _tiles(ranges[name], files[name].get("size"))}
+        whole = {name for name in names if name in files and tiles(ranges[name], files[name].get("size"))}
         digests: dict[str, str] = {}
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cairn-verify") as pool:
             rest = sorted(names - whole)
@@ -511,7 +511,7 @@ class BytesSlice(StoredItem):
         return n
 
 
-def _tiles(ranges: list[tuple[int, int]], size: int | None) -> bool:
+def tiles(ranges: list[tuple[int, int]], size: int | None) -> bool:
     """Whether (offset, length) ranges cover bytes 0..size exactly, each once."""
     end = 0
     for offset, length in sorted(set(ranges)):

@@ -69,7 +69,14 @@ from cairn.checkpoint.dcp_metadata import load_metadata_bytes, out_of_bounds, sa
 from cairn.checkpoint.errors import CheckpointError, CorruptCheckpointError, corrupt_error, reraise_user_error
 from cairn.checkpoint.faults import fault_point
 from cairn.checkpoint.fsio import is_hf_dir
-from cairn.checkpoint.layout import LEASE_NAME, MANIFEST_NAME, METADATA_NAME, step_name, step_of
+from cairn.checkpoint.layout import (
+    LEASE_NAME,
+    MANIFEST_NAME,
+    METADATA_NAME,
+    step_name,
+    step_of,
+    steps_to_purge,
+)
 from cairn.checkpoint.manifest import (
     CHECKSUM_ALGORITHM,
     MAX_MANIFEST_BYTES,
@@ -81,7 +88,7 @@ from cairn.checkpoint.manifest import (
     parse_manifest,
     relative_file_name,
 )
-from cairn.checkpoint.reader import BytesSlice, SafeLoadPlanner, place_items
+from cairn.checkpoint.reader import BytesSlice, SafeLoadPlanner, place_items, tiles
 from cairn.checkpoint.writer import CommittingWriter, HashingStream, new_save_id
 
 logger = logging.getLogger("cairn")
@@ -649,7 +656,7 @@ class S3StorageReader(StorageReader):
             for name, offset, length in order:
                 ranges.setdefault(name, []).append((offset, length))
             for name, spans in ranges.items():
-                if name not in self._verified and _covers(spans, sizes.get(name)):
+                if name not in self._verified and tiles(spans, sizes.get(name)):
                     hashing[name] = xxhash.xxh3_128()
         rest = sorted(name for name in names if self.verify and self.manifest is not None and name not in hashing
                       and name not in self._verified)
@@ -715,15 +722,6 @@ def _hash_in_order(work: queue.Queue, digests: dict) -> None:
     while (entry := work.get()) is not None:
         name, buffer = entry
         digests[name].update(buffer)
-
-
-def _covers(spans: list[tuple[int, int]], size: int | None) -> bool:
-    end = 0
-    for offset, length in sorted(set(spans)):
-        if offset != end:
-            return False
-        end = offset + length
-    return size is not None and end == size
 
 
 class _Fetches:
@@ -1138,13 +1136,8 @@ class S3Store:
         return True
 
     def purge(self, keep_latest_k: int, protect: Iterable[int] = (), pacer=None) -> list[int]:
-        if keep_latest_k < 0:
-            raise ValueError(f"--checkpoint.keep_latest_k must be >= 0, got {keep_latest_k}")
-        if keep_latest_k == 0:
-            return []
-        steps = self.committed_steps()
-        keep = set(steps[-keep_latest_k:]) | set(protect)
-        purged = [step for step in steps if step not in keep and self.delete(step, pacer)]
+        purged = [step for step in steps_to_purge(self.committed_steps(), keep_latest_k, protect)
+                  if self.delete(step, pacer)]
         if purged:
             logger.info("purged checkpoints %s (keeping the newest %d)", purged, keep_latest_k)
         return purged
