@@ -480,7 +480,6 @@ def restore(tier: MemoryTier, disk_step: int | None, template_of: Callable[[], d
     steps lost, bytes, seconds) or None: then the disk decides. ``group``: a gloo group of
     every rank, used by this (the training) thread only."""
     start = time.perf_counter()
-    phases: dict[str, float] = {}
     world = tier.world_size
     mine = tier.inventory()
     inventories = [mine]
@@ -503,7 +502,8 @@ def restore(tier: MemoryTier, disk_step: int | None, template_of: Callable[[], d
                 plan[rank] = ("replica", held[rank][0], held[rank][1][step])
         if len(plan) != world:
             continue
-        phases["agree"] = time.perf_counter() - start
+        # "agree": everything before this step's attempt (the inventories, any older attempt)
+        phases = {"agree": time.perf_counter() - start}
         problems, nbytes = _restore_step(tier, step, plan, template_of, apply, group, phases)
         if not problems:
             lost = max(0, progress - step) if progress is not None else None
@@ -527,7 +527,7 @@ def _restore_step(tier: MemoryTier, step: int, plan: dict, template_of, apply, g
     def lap(name: str) -> None:
         nonlocal clock
         now = time.perf_counter()
-        phases[name] = phases.get(name, 0.0) + now - clock
+        phases[name] = now - clock
         clock = now
 
     how = plan[tier.rank]
