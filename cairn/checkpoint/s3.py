@@ -99,6 +99,7 @@ PART_ENV, CONNECTIONS_ENV = "CAIRN_S3_PART_MB", "CAIRN_S3_CONNECTIONS"
 MIN_PART_BYTES = 5 << 20  # S3's smallest part (but the last)
 MAX_ATTEMPTS = 8  # per request, with backoff (botocore's standard mode); a cut body the same
 READ_AHEAD_BYTES = 1 << 30  # bytes of items downloaded ahead of placing them, per rank
+SPAN_GAP_BYTES = 1 << 20  # bytes between two keys of a file that one GET reads through rather than ask twice
 _MAX_METADATA_BYTES = 2 << 30
 
 
@@ -725,12 +726,36 @@ def _hash_in_order(work: queue.Queue, digests: dict) -> None:
 
 
 class _Fetches:
-    """Downloads (file, offset, length) keys in order with concurrent ranged GETs, at most
-    ``READ_AHEAD_BYTES`` ahead of what was consumed (one key larger than that goes alone)."""
+    """Downloads (file, offset, length) keys in order, at most ``READ_AHEAD_BYTES`` ahead of what
+    was consumed (one span larger than that goes alone).
+
+    Neighbouring keys of one file (the small items between two tensors, a run of small tensors)
+    are read together as one span: up to a part (``CAIRN_S3_PART_MB``) and ``SPAN_GAP_BYTES``,
+    and a small key (a record's header, a scalar) always joins its neighbour: a request costs a
+    round trip, and some servers do a whole object's work for any range of it. Two large keys
+    are never joined beyond a part; a span larger than that is read with concurrent ranged GETs
+    of a part each."""
 
     def __init__(self, bucket: str, prefix: str, keys: list[tuple[str, int, int]]):
-        self.bucket, self.prefix, self.keys = bucket, prefix, keys
-        self._buffers: dict[int, bytearray] = {}
+        self.bucket, self.prefix = bucket, prefix
+        step = part_bytes()
+        # spans: [file, start, end]; where[i]: (span index, offset of key i in its span)
+        self._spans: list[list] = []
+        self._where: list[tuple[int, int]] = []
+        for name, offset, length in keys:
+            last = self._spans[-1] if self._spans else None
+            if (last is not None and last[0] == name and last[1] <= offset <= last[2] + SPAN_GAP_BYTES
+                    and (max(last[2], offset + length) - last[1] <= step + SPAN_GAP_BYTES
+                         or min(length, last[2] - last[1]) <= SPAN_GAP_BYTES)):  # a small key joins a large one
+                last[2] = max(last[2], offset + length)
+            else:
+                self._spans.append([name, offset, offset + length])
+            self._where.append((len(self._spans) - 1, offset - self._spans[-1][1]))
+        self._lengths = [length for _, _, length in keys]
+        self._users = [0] * len(self._spans)  # keys of each span not yet consumed
+        for span, _ in self._where:
+            self._users[span] += 1
+        self._buffers: dict[int, bytearray | None] = {}  # None: a span read by one GET (its body)
         self._parts: dict[int, list[concurrent.futures.Future]] = {}
         self._next = 0
         self._ahead = 0
@@ -740,34 +765,48 @@ class _Fetches:
 
     def _fill(self) -> None:
         with self._lock:
-            while self._next < len(self.keys) and not self._closed:
-                name, offset, length = self.keys[self._next]
+            step = part_bytes()
+            while self._next < len(self._spans) and not self._closed:
+                name, start, end = self._spans[self._next]
+                length = end - start
                 if self._ahead and self._ahead + length > READ_AHEAD_BYTES:
                     break
-                buffer = bytearray(length)
-                view = memoryview(buffer)
-                step = part_bytes()
                 key = f"{self.prefix}/{name}"
-                self._parts[self._next] = [
-                    transfer_pool().submit(get_range, self.bucket, key, offset + start, min(step, length - start),
-                                           view[start:start + min(step, length - start)])
-                    for start in range(0, max(length, 1), step)] if length else []
-                self._buffers[self._next] = buffer
+                if length <= step + SPAN_GAP_BYTES:
+                    # One GET: its body is the buffer (no zeroed buffer to allocate, no second copy).
+                    self._parts[self._next] = [transfer_pool().submit(get_range, self.bucket, key, start, length)]
+                    self._buffers[self._next] = None
+                else:
+                    buffer = bytearray(length)
+                    view = memoryview(buffer)
+                    self._parts[self._next] = [
+                        transfer_pool().submit(get_range, self.bucket, key, start + at, min(step, length - at),
+                                               view[at:at + min(step, length - at)])
+                        for at in range(0, length, step)]
+                    self._buffers[self._next] = buffer
                 self._ahead += length
                 self._next += 1
 
-    def result(self, index: int) -> bytearray:
+    def result(self, index: int) -> memoryview:
+        """Key ``index``'s bytes, once read."""
+        span, at = self._where[index]
         self._fill()
-        for part in self._parts.get(index, []):
-            part.result()
-        return self._buffers[index]
+        with self._lock:
+            parts = self._parts[span]
+        results = [part.result() for part in parts]
+        buffer = self._buffers[span]
+        if buffer is None:
+            buffer = results[0] if results else b""
+        return memoryview(buffer)[at:at + self._lengths[index]]
 
     def consumed(self, index: int) -> None:
+        span, _ = self._where[index]
         with self._lock:
-            buffer = self._buffers.pop(index, None)
-            self._parts.pop(index, None)
-            if buffer is not None:
-                self._ahead -= len(buffer)
+            self._users[span] -= 1
+            if self._users[span] == 0:
+                self._buffers.pop(span, None)
+                self._parts.pop(span, None)
+                self._ahead -= self._spans[span][2] - self._spans[span][1]
         self._fill()
 
     def close(self) -> None:

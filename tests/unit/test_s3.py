@@ -4,6 +4,7 @@ endpoint, the lease. The client under test is the one that talks to AWS S3 or Mi
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import pickle
@@ -15,6 +16,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from cairn.checkpoint import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError, load, save
+from cairn.checkpoint import s3 as s3_module
 from cairn.checkpoint.lease import FolderBusyError, FolderLease
 from cairn.checkpoint.s3 import S3Store, parse_uri
 from cairn.checkpoint.store import open_store
@@ -64,8 +66,43 @@ def test_large_objects_go_up_and_down_in_parts(s3, monkeypatch):
     upload = s3.client.head_object(Bucket=s3.bucket, Key=next(k for k in keys(s3) if k.endswith("__0_0.distcp")))
     assert "-" in upload["ETag"]  # a multipart upload's ETag
     loaded = {"big": torch.empty(4 << 20), "small": torch.empty(3)}
-    load(loaded, s3.uri)
+    with counted_gets() as gets:
+        load(loaded, s3.uri)
     assert torch.equal(loaded["big"], state["big"]) and torch.equal(loaded["small"], state["small"])
+    # 16 MiB with the records' headers and the small tensor next to it: four ranged GETs of <= 5 MiB
+    assert len(data_gets(gets)) == 4 and max(length for _, length in data_gets(gets)) <= 5 << 20
+
+
+def test_neighbouring_items_are_read_with_one_request(s3):
+    """Each request is a round trip (and moto, like some servers, does a whole object's work for any
+    range of it): 40 small tensors and a larger one come down in one GET, not 41."""
+    state = {f"t{i}": torch.randn(1000) for i in range(40)} | {"w": torch.randn(1 << 18)}
+    save(state, s3.uri, 1)
+    loaded = {key: torch.empty_like(value) for key, value in state.items()}
+    with counted_gets() as gets:
+        load(loaded, s3.uri)
+    assert all(torch.equal(loaded[key], state[key]) for key in state)
+    assert len(data_gets(gets)) == 1
+
+
+@contextlib.contextmanager
+def counted_gets():
+    """The (key, length) of every ranged GET the client makes meanwhile (the real ones)."""
+    calls, real = [], s3_module.get_range
+
+    def counting(bucket, key, start, length, into=None):
+        calls.append((key, length))
+        return real(bucket, key, start, length, into)
+
+    s3_module.get_range = counting
+    try:
+        yield calls
+    finally:
+        s3_module.get_range = real
+
+
+def data_gets(calls: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    return [(key, length) for key, length in calls if key.endswith(".distcp")]
 
 
 def _crash_child(uri: str, point: str, env: dict) -> None:
