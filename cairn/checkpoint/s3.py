@@ -293,7 +293,9 @@ class S3UploadStream(HashingStream):
                 self._upload_id = client().create_multipart_upload(Bucket=self.bucket, Key=self.key)["UploadId"]
             except Exception as e:  # noqa: BLE001
                 raise explain(e, self.uri, "starting the upload of") from None
-        data, self._buffer = self._buffer[:self._filled], (self._spare.pop() if self._spare else bytearray(self._part))
+        # A full part goes as it is (botocore takes a bytearray), the last one as a copy of its bytes.
+        data = self._buffer if self._filled == len(self._buffer) else self._buffer[:self._filled]
+        self._buffer = self._spare.pop() if self._spare else bytearray(self._part)
         self._filled = 0
         number = len(self._parts) + 1
         self._slots.acquire()
@@ -306,7 +308,7 @@ class S3UploadStream(HashingStream):
     def _upload_part(self, number: int, data: bytearray) -> dict:
         try:
             etag = client().upload_part(Bucket=self.bucket, Key=self.key, UploadId=self._upload_id, PartNumber=number,
-                                        Body=bytes(data))["ETag"]
+                                        Body=data)["ETag"]
             return {"PartNumber": number, "ETag": etag}
         except Exception as e:  # noqa: BLE001
             self._failed = explain(e, self.uri, f"uploading part {number} of")
