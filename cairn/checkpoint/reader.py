@@ -18,6 +18,7 @@ hashes: ``.metadata`` before it is parsed, each data file while the rank that re
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import io
 import logging
@@ -73,6 +74,23 @@ def weights_only_refusal(error: BaseException) -> str:
     return "it holds something other than tensors and plain Python values"
 
 
+def accept_metadata(metadata: Metadata, manifest: dict | None, where, manifest_path, load_id: str) -> Metadata:
+    """What every reader checks of a step's DCP metadata: written by the save its manifest
+    records (or, with no manifest, not written by cairn, which always writes one); then DCP's
+    load id on it."""
+    if manifest is None:
+        if written_by_cairn(metadata):
+            raise corrupt_error(where, [f"{manifest_path}: missing (cairn wrote this step, with a manifest)"])
+    else:
+        problems = check_identity(manifest, None, manifest_path, save_id_of(metadata))
+        if problems:
+            raise corrupt_error(where, problems)
+    if getattr(metadata, "storage_meta", None) is None:
+        metadata.storage_meta = StorageMeta()
+    metadata.storage_meta.load_id = load_id
+    return metadata
+
+
 class SafeFileSystemReader(FileSystemReader):
     """DCP's FileSystemReader that never unpickles code and checks files before it reads them."""
 
@@ -122,22 +140,12 @@ class SafeFileSystemReader(FileSystemReader):
             raise self.last_error  # DCP's per-rank fallback after our refusal: same answer
         try:
             self._check_manifest()
-            metadata = load_metadata_file(self._get_metadata_path(rank))
             step_dir = Path(self.path)
-            if self._manifest is None and written_by_cairn(metadata):
-                raise corrupt_error(step_dir, [f"{step_dir / MANIFEST_NAME}: missing (cairn wrote this step, with "
-                                               "a manifest)"])
-            if self._manifest is not None:
-                problems = check_identity(self._manifest, None, step_dir / MANIFEST_NAME, save_id_of(metadata))
-                if problems:
-                    raise corrupt_error(step_dir, problems)
+            return accept_metadata(load_metadata_file(self._get_metadata_path(rank)), self._manifest, step_dir,
+                                   step_dir / MANIFEST_NAME, self.load_id)
         except CheckpointError as e:
             self.last_error = e
             raise
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         try:
@@ -449,8 +457,9 @@ class StoredItem(io.RawIOBase):
         self.length, self.path = length, path
         self._pos = 0
 
+    @abc.abstractmethod
     def _pread(self, view: memoryview, position: int) -> int:
-        raise NotImplementedError
+        """Read into ``view`` from byte ``position`` of the item; the count read (0 at its end)."""
 
     def readable(self) -> bool:
         return True

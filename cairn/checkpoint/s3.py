@@ -60,12 +60,12 @@ from botocore.exceptions import (
     ResponseStreamingError,
 )
 from torch.distributed.checkpoint.filesystem import FileSystemBase
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
-from cairn.checkpoint.dcp_metadata import load_metadata_bytes, out_of_bounds, save_id_of, written_by_cairn
+from cairn.checkpoint.dcp_metadata import load_metadata_bytes, out_of_bounds, save_id_of
 from cairn.checkpoint.errors import CheckpointError, CorruptCheckpointError, corrupt_error, reraise_user_error
 from cairn.checkpoint.faults import fault_point
 from cairn.checkpoint.fsio import is_hf_dir
@@ -88,7 +88,7 @@ from cairn.checkpoint.manifest import (
     parse_manifest,
     relative_file_name,
 )
-from cairn.checkpoint.reader import BytesSlice, SafeLoadPlanner, place_items, tiles
+from cairn.checkpoint.reader import BytesSlice, SafeLoadPlanner, accept_metadata, place_items, tiles
 from cairn.checkpoint.writer import CommittingWriter, HashingStream, new_save_id
 
 logger = logging.getLogger("cairn")
@@ -235,6 +235,17 @@ def get_range(bucket: str, key: str, start: int, length: int, into: memoryview |
     if length == 0:
         return b"" if into is None else None
     return _retrying(fetch)
+
+
+def get_small(bucket: str, key: str) -> tuple[bytes, str] | None:
+    """(its first 64 KiB, its ETag) of a small object (a marker, the lease), or None if it does not exist."""
+    try:
+        response = client().get_object(Bucket=bucket, Key=key)
+        return response["Body"].read(1 << 16), response["ETag"]
+    except Exception as e:  # noqa: BLE001
+        if error_code(e) in ("404", "NoSuchKey", "NotFound"):
+            return None
+        raise explain(e, f"s3://{bucket}/{key}", "reading") from None
 
 
 def get_object(bucket: str, key: str, limit: int | None = None) -> bytes | None:
@@ -585,20 +596,11 @@ class S3StorageReader(StorageReader):
                 if problems:
                     raise corrupt_error(self.where, problems)
                 self._verified.add(METADATA_NAME)
-            metadata = load_metadata_bytes(raw, f"{self.where}/{METADATA_NAME}")
-            if self.manifest is not None:
-                problems = check_identity(self.manifest, None, f"{self.where}/{MANIFEST_NAME}", save_id_of(metadata))
-                if problems:
-                    raise corrupt_error(self.where, problems)
-            elif written_by_cairn(metadata):
-                raise corrupt_error(self.where, [f"{self.where}/{MANIFEST_NAME}: missing (cairn wrote this step, with "
-                                                 "a manifest)"])
+            metadata = accept_metadata(load_metadata_bytes(raw, f"{self.where}/{METADATA_NAME}"), self.manifest,
+                                       self.where, f"{self.where}/{MANIFEST_NAME}", self.load_id)
         except CheckpointError as e:
             self.last_error = e
             raise
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
         self.metadata = metadata
         return metadata
 
@@ -898,13 +900,10 @@ class S3Store:
 
     def read_marker(self, step: int) -> tuple[dict, str] | None:
         key = self.marker_key(step)
-        try:
-            response = client().get_object(Bucket=self.bucket, Key=key)
-            raw, etag = response["Body"].read(1 << 16), response["ETag"]
-        except Exception as e:  # noqa: BLE001
-            if error_code(e) in ("404", "NoSuchKey", "NotFound"):
-                return None
-            raise explain(e, f"s3://{self.bucket}/{key}", "reading") from None
+        got = get_small(self.bucket, key)
+        if got is None:
+            return None
+        raw, etag = got
         try:
             marker = json.loads(raw)
         except ValueError:
@@ -1226,13 +1225,10 @@ class S3Store:
         return self._key(LEASE_NAME)
 
     def lease_read(self) -> tuple[dict, str] | None:
-        try:
-            response = client().get_object(Bucket=self.bucket, Key=self._lease_key())
-            raw, etag = response["Body"].read(1 << 16), response["ETag"]
-        except Exception as e:  # noqa: BLE001
-            if error_code(e) in ("404", "NoSuchKey", "NotFound"):
-                return None
-            raise explain(e, f"s3://{self.bucket}/{self._lease_key()}", "reading") from None
+        got = get_small(self.bucket, self._lease_key())
+        if got is None:
+            return None
+        raw, etag = got
         try:
             return json.loads(raw), etag
         except ValueError:
@@ -1318,19 +1314,28 @@ def download_files(bucket: str, prefix: str, manifest: Mapping[str, Any], target
     return problems
 
 
-@contextlib.contextmanager
-def download_prefix(uri: str, what: str) -> Iterator[Path]:
-    """The files at ``uri`` in a temporary local folder: a committed cairn step's (verified), or
-    every object under a plain prefix (an HF folder in a bucket)."""
-    bucket, prefix = parse_uri(uri)
+def _committed_step_at(bucket: str, prefix: str) -> tuple[S3Store, int] | None:
+    """(store, step) when ``prefix`` names a committed cairn step (``<folder>/step-N`` with its marker)."""
     parent, _, name = prefix.rpartition("/")
     step = step_of(name)
     if step is not None:
         store = S3Store(bucket, parent)
         if store.read_marker(step) is not None:
-            with store.local_copy(step) as path:
-                yield path
-            return
+            return store, step
+    return None
+
+
+@contextlib.contextmanager
+def download_prefix(uri: str, what: str) -> Iterator[Path]:
+    """The files at ``uri`` in a temporary local folder: a committed cairn step's (verified), or
+    every object under a plain prefix (an HF folder in a bucket)."""
+    bucket, prefix = parse_uri(uri)
+    name = prefix.rpartition("/")[2]
+    committed = _committed_step_at(bucket, prefix)
+    if committed is not None:
+        with committed[0].local_copy(committed[1]) as path:
+            yield path
+        return
     target = Path(tempfile.mkdtemp(prefix="cairn-download-"))
     try:
         store = S3Store(bucket, prefix)
@@ -1369,12 +1374,9 @@ def step_store(uri: str, what: str) -> tuple[Any, Any]:
     """(store, step) for a DCP checkpoint at ``uri``: a committed cairn step (``.../step-N``), or
     a plain DCP prefix written by another tool (its ``.metadata`` under the prefix)."""
     bucket, prefix = parse_uri(uri)
-    parent, _, name = prefix.rpartition("/")
-    step = step_of(name)
-    if step is not None:
-        store = S3Store(bucket, parent)
-        if store.read_marker(step) is not None:
-            return store, step
+    committed = _committed_step_at(bucket, prefix)
+    if committed is not None:
+        return committed
     store = S3Store(bucket, prefix)
     if not _exists(bucket, f"{prefix}/{METADATA_NAME}" if prefix else METADATA_NAME):
         raise CheckpointError(f"{what} {uri}: neither a committed cairn step nor a DCP checkpoint (no {METADATA_NAME})")

@@ -20,6 +20,7 @@ A step therefore becomes visible only once it is complete on every rank.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import errno
 import io
@@ -133,8 +134,9 @@ class HashingStream(io.RawIOBase):
         # "unexpected pos" RuntimeError, so the writer looks here for the real cause.
         self.error: OSError | None = None
 
+    @abc.abstractmethod
     def _put(self, view: memoryview) -> None:
-        raise NotImplementedError
+        """Store the bytes of ``view`` after those stored so far."""
 
     def write(self, data) -> int:
         try:
@@ -455,17 +457,21 @@ class CommittingWriter(FileSystemWriter):
 
     # --- what a backend provides -------------------------------------------------------------
 
+    @abc.abstractmethod
     def _prepare_staging(self) -> None:
-        raise NotImplementedError
+        """Make the place this save's files are written to (nothing visible as a step yet)."""
 
+    @abc.abstractmethod
     def _check_staging(self) -> None:
-        raise NotImplementedError
+        """Raise if that place is gone or not this save's (another run took the folder)."""
 
+    @abc.abstractmethod
     def _publish(self, manifest: bytes) -> None:
-        raise NotImplementedError
+        """Write the manifest and commit the step: after this, and only after this, readers see it."""
 
+    @abc.abstractmethod
     def _hash_staged(self, name: str) -> tuple[int, str | None]:
-        raise NotImplementedError
+        """(size, xxh3-128 or None without checksums) of a file this save wrote."""
 
     def _staging_text(self) -> str:
         return str(self.path)

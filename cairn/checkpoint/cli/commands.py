@@ -253,11 +253,17 @@ def _kind_text(row: StepRow) -> str:
     return "HF" if row.storage == "hf" else "dcp"
 
 
+def _table_top(title: str, folder: Path, columns: list[Column], style: Style, rows: list, empty: str) -> list[str]:
+    """A listing's first lines: the title naming ``folder`` (elided to the width), then the
+    column headers, or ``empty`` in their place when there are no rows."""
+    lines = [style.bold(f"{title} {elide(display_path(folder), WIDTH - len(title) - 1)}")]
+    return lines + ([style.dim(table_line(columns, [c.header for c in columns]))] if rows else [f"  {empty}"])
+
+
 def format_ls(folder: Path, rows: list[StepRow], style: Style) -> list[str]:
-    lines = [style.bold(f"checkpoint folder {elide(display_path(folder), WIDTH - 18)}")]
+    lines = _table_top("checkpoint folder", folder, LS_COLUMNS, style, rows, "no checkpoints yet")
     if not rows:
-        return lines + ["  no checkpoints yet"]
-    lines.append(style.dim(table_line(LS_COLUMNS, [c.header for c in LS_COLUMNS])))
+        return lines
     for row in rows:
         verify, verify_style = _verify_cell(row, style)
         dtypes = ",".join(short_dtype(d) for d in row.dtype.split(",")) if row.dtype else "-"
@@ -311,10 +317,9 @@ MEMORY_COLUMNS = [Column("step", 8), Column("holder", 14), Column("slot", 6), Co
 
 
 def format_memory_ls(folder: Path, rows: list[dict], style: Style) -> list[str]:
-    lines = [style.bold(f"memory snapshots in {elide(display_path(folder), WIDTH - 21)}")]
+    lines = _table_top("memory snapshots in", folder, MEMORY_COLUMNS, style, rows, "none")
     if not rows:
-        return lines + ["  none"]
-    lines.append(style.dim(table_line(MEMORY_COLUMNS, [c.header for c in MEMORY_COLUMNS])))
+        return lines
     for row in rows:
         problems = row.get("problems")
         state = "torn" if not row["committed"] else ("corrupt" if problems else "ok" if problems is not None
@@ -735,13 +740,7 @@ def _verify_remote(location: str, checksums: bool) -> list[Verdict]:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     if is_object_uri(args.path):
-        verdicts = _verify_remote(args.path, not args.quick)
-        if args.json:
-            print(json.dumps({"ok": not any(v.problems for v in verdicts),
-                              "checked": [v.to_json() for v in verdicts]}, indent=1))
-        else:
-            print("\n".join(format_verify(verdicts, Style(use_color(args.color)))))
-        return EXIT_FAILED if any(v.problems for v in verdicts) else EXIT_OK
+        return _report_verdicts(_verify_remote(args.path, not args.quick), args)
     targets = verify_targets(Path(args.path))
     checksums = not args.quick
     total = sum(_planned_bytes(path, checksums) for path in targets)
@@ -749,6 +748,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
     with progress_bar(total, "verify", show_progress(args)) as advance:
         for path in targets:
             verdicts.append(verify_one(path, checksums, advance))
+    return _report_verdicts(verdicts, args)
+
+
+def _report_verdicts(verdicts: list[Verdict], args: argparse.Namespace) -> int:
+    """Print ``verify``'s verdicts (a table, or JSON with ``--json``); its exit status."""
     if args.json:
         print(json.dumps({"ok": not any(v.problems for v in verdicts),
                           "checked": [v.to_json() for v in verdicts]}, indent=1))
