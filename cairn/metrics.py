@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
+import threading
 import time
 from pathlib import Path
 
@@ -24,6 +26,39 @@ def memory_gib(device: torch.device) -> float:
     return psutil.Process(os.getpid()).memory_info().rss / 2**30
 
 
+class _BackgroundTensorBoard:
+    """A TensorBoard writer made and fed on a thread of its own: importing TensorBoard takes a
+    second or more, which no run's start (a restart least of all) should wait for."""
+
+    def __init__(self, log_dir: Path):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, args=(log_dir,), name="cairn-tensorboard", daemon=True)
+        self._thread.start()
+
+    def _run(self, log_dir: Path) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(log_dir=str(log_dir))
+        except Exception as e:  # noqa: BLE001 - metrics.jsonl still has everything
+            logger.warning("TensorBoard logs are off: %s: %s", type(e).__name__, e)
+            writer = None
+        while (item := self._queue.get()) is not None:
+            if writer is not None:
+                scalars, step = item
+                for key, value in scalars.items():
+                    writer.add_scalar(key, value, step)
+        if writer is not None:
+            writer.close()
+
+    def add_scalars(self, scalars: dict[str, float], step: int) -> None:
+        self._queue.put((scalars, step))
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+
 class MetricsLogger:
     def __init__(self, config: MetricsSection, dump_folder: str | Path, *, rank: int, append: bool):
         self.config = config
@@ -38,9 +73,7 @@ class MetricsLogger:
             # A resumed run appends; a fresh run starts the file anew.
             self.jsonl = open(folder / "metrics.jsonl", "a" if append else "w", buffering=1)
         if config.enable_tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(log_dir=str(folder / "tb"))
+            self.tb = _BackgroundTensorBoard(folder / "tb")
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if self.rank != 0:
@@ -49,9 +82,7 @@ class MetricsLogger:
         if self.jsonl is not None:
             self.jsonl.write(json.dumps(record) + "\n")
         if self.tb is not None:
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)):
-                    self.tb.add_scalar(key, value, step)
+            self.tb.add_scalars({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step)
         if step % self.config.log_freq == 0 or metrics.get("last"):
             logger.info("step %5d  loss %8.4f  grad_norm %7.4f  lr %.2e  tok/s %9.0f  step %6.1f ms  mem %5.2f GiB",
                         step, metrics["loss"], metrics.get("grad_norm", 0.0), metrics.get("lr", 0.0),

@@ -6,8 +6,12 @@ and exit with status 2; nothing already saved is touched.
 
 from __future__ import annotations
 
-import logging
-import sys
+import time
+
+_ENTERED = time.time()  # before any import: where the interpreter's start ends (StartupClock)
+
+import logging  # noqa: E402
+import sys  # noqa: E402
 
 from cairn.config.manager import ConfigError, parse_args
 
@@ -19,11 +23,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cairn.train: {e}", file=sys.stderr)
         return 2
     from cairn.checkpoint import CheckpointError
-    from cairn.trainer import Trainer
+    from cairn.trainer import StartupClock, Trainer
 
     trainer = None
     try:
-        trainer = Trainer(job_config)
+        trainer = Trainer(job_config, StartupClock(entered=_ENTERED))
         trainer.train()
     except (ConfigError, CheckpointError) as e:
         logging.getLogger("cairn").error("%s", e)

@@ -113,10 +113,58 @@ def _torchrun_captures_stderr() -> bool:
         return False
 
 
+class StartupClock:
+    """Where a start's time goes, from the process's birth to its first step: one record per
+    start (``startup`` in metrics.jsonl), restarts included. Seconds of each phase, in order:
+    ``interpreter`` (the process's birth to cairn.train's first line), ``imports``,
+    ``distributed`` (the process group, and CUDA's context on GPU hosts), ``data``, ``model``
+    (built, sharded, materialized; not initialized: a resume overwrites it), ``optimizer``,
+    ``checkpointer`` (its lease, groups and folder checks), ``resume`` (the load, or the
+    initialization of a fresh model), ``first_step`` (its step and its save call)."""
+
+    def __init__(self, process_start: float | None = None, entered: float | None = None):
+        self.process_start = process_start if process_start is not None else _process_start()
+        self.phases: dict[str, float] = {}
+        self._mark = time.time()
+        if entered is not None and self.process_start is not None:
+            self.phases["interpreter"] = max(0.0, entered - self.process_start)
+            self.phases["imports"] = self._mark - entered
+
+    def lap(self, name: str) -> None:
+        now = time.time()
+        self.phases[name] = self.phases.get(name, 0.0) + now - self._mark
+        self._mark = now
+
+    def record(self) -> dict:
+        now = time.time()
+        out = {"phases_s": {name: round(value, 4) for name, value in self.phases.items()},
+               "restart_count": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)}
+        if self.process_start is not None:
+            out["process_to_first_step_s"] = round(now - self.process_start, 4)
+        launched = os.environ.get("CAIRN_LAUNCH_UNIX")
+        if launched and out["restart_count"] == 0:
+            try:
+                out["launch_to_first_step_s"] = round(now - float(launched), 4)
+            except ValueError:
+                pass
+        return out
+
+
+def _process_start() -> float | None:
+    try:
+        import psutil
+
+        return psutil.Process().create_time()
+    except Exception:  # noqa: BLE001 - a figure for the log, never a reason to fail
+        return None
+
+
 class Trainer:
-    def __init__(self, job_config: JobConfig):
+    def __init__(self, job_config: JobConfig, clock: StartupClock | None = None):
         self.job_config = job_config
+        self.clock = clock or StartupClock()
         self.device, self.rank, self.world_size = init_distributed()
+        self.clock.lap("distributed")
         if job_config.checkpoint.create_seed_checkpoint:
             # A seed is initialized on one CPU process, whatever the host has: a job on any
             # number of GPUs then reshards it from step-0.
@@ -144,12 +192,15 @@ class Trainer:
         except (ValueError, FileNotFoundError) as e:  # the loader's messages name the flags
             raise ConfigError([str(e)]) from e
         self.grad_accum_steps = self.dataloader.grad_accum_steps
+        self.clock.lap("data")
 
         self._build_model()
+        self.clock.lap("model")
         self.optimizers = build_optimizers(self.model_parts, job_config.optimizer)
         self.lr_schedulers = build_lr_schedulers(self.optimizers, job_config.lr_scheduler, training.steps)
         self.train_state = TrainState()
         self.rng = RNGState(self.rank, self.world_size, self.device)
+        self.clock.lap("optimizer")
 
         self.checkpointer = CheckpointManager(
             job_config.checkpoint, model_parts=self.model_parts,
@@ -161,6 +212,7 @@ class Trainer:
             run_info={"config": to_dict(job_config)}, total_steps=training.steps, seed=job_config.debug.seed,
             layout=self.parallel_dims.degrees, tokenizer_dir=self.tokenizer.path.parent,
             hf_assets_path=job_config.model.hf_assets_path)
+        self.clock.lap("checkpointer")
         self.metrics = None
 
     # --- building -------------------------------------------------------------------
@@ -191,14 +243,26 @@ class Trainer:
         else:
             self.model_parts = [self.model_spec.parallelize(model, self.parallel_dims, self.job_config,
                                                             self.device)]
+        self._uninitialized = []
         for part in self.model_parts:
             if any(p.is_meta for p in part.parameters()):
+                # Materialized, initialized only if no checkpoint overwrites it (``_init_if_fresh``);
+                # buffers that no checkpoint holds now.
                 part.to_empty(device=self.device)
-                self.model_spec.init_weights(part, self.job_config.debug.seed, self.device)
+                if hasattr(part, "init_buffers"):
+                    part.init_buffers(self.device)
+                self._uninitialized.append(part)
             part.train()
         num_params = self.model_args.num_params()
         logger.info("model %s %s: %.2fM parameters, layout %s", self.model_spec.name, self.job_config.model.flavor,
                     num_params / 1e6, self.parallel_dims.degrees)
+
+    def _init_if_fresh(self, loaded: bool) -> None:
+        """Initialize the weights a checkpoint did not provide (all of them, or none)."""
+        if not loaded:
+            for part in self._uninitialized:
+                self.model_spec.init_weights(part, self.job_config.debug.seed, self.device)
+        self._uninitialized = []
 
     def _pipeline_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return cross_entropy_loss(logits, labels) / self.grad_accum_steps
@@ -271,9 +335,12 @@ class Trainer:
         job_config = self.job_config
         ckpt_config = job_config.checkpoint
         if ckpt_config.create_seed_checkpoint:
+            self._init_if_fresh(False)
             self._create_seed_checkpoint()
             return
         loaded = self.checkpointer.load()
+        self._init_if_fresh(bool(loaded))
+        self.clock.lap("resume")
         last = self.checkpointer.last_load
         if loaded and last and last["kind"] in ("model_only", "hf") and not last.get("explicit") \
                 and last.get("from_step") is not None and last["from_step"] >= job_config.training.steps:
@@ -315,14 +382,25 @@ class Trainer:
                                     "memory_gib": memory_gib(self.device),
                                     "tokens_seen": self.train_state.tokens_seen})
             save_info = self.checkpointer.save(step, last_step=step == total_steps, stopping=step == stop_at)
+            if self.clock is not None:  # the first step of this start: where the start's time went
+                self.clock.lap("first_step")
+                self.metrics.event(step, "startup", **self.clock.record())
+                self.clock = None
             if save_info:
-                snapshot = save_info.pop("memory", None) if save_info.get("kind") != "memory" else save_info
-                if snapshot is not None:
-                    self.metrics.event(step, "memory_snapshot_skipped" if snapshot.get("skipped")
-                                       else "memory_snapshot", **snapshot)
-                if snapshot is not save_info:
-                    event = "checkpoint_deferred" if save_info.get("deferred") else "checkpoint_save"
-                    self.metrics.event(step, event, **save_info)
+                self._log_save(step, save_info)
+
+    def _log_save(self, step: int, info: dict) -> None:
+        """The checkpointer's report of this step into metrics.jsonl: a save (or its deferral), the
+        memory snapshot of the step before (its cost shows in this step's time), lost saves."""
+        for lost in info.pop("lost_saves", []):
+            self.metrics.event(lost.get("step") or step, "checkpoint_save_lost", **{k: v for k, v in lost.items()
+                                                                                   if k != "step"})
+        snapshot = info.pop("memory", None) if info.get("kind") != "memory" else info
+        if snapshot is not None:
+            self.metrics.event(snapshot.pop("step", step), "memory_snapshot_skipped" if snapshot.get("skipped")
+                               else "memory_snapshot", **snapshot)
+        if snapshot is not info and "bytes" in info:
+            self.metrics.event(step, "checkpoint_deferred" if info.get("deferred") else "checkpoint_save", **info)
 
     def _create_seed_checkpoint(self) -> None:
         degrees = self.parallel_dims.degrees

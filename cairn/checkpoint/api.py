@@ -35,7 +35,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from cairn.checkpoint.errors import CheckpointError, reraise_user_error
 from cairn.checkpoint.planner import BytesMemo, CairnSavePlanner
-from cairn.checkpoint.staging import AsyncSaver
+from cairn.checkpoint.staging import AsyncSaver, StagedElsewhere
 from cairn.checkpoint.store import CheckpointStore, open_store
 
 logger = logging.getLogger("cairn")
@@ -194,9 +194,12 @@ class BackgroundSaver:
     def save(self, state_dict: Mapping[str, Any], location: str | os.PathLike | CheckpointStore, step: int, *,
              info: Mapping[str, Any] | None = None, checksums: bool = True,
              on_commit: Callable[[int, str], None] | None = None,
-             after_commit: Callable[[], None] | None = None, thread_count: int = 1) -> SaveHandle:
+             after_commit: Callable[[], None] | None = None, thread_count: int = 1,
+             staged_by: StagedElsewhere | None = None) -> SaveHandle:
         """Stage ``state_dict`` and write it as step ``step`` in the background; ``after_commit``
-        runs on the worker once the step is committed (and before the next save may start)."""
+        runs on the worker once the step is committed (and before the next save may start).
+        ``staged_by``: write from a host copy another stager makes of this state (the memory
+        tier's snapshot of the step) instead of staging it again."""
         store = as_store(location)
         start = time.perf_counter()
         plain = _plain(state_dict)
@@ -219,13 +222,18 @@ class BackgroundSaver:
                 after_commit()
             return store.step_url(step)
 
-        future = self.saver.submit(step, plain, write)
+        future = self.saver.submit(step, plain, write, staged_by=staged_by)
         return SaveHandle(step, store.step_url(step), time.perf_counter() - start, writer, future,
                           self.saver.timeline)
 
     def wait_for_staging(self) -> None:
         """Before the state changes: wait until the copies are queued (GPU: order the stream after them)."""
         self.saver.wait_for_staging()
+
+    def forget_arena(self, arena) -> None:
+        """An arena another stager handed to ``save(staged_by=...)`` is going away: unmap it in the writer."""
+        if self.saver.writer_process is not None:
+            self.saver.writer_process.release(arena.id)
 
     def wait(self) -> None:
         """Until the save in flight (if any) is committed; raises its error."""

@@ -40,6 +40,11 @@ class SaveError(CheckpointError):
     """A save that failed; the message names the folder and the cause, and says nothing was committed."""
 
 
+class WriterDiedError(SaveError):
+    """An async save's writer process died (a signal, the OOM killer): that save is lost, nothing
+    else. Training can go on; the next save starts a new writer process."""
+
+
 def corrupt_error(where: str | os.PathLike, problems: Sequence[str]) -> CorruptCheckpointError:
     """One CorruptCheckpointError for the step at ``where``, listing its first problems."""
     problems = list(problems)

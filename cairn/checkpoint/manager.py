@@ -49,7 +49,8 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.stateful import Stateful
 
 from cairn.checkpoint.api import BackgroundSaver, SaveHandle, save
-from cairn.checkpoint.errors import CheckpointError, CorruptCheckpointError
+from cairn.checkpoint.errors import (CheckpointError, CorruptCheckpointError, WriterDiedError,
+                                    find_checkpoint_error, first_line)
 from cairn.checkpoint.hf import load_hf, save_hf
 from cairn.checkpoint.layout import FULL, HF, MODEL_ONLY, SEED, dtype_named
 from cairn.checkpoint.lease import FolderLease
@@ -123,6 +124,11 @@ class CheckpointManager:
         self._mirror_steps: set[int] = set()
         self.memory: MemoryTier | None = None
         self._finished = False  # the last step was saved: close() removes the memory snapshots
+        self._snapshot_at: int | None = None  # the step of the newest memory snapshot taken
+        self._snapshot_info: dict | None = None  # its record, reported once the next step shows its cost
+        self._step_clock: float | None = None  # when save() was last called: the loop's step times
+        self._plain_steps: list[float] = []  # recent step times of steps no snapshot or save touched
+        self.saves_lost: list[dict] = []  # saves whose writer process died (training went on)
         if not self.enabled:
             return
         initialized = dist.is_available() and dist.is_initialized()
@@ -158,8 +164,14 @@ class CheckpointManager:
             if initialized and self.world_size > 1 else None
         directory = self.config.memory_dir or default_dir(self.folder)
         try:
+            # With async saves, a disk save writes the memory snapshot of its step (one copy of
+            # the state to host, not two): a third slot is kept for the save in flight.
+            shared = self.async_saver is not None
             self.memory = MemoryTier(directory, rank=self.rank, world_size=self.world_size, layout=self.layout,
-                                     replicas=self.config.memory_replicas, group=group)
+                                     replicas=self.config.memory_replicas, group=group, slots=3 if shared else 2,
+                                     device_snapshot=self.config.device_snapshot)
+            if shared:
+                self.memory.when_released(self.async_saver.forget_arena)
         except OSError as e:
             raise CheckpointError(f"--checkpoint.memory_dir {directory}: {e.strerror or e}") from e
 
@@ -170,7 +182,7 @@ class CheckpointManager:
         if not self.config.load_only:
             self._lease = FolderLease.acquire(self.store)
             self.store.check_writable()
-            self.store.cleanup_incomplete()
+            self.store.cleanup_incomplete(background=True)  # off the path to the first step
             if self.mirror is not None:
                 self.mirror.check_writable()
 
@@ -210,7 +222,7 @@ class CheckpointManager:
         if self.memory is not None:
             self._check_memory_room(state_bytes(state))
             self.memory.prepare(state)
-        if self.async_saver is not None:
+        elif self.async_saver is not None:  # with the memory tier, saves write its snapshots' copies
             self.async_saver.prepare(state)
 
     def _check_memory_room(self, local_bytes: int) -> None:
@@ -258,46 +270,84 @@ class CheckpointManager:
     def save(self, step: int, last_step: bool = False, stopping: bool = False) -> dict | None:
         """Save if the policy says so; returns what was saved (for logs/metrics) or None.
 
-        Call it after every step: it also takes the memory tier's snapshot when one is due
-        (returned as ``kind`` "memory", or under ``"memory"`` beside a save of the same step).
-        See ``_save_to_store`` for the folder's saves.
+        Call it after every step: it also takes the memory tier's snapshot when one is due, and
+        reports it one step later (as ``kind`` "memory", or under ``"memory"`` beside a save):
+        its ``stall_s`` is how much longer the step after it took. See ``_save_to_store`` for
+        the folder's saves. A save whose writer process died is logged and listed under
+        ``lost_saves`` (and in ``saves_lost``); training goes on.
         """
         if not self.enabled or self.config.load_only:
             return None
+        reported = self._snapshot_cost(self._clock_step())
+        lost_before = len(self.saves_lost)
         info = self._save_to_store(step, last_step, stopping)
         if self.memory is not None and not last_step:
-            snapshot = self._snapshot(step)
-            if snapshot is not None:
-                info = snapshot if info is None else {**info, "memory": snapshot}
+            self._snapshot(step)
+        if reported is not None:
+            info = reported if info is None else {**info, "memory": reported}
+        if len(self.saves_lost) > lost_before:
+            info = {**(info or {"kind": FULL}), "lost_saves": self.saves_lost[lost_before:]}
         if last_step:
             self._finished = True
         return info
 
-    def _snapshot(self, step: int) -> dict | None:
-        """The memory tier's snapshot, every ``memory_interval`` steps, skipped (on every rank)
-        while the previous one is still in flight on any rank."""
-        memory = self.memory
-        memory.record_progress(step)
-        if step % self.config.memory_interval:
+    def _clock_step(self) -> float | None:
+        """The loop's time since the previous call of ``save`` (one step, as the loop sees it)."""
+        now = time.perf_counter()
+        elapsed = None if self._step_clock is None else now - self._step_clock
+        self._step_clock = now
+        return elapsed
+
+    def _snapshot_cost(self, step_time: float | None) -> dict | None:
+        """The record of the snapshot taken at the previous step, its ``stall_s`` how much longer
+        the step after it took than the median of recent steps nothing touched; None if none."""
+        info, self._snapshot_info = self._snapshot_info, None
+        if info is None:
+            if step_time is not None and self.memory is not None:
+                self._plain_steps = (self._plain_steps + [step_time])[-20:]
             return None
-        busy = memory.in_flight
-        if self.world_size > 1:
+        if step_time is not None and self._plain_steps:
+            typical = sorted(self._plain_steps)[len(self._plain_steps) // 2]
+            info["stall_s"] = round(max(0.0, step_time - typical), 4)
+            info["step_time_s"], info["typical_step_s"] = round(step_time, 4), round(typical, 4)
+        return info
+
+    def _snapshot(self, step: int, hold: bool = False):
+        """The memory tier's snapshot, every ``memory_interval`` steps, skipped (on every rank)
+        while the previous one is still in flight on any rank; with ``hold`` (a disk save of
+        this step writes its host copy) taken whatever the interval, after the one in flight."""
+        memory = self.memory
+        if self._snapshot_at == step:
+            return None
+        memory.record_progress(step)
+        if step % self.config.memory_interval and not hold:
+            return None
+        busy = (memory.in_flight or not memory.ready) and not hold
+        if self.world_size > 1 and not hold:
             flag = torch.tensor([1 if busy else 0])
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._gloo_group())
             busy = bool(flag.item())
         if busy:
-            logger.warning("memory snapshot of step %d skipped: the previous one is still in flight (a snapshot "
-                           "every %d steps is more often than one takes)", step, self.config.memory_interval)
-            return {"kind": "memory", "skipped": True}
+            logger.warning("memory snapshot of step %d skipped: %s", step,
+                           "its buffers are still being made" if not memory.ready else
+                           f"the previous one is still in flight (a snapshot every "
+                           f"{self.config.memory_interval} steps is more often than one takes)")
+            self._snapshot_info = {"kind": "memory", "step": step, "skipped": True}
+            return None
         previous = dict(memory.last_seconds)
         start = time.perf_counter()
         state = self._full_state_dict()
-        memory.snapshot(step, state)
-        info = {"kind": "memory", "bytes": state_bytes(state), "stall_s": round(time.perf_counter() - start, 4),
-                "replicas": memory.replicas}
+        staged = memory.snapshot(step, state, hold=hold)
+        self._snapshot_at = step
+        blocked = round(time.perf_counter() - start, 4)
+        info = {"kind": "memory", "step": step, "bytes": state_bytes(state), "blocked_s": blocked,
+                "stall_s": blocked, "replicas": memory.replicas}
+        if hold:
+            info["with_save"] = True
         if previous:
             info["previous_s"] = {k: round(v, 4) for k, v in previous.items()}
-        return info
+        self._snapshot_info = info
+        return staged
 
     def _save_to_store(self, step: int, last_step: bool, stopping: bool) -> dict | None:
         """The folder's save if the policy says so.
@@ -417,9 +467,11 @@ class CheckpointManager:
                             "began", step, nbytes / 1e6, self.store.step_url(step), time.perf_counter() - started)
                 self._after_commit(step)
 
+            staged_by = self._snapshot(step, hold=True) if self.memory is not None else None
+            self._collect_previous_save()
             self.last_save = self.async_saver.save(state, self.store, step, info=info, checksums=self.checksums,
                                                    on_commit=self._committed, after_commit=after_commit,
-                                                   thread_count=self.config.write_threads)
+                                                   thread_count=self.config.write_threads, staged_by=staged_by)
         return {"kind": FULL, "bytes": nbytes, "async": self.async_saver is not None}
 
     def _save_model_only(self, step: int, *, kind: str, dtype: str) -> dict:
@@ -450,13 +502,28 @@ class CheckpointManager:
 
     def _finish_in_flight(self) -> float:
         """Wait for the save in flight (if any); returns the seconds waited."""
-        if self.async_saver is None or not self.async_saver.in_flight:
-            if self.async_saver is not None:
-                self.async_saver.wait()  # raises a failed save's error
-            return 0.0
         start = time.perf_counter()
-        self.async_saver.wait()
+        self._collect_previous_save()
         return time.perf_counter() - start
+
+    def _collect_previous_save(self) -> None:
+        """Wait for the async save in flight (if any) and raise its error, unless its writer process
+        died (a signal, the OOM killer): that save is lost, logged and counted, and the next one
+        starts a new writer process."""
+        if self.async_saver is None:
+            return
+        handle = self.last_save
+        try:
+            self.async_saver.wait()
+        except Exception as e:  # noqa: BLE001 - only a dead writer is forgiven
+            if not isinstance(find_checkpoint_error(e), WriterDiedError):
+                raise
+            step = handle.step if handle is not None else None
+            self._writing.discard(step)
+            self.saves_lost.append({"step": step, "why": first_line(find_checkpoint_error(e))})
+            logger.error("checkpoint step %s was not saved: %s. Training goes on; the next save starts a new "
+                         "writer process (%d save(s) lost in this run)", step, self.saves_lost[-1]["why"],
+                         len(self.saves_lost))
 
     def close(self) -> None:
         """Finish the save in flight, stop the background workers, give the folder's lease back.
@@ -475,6 +542,9 @@ class CheckpointManager:
             if self._retention is not None:
                 self._retention.close()
                 self._retention = None
+            cleanup = getattr(getattr(self, "store", None), "cleanup_thread", None)
+            if cleanup is not None:
+                cleanup.join()  # the start's leftovers are gone before the lease is
             if self._lease is not None:
                 self._lease.release()
                 self._lease = None

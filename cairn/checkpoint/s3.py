@@ -1182,9 +1182,15 @@ class S3Store:
             logger.info("purged checkpoints %s (keeping the newest %d)", purged, keep_latest_k)
         return purged
 
-    def cleanup_incomplete(self, protect: Iterable[int] = ()) -> list[str]:
+    def cleanup_incomplete(self, protect: Iterable[int] = (), background: bool = False) -> list[str]:
         """Remove what crashed saves left (call holding the lease): objects of saves no marker points
-        to, and multipart uploads never completed."""
+        to, and multipart uploads never completed. ``background``: on a thread of its own
+        (``cleanup_thread``); a new save never meets them (its objects are under a new save id)."""
+        if background:
+            self.cleanup_thread = threading.Thread(target=self.cleanup_incomplete, args=(protect,),
+                                                   name="cairn-cleanup", daemon=True)
+            self.cleanup_thread.start()
+            return []
         protect = set(protect)
         removed = []
         _, folders = self._top()

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import functools
 import itertools
 import logging
@@ -48,7 +49,7 @@ from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.tensor import DTensor
 
 from cairn.checkpoint import writer_process
-from cairn.checkpoint.errors import SaveError
+from cairn.checkpoint.errors import WriterDiedError
 from cairn.checkpoint.state import local_tensor, nbytes, tensor_leaves
 from cairn.checkpoint.writer import zip_crc32_off
 from cairn.config.job_config import ASYNC_WRITERS
@@ -56,7 +57,14 @@ from cairn.config.job_config import ASYNC_WRITERS
 logger = logging.getLogger("cairn")
 
 _ALIGN = 4096  # each tensor starts on a page of its own in the arena
-_D2H_PIECE = 64 << 20  # bytes per device-to-host copy from a device snapshot
+# Bytes per copy between device and host arenas, one piece in flight at a time. Larger pieces,
+# or several queued, hold a training loop's own small device-to-host copies (a loss's .item())
+# behind them for the whole transfer: on 1x H200, 64 MiB pieces two deep stalled such a loop for
+# all 0.29 s of a 16 GB copy, 8 MiB pieces one at a time not at all, at 47 GB/s instead of 55
+# (benchmarks/results/h200x1_recovery_probe.json).
+PIECE = 8 << 20
+REGISTER_PIECE = 64 << 20  # bytes per cudaHostRegister call (a multiple of PIECE)
+PIN_PACE_S = 0.01  # pause between two registered pieces while training runs
 
 
 @functools.lru_cache(maxsize=None)
@@ -120,24 +128,58 @@ class HostArena:
                 raise
         self._base = torch.frombuffer(self.mmap, dtype=torch.uint8)
         self.base_ptr = self._base.data_ptr()
-        self.pinned = False
+        self.pinned = False  # every page registered with CUDA (in pieces of REGISTER_PIECE bytes)
+        self._registered: list[int] = []  # the pieces' start pointers, for cudaHostUnregister
         if pin:
-            with torch.cuda.device(device):
-                rc = _host_register(self.base_ptr, self.nbytes)
-            if rc != 0:
-                logger.warning("cudaHostRegister of %.1f MB of staging memory failed (error %d); staging "
-                               "into pageable memory (slower)", self.nbytes / 1e6, rc)
-            self.pinned = rc == 0
+            self.pin(device)
+
+    def pin(self, device: torch.device | None, pace_s: float = 0.0) -> bool:
+        """Register the arena with CUDA (page-locked, for every context), ``REGISTER_PIECE`` bytes at
+        a time, sleeping ``pace_s`` between pieces; True once every piece is registered.
+
+        Registering holds the driver: on an H200 a training loop's next CUDA call waited for all
+        16 GB (0.8 s) when they were registered in one call or back to back
+        (benchmarks/results/h200x1_recovery_probe.json); paced, it waits for one piece at most.
+        Pages are faulted in first (``pretouch``), outside the driver. A copy into or out of the
+        arena must lie inside one piece (CUDA refuses one that spans two): ``HostStager`` cuts
+        its copies at multiples of ``PIECE``, which divides ``REGISTER_PIECE``."""
+        if self.pinned:
+            return True
+        self.pretouch()
+        with torch.cuda.device(device):
+            for start in range(len(self._registered) * REGISTER_PIECE, self.nbytes, REGISTER_PIECE):
+                rc = _host_register(self.base_ptr + start, min(REGISTER_PIECE, self.nbytes - start))
+                if rc != 0:
+                    logger.warning("cudaHostRegister of %.1f MB of staging memory failed (error %d); staging "
+                                   "into pageable memory (slower)", self.nbytes / 1e6, rc)
+                    self.unpin()
+                    return False
+                self._registered.append(self.base_ptr + start)
+                if pace_s:
+                    time.sleep(pace_s)
+        self.pinned = True
+        return True
+
+    def unpin(self) -> None:
+        self.pinned = False
+        for pointer in self._registered:
+            _host_unregister(pointer)
+        self._registered = []
 
     def pretouch(self) -> None:
-        """Fault every page in now (pinning does that for pinned arenas), so a save's copies
-        into this arena never wait on the kernel allocating memory."""
-        populate = getattr(mmap, "MADV_POPULATE_WRITE", None)
-        if populate is not None:
-            with contextlib.suppress(OSError):
-                self.mmap.madvise(populate)
-                return
-        self._base.zero_()  # writes every page once; releases the GIL
+        """Fault every page in now, keeping what they hold, so that neither pinning nor a save's
+        copies wait on the kernel allocating memory; four threads, each a quarter."""
+        share = -(-self.nbytes // 4 // mmap.PAGESIZE) * mmap.PAGESIZE
+
+        def touch(start: int) -> None:
+            length = min(share, self.nbytes - start)
+            try:  # MADV_POPULATE_WRITE (Linux 5.14): allocates without writing; Python < 3.14 has no name for it
+                self.mmap.madvise(getattr(mmap, "MADV_POPULATE_WRITE", 23), start, length)
+            except (OSError, ValueError):
+                self._base[start:start + length].add_(0)  # writes every page, contents kept
+
+        with ThreadPoolExecutor(max_workers=4, thread_name_prefix="cairn-pretouch") as pool:
+            list(pool.map(touch, range(0, self.nbytes, share)))
 
     def tensor(self, offset: int, like: torch.Tensor) -> torch.Tensor:
         """A contiguous tensor shaped like ``like`` at ``offset``, whose storage is exactly its bytes."""
@@ -152,9 +194,7 @@ class HostArena:
         return offset if 0 <= offset and offset + nbytes(tensor) <= self.nbytes else None
 
     def close(self) -> None:
-        if self.pinned:
-            _host_unregister(self.base_ptr)
-            self.pinned = False
+        self.unpin()
         del self._base
         try:
             self.mmap.close()
@@ -178,15 +218,45 @@ def snapshot_fits(needed: int, free: int, total: int) -> bool:
     return needed + max(SNAPSHOT_SPARE_MIN, int(SNAPSHOT_SPARE_FRACTION * total)) <= free
 
 
+class DeviceBuffers:
+    """Device memory for one snapshot of a state, shared by the stagers that take turns with it
+    (the memory tier's slots: one snapshot in flight at a time)."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, torch.Tensor] = {}
+        self._layout: list | None = None
+        self.allocated_bytes = 0
+
+    def holds(self, leaves: list[tuple[str, torch.Tensor]]) -> bool:
+        return self._layout == _device_layout(leaves)
+
+    def for_leaves(self, leaves: list[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        if not self.holds(leaves):
+            self.buffers = {path: torch.empty(local.shape, dtype=local.dtype, device=local.device)
+                            for path, local in leaves}
+            self.allocated_bytes += sum(nbytes(b) for b in self.buffers.values())
+            self._layout = _device_layout(leaves)
+        return self.buffers
+
+    def release(self) -> None:
+        self.buffers, self._layout = {}, None
+
+
+def _device_layout(leaves: list[tuple[str, torch.Tensor]]) -> list:
+    return [(path, local.shape, local.dtype, local.device) for path, local in leaves]
+
+
 class HostStager:
     """Copies a state dict's tensors into host buffers; keeps the buffers when ``reuse``.
 
     ``device_snapshot``: copy into device buffers first (see the module doc): "on", "off", or
     "auto" (``snapshot_fits`` decides when the reused buffers are made, after the first step).
+    ``device_buffers``: those buffers, shared with other stagers (default: its own).
+    Every copy between device and arena is cut at multiples of ``PIECE`` bytes of the arena.
     """
 
     def __init__(self, *, reuse: bool, pin_memory: bool, device_snapshot: str | bool = "off",
-                 arena_path: str | None = None):
+                 arena_path: str | None = None, device_buffers: DeviceBuffers | None = None):
         if isinstance(device_snapshot, bool):
             device_snapshot = "on" if device_snapshot else "off"
         if device_snapshot not in ("auto", "on", "off"):
@@ -202,13 +272,13 @@ class HostStager:
         self._stream = torch.cuda.Stream() if torch.cuda.is_available() else None
         self._layout: list[tuple[str, torch.Size, torch.dtype]] | None = None
         self._buffers: dict[str, torch.Tensor] = {}  # path -> host buffer (a view into the arena)
+        self._device = device_buffers if device_buffers is not None else DeviceBuffers()
         self._device_buffers: dict[str, torch.Tensor] = {}
         self._bounce: list[torch.Tensor] | None = None  # pinned pieces for pageable buffers (see _copy_through_bounce)
         self.arena: HostArena | None = None
         self.on_release: Callable[[HostArena], None] | None = None  # before an arena is closed
         self.allocated_bytes = 0
         self.allocations = 0  # arenas made: one per save layout when reusing, one per save otherwise
-        self.device_allocated_bytes = 0
 
     @property
     def device_snapshot(self) -> bool:
@@ -216,14 +286,20 @@ class HostStager:
         return self.snapshot_mode == "on"
 
     @property
+    def device_allocated_bytes(self) -> int:
+        return self._device.allocated_bytes
+
+    @property
     def retained_bytes(self) -> int:
         return sum(nbytes(b) for b in self._buffers.values()) if self.reuse else 0
 
-    def prepare(self, state_dict: dict) -> None:
-        """Make the buffers for ``state_dict``'s layout now (the first save then finds them)."""
+    def prepare(self, state_dict: dict, pace: bool = True) -> None:
+        """Make the buffers for ``state_dict``'s layout now (the first save then finds them);
+        ``pace``: register them with CUDA piece by piece, letting the training loop's own calls
+        between (see ``HostArena.pin``)."""
         leaves = [(path, local_tensor(tensor).detach()) for path, tensor in tensor_leaves(state_dict)]
         with self._on_stream():
-            self._prepare(leaves)
+            self._prepare(leaves, pace=pace)
 
     def _on_stream(self) -> contextlib.AbstractContextManager:
         """Make the side stream and its device current (nothing on CPU hosts).
@@ -238,7 +314,7 @@ class HostStager:
         stack.enter_context(torch.cuda.stream(self._stream))
         return stack
 
-    def _prepare(self, leaves: list[tuple[str, torch.Tensor]]) -> None:
+    def _prepare(self, leaves: list[tuple[str, torch.Tensor]], pace: bool = False) -> None:
         """Buffers for this layout: the kept ones when it has not changed, else new ones."""
         layout = [(path, local.shape, local.dtype) for path, local in leaves]
         if self.arena is not None and layout == self._layout:
@@ -252,20 +328,22 @@ class HostStager:
         if self.snapshot_mode == "auto":
             needed = sum(nbytes(local) for _, local in leaves)
             free, total_memory = torch.cuda.mem_get_info(device)
-            self.snapshot_mode = "on" if snapshot_fits(needed, free, total_memory) else "off"
-            logger.info("async saves %s a device snapshot (--checkpoint.device_snapshot auto): %.1f GB needed, "
-                        "%.1f GB of %.1f GB free on %s", "take" if self.device_snapshot else "skip",
-                        needed / 1e9, free / 1e9, total_memory / 1e9, device)
-        self.arena = HostArena(total, pin=self.pin_memory, device=device, path=self.arena_path)
-        if self.reuse and not self.arena.pinned:
+            fits = self._device.holds(leaves) or snapshot_fits(needed, free, total_memory)
+            self.snapshot_mode = "on" if fits else "off"
+            logger.info("%s %s a device snapshot (--checkpoint.device_snapshot auto): %.1f GB needed, "
+                        "%.1f GB of %.1f GB free on %s", "memory snapshots" if self.arena_path else "async saves",
+                        "take" if self.device_snapshot else "skip", needed / 1e9, free / 1e9, total_memory / 1e9,
+                        device)
+        self.arena = HostArena(total, pin=False, device=device, path=self.arena_path)
+        if self.pin_memory:
+            self.arena.pin(device, pace_s=PIN_PACE_S if pace else 0.0)
+        elif self.reuse:
             self.arena.pretouch()
         self.allocations += 1
         self.allocated_bytes += self.arena.nbytes
         self._buffers = {path: self.arena.tensor(offset, local) for (path, local), offset in zip(leaves, offsets)}
         if self.device_snapshot:
-            self._device_buffers = {path: torch.empty(local.shape, dtype=local.dtype, device=local.device)
-                                    for path, local in leaves}
-            self.device_allocated_bytes += sum(nbytes(b) for b in self._device_buffers.values())
+            self._device_buffers = self._device.for_leaves(leaves)
         self._layout = layout
 
     def buffer_layout(self) -> list[dict]:
@@ -302,12 +380,13 @@ class HostStager:
         return event
 
     def enqueue(self, state_dict: dict, ready: torch.cuda.Event | None = None
-                ) -> tuple[dict, torch.cuda.Event | None, Callable[[], None]]:
+                ) -> tuple[dict, torch.cuda.Event | None, Callable[..., None]]:
         """Queue the copies of ``state_dict`` into host buffers; returns (host copy, gate, drain).
 
-        ``gate``: the state may change once it has passed (None: already); ``drain()`` returns
-        once the host copy is complete. ``ready`` (from ``ready_marker``, taken on the training
-        thread) orders the copies after the work that produced the state.
+        ``gate``: the state may change once it has passed (None: already); ``drain(progress=None)``
+        returns once the host copy is complete, calling ``progress(offset)`` as the arena's bytes
+        below ``offset`` become final (in order). ``ready`` (from ``ready_marker``, taken on the
+        training thread) orders the copies after the work that produced the state.
         """
         leaves = [(path, local_tensor(tensor).detach()) for path, tensor in tensor_leaves(state_dict)]
         copies: dict[str, torch.Tensor] = {}
@@ -315,99 +394,122 @@ class HostStager:
             self._prepare(leaves)
             for path, local in leaves:
                 copies[path] = self._buffers[path].copy_(local)
-            return _rebuild(state_dict, _by_id(state_dict, copies)), None, lambda: None
+            return _rebuild(state_dict, _by_id(state_dict, copies)), None, self._all_done
         with self._on_stream():
             self._prepare(leaves)
             if ready is not None:
                 self._stream.wait_event(ready)
             else:
                 self._stream.wait_stream(torch.cuda.default_stream(self._stream.device))
+            copies = {path: self._buffers[path] for path, _ in leaves}
+            staged = _rebuild(state_dict, _by_id(state_dict, copies))
             if self.device_snapshot:
                 for path, local in leaves:
                     self._device_buffers[path].copy_(local, non_blocking=True)
-                    copies[path] = self._buffers[path]
                 gate = torch.cuda.Event()
                 gate.record(self._stream)
-                return _rebuild(state_dict, _by_id(state_dict, copies)), gate, self._drain_snapshot
+                return staged, gate, self._drain_snapshot
+            pieces = self._pieces({path: local for path, local in leaves})
             if not self.arena.pinned and any(local.is_cuda for _, local in leaves):
                 # pageable buffers: through pinned pieces, before the state may change (no gate left)
-                self._copy_through_bounce(self._pieces({path: local for path, local in leaves}))
-                copies = {path: self._buffers[path] for path, _ in leaves}
-                return _rebuild(state_dict, _by_id(state_dict, copies)), None, lambda: None
-            for path, local in leaves:
-                copies[path] = self._buffers[path].copy_(local, non_blocking=local.is_cuda)
+                self._copy_through_bounce(pieces)
+                return staged, None, self._all_done
+            for source, target in pieces:
+                target.copy_(source, non_blocking=source.is_cuda)
             done = torch.cuda.Event()
             done.record(self._stream)
-        return _rebuild(state_dict, _by_id(state_dict, copies)), done, done.synchronize
+
+        def drain(progress: Callable[[int], None] | None = None) -> None:
+            done.synchronize()
+            self._all_done(progress)
+
+        return staged, done, drain
+
+    def _all_done(self, progress: Callable[[int], None] | None = None) -> None:
+        if progress is not None and self.arena is not None:
+            progress(self.arena.nbytes)
 
     def _pieces(self, sources: dict[str, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(device piece, host piece) pairs of at most ``_D2H_PIECE`` bytes covering ``sources``."""
+        """(source piece, arena piece) byte views covering ``sources``, cut at every multiple of
+        ``PIECE`` bytes of the arena, in the arena's order."""
         pieces = []
-        for path, device in sources.items():
-            source, target = device.reshape(-1), self._buffers[path].view(-1)
-            step = max(1, _D2H_PIECE // max(1, device.element_size()))
-            pieces += [(source[i:i + step], target[i:i + step]) for i in range(0, source.numel(), step)]
+        for path, source in sources.items():
+            target = self._buffers[path]
+            if source.numel() == 0:
+                continue
+            source_bytes = source.reshape(-1).view(torch.uint8)
+            target_bytes = target.reshape(-1).view(torch.uint8)
+            base = self.arena.offset_of(target)
+            start, end = 0, target_bytes.numel()
+            while start < end:
+                stop = min(end, ((base + start) // PIECE + 1) * PIECE - base)
+                pieces.append((source_bytes[start:stop], target_bytes[start:stop]))
+                start = stop
         return pieces
 
-    def _copy_through_bounce(self, pieces: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Device to pageable host memory through three reused pinned buffers of ``_D2H_PIECE`` bytes.
+    def _end_offset(self, target: torch.Tensor) -> int:
+        return target.data_ptr() + target.numel() - self.arena.base_ptr
+
+    def _copy_through_bounce(self, pieces: list[tuple[torch.Tensor, torch.Tensor]],
+                             progress: Callable[[int], None] | None = None) -> None:
+        """Device to pageable host memory through two reused pinned buffers of ``PIECE`` bytes.
 
         A device-to-host copy into pageable memory is done by the driver synchronously, through
         its own staging, and holds the driver while it runs: the training thread's kernel
         launches wait behind it (the 1B run of benchmarks/RESULTS.md, session 8: the step after
         each ``async`` save took 1.5 s instead of 0.23 s). Into pinned memory the copy is
-        asynchronous on the side stream; the copy on to the pageable buffer is a host memcpy
-        (no GIL, no driver), one piece behind.
+        asynchronous on the side stream, one piece at a time; the copy on to the pageable buffer
+        is a host memcpy on another thread (no GIL, no driver) while the next piece crosses.
         """
         if self._bounce is None:
-            self._bounce = [torch.empty(_D2H_PIECE, dtype=torch.uint8, pin_memory=True) for _ in range(3)]
-        free = list(self._bounce)
-        pending: list[tuple[torch.cuda.Event, torch.Tensor, torch.Tensor]] = []
+            self._bounce = [torch.empty(PIECE, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+        copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cairn-bounce")
+        pending: list[Future | None] = [None, None]
+        try:
+            with self._on_stream():
+                for index, (source, target) in enumerate(pieces):
+                    bounce = self._bounce[index % 2]
+                    if pending[index % 2] is not None:
+                        pending[index % 2].result()  # its bytes have reached the arena
+                    count = source.numel()
+                    bounce[:count].copy_(source, non_blocking=True)
+                    event = torch.cuda.Event()
+                    event.record(self._stream)
+                    event.synchronize()
 
-        def finish_oldest() -> None:
-            event, bounce, target = pending.pop(0)
-            event.synchronize()
-            target.copy_(bounce[:target.numel()])
-            free.append(bounce)
+                    def land(bounce=bounce, target=target, count=count) -> None:
+                        target.copy_(bounce[:count])
+                        if progress is not None:
+                            progress(self._end_offset(target))
 
-        with self._on_stream():
-            for source, target in pieces:
-                if source.numel() == 0:
-                    continue
-                if not free:
-                    finish_oldest()
-                bounce = free.pop(0)
-                source_bytes, target_bytes = source.view(torch.uint8), target.view(torch.uint8)
-                bounce[:source_bytes.numel()].copy_(source_bytes, non_blocking=True)
-                event = torch.cuda.Event()
-                event.record(self._stream)
-                pending.append((event, bounce, target_bytes))
-            while pending:
-                finish_oldest()
+                    pending[index % 2] = copier.submit(land)
+                for future in pending:
+                    if future is not None:
+                        future.result()
+        finally:
+            copier.shutdown(wait=True)
 
-    def _drain_snapshot(self) -> None:
-        """Copy the device snapshot to host in pieces of ``_D2H_PIECE`` bytes, two in flight.
+    def _drain_snapshot(self, progress: Callable[[int], None] | None = None) -> None:
+        """Copy the device snapshot to host, ``PIECE`` bytes at a time, one piece in flight.
 
-        Copies in one direction share the GPU's copy engine in the order they were queued: the
-        whole state queued at once would hold every small device-to-host copy of the training
-        loop (a loss's ``.item()``) behind it for the length of the transfer. Queued piece by
-        piece, such a copy waits for one piece at most.
-        """
+        Copies in one direction share the GPU's copy engine: a whole state queued at once, or
+        several large pieces, would hold every small device-to-host copy of the training loop
+        (a loss's ``.item()``) behind them for the length of the transfer. One ``PIECE`` at a
+        time, such a copy waits for one piece at most (see ``PIECE``)."""
         pieces = self._pieces(self._device_buffers)
         if not self.arena.pinned:
-            self._copy_through_bounce(pieces)
+            self._copy_through_bounce(pieces, progress)
+            self._all_done(progress)
             return
-        in_flight: list[torch.cuda.Event] = []
         with self._on_stream():
+            event = torch.cuda.Event()
             for source, target in pieces:
                 target.copy_(source, non_blocking=True)
-                event = torch.cuda.Event()
                 event.record(self._stream)
-                in_flight.append(event)
-                if len(in_flight) > 2:
-                    in_flight.pop(0).synchronize()
-            for event in in_flight:
                 event.synchronize()
+                if progress is not None:
+                    progress(self._end_offset(target))
+        self._all_done(progress)
 
     def stage(self, state_dict: dict, ready: torch.cuda.Event | None = None) -> dict:
         """A host copy of ``state_dict`` (same structure); returns once every copy has landed."""
@@ -456,6 +558,17 @@ def _writer_switch_interval() -> float:
             from None
 
 
+@dataclasses.dataclass
+class StagedElsewhere:
+    """A host copy of the state that another stager makes (the memory tier's snapshot of the same
+    step): ``host_copy`` resolves to the staged state dict once the copy is complete; ``release``
+    runs once the save is done with it (the stager may then reuse its buffers)."""
+
+    host_copy: Future
+    stager: HostStager
+    release: Callable[[], None]
+
+
 class AsyncSaver:
     """One background worker: stage into host memory, then write (in the writer process) and commit.
 
@@ -486,18 +599,24 @@ class AsyncSaver:
         self.prepare_seconds: float | None = None
         self.timeline: dict[str, float] = {}
         self._start = 0.0
+        self._source = self.stager  # the stager whose arenas the save in flight writes from
 
     @property
     def in_flight(self) -> bool:
         """Whether a save (or the buffers' preparation) is still running."""
         return self._future is not None and not self._future.done()
 
-    def submit(self, step: int, state_dict: dict, write: Callable[[dict], Any]) -> Future:
+    def submit(self, step: int, state_dict: dict, write: Callable[[dict], Any],
+               staged_by: StagedElsewhere | None = None) -> Future:
         """Stage ``state_dict`` and run ``write(staged)`` on the worker; returns its future.
 
+        ``staged_by``: the state was staged by another stager (the memory tier's snapshot of the
+        same step): write from that host copy, once it is complete, instead of staging again.
         At most one save is in flight: this first waits for the previous one (callers that
         must not wait check ``in_flight`` first)."""
         self.wait()
+        if staged_by is not None:
+            return self._submit_staged(staged_by, write)
         self._queued.clear()
         self._gate = None
         start = self._start = time.perf_counter()
@@ -537,6 +656,28 @@ class AsyncSaver:
         self._future = self._executor.submit(job)
         return self._future
 
+    def _submit_staged(self, staged_by: StagedElsewhere, write: Callable[[dict], Any]) -> Future:
+        start = self._start = time.perf_counter()
+        timeline: dict[str, float] = {"queued": 0.0, "gate": 0.0}
+        self.timeline = timeline
+        self._gate = None
+        self._queued.set()  # the training thread waits for the snapshot's gate, not for this
+
+        def job():
+            try:
+                staged = staged_by.host_copy.result()
+                timeline["staged"] = round(time.perf_counter() - start, 6)
+                self.last_stage_seconds = timeline["staged"]
+                self._source = staged_by.stager
+                return write(staged)
+            finally:
+                self._source = self.stager
+                staged_by.release()
+                timeline["done"] = round(time.perf_counter() - start, 6)
+
+        self._future = self._executor.submit(job)
+        return self._future
+
     def prepare(self, state_dict: dict) -> None:
         """Allocate (and pin) the reused host buffers for ``state_dict``'s layout in the background.
 
@@ -567,7 +708,7 @@ class AsyncSaver:
             if item.type == WriteItemType.BYTE_IO:
                 sources.append(("bytes", data.getvalue() if hasattr(data, "getvalue") else bytes(data)))
                 continue
-            found = self.stager.locate(data)
+            found = self._source.locate(data)
             if found is None:  # not a staged buffer (nothing cairn saves today): send it by value
                 sources.append(("tensor", data.detach().cpu().contiguous().clone()))
                 continue
@@ -578,7 +719,7 @@ class AsyncSaver:
         try:
             return self.writer_process.write(writer, plan, sources, arenas)
         except writer_process.WriterProcessError as e:
-            raise SaveError(f"rank {writer.rank}: {e}. Step {writer.step} was not committed; earlier steps in "
+            raise WriterDiedError(f"rank {writer.rank}: {e}. Step {writer.step} was not committed; earlier steps in "
                             f"{writer.folder_text} are untouched") from e
         finally:
             self.timeline["data_done"] = round(time.perf_counter() - self._start, 6)

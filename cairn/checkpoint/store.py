@@ -72,8 +72,9 @@ class CheckpointStore(Protocol):
     def delete(self, step: int, pacer=None) -> bool:
         """Make step ``step`` invisible, then remove its files; False (logged) if it could not."""
 
-    def cleanup_incomplete(self, protect=()) -> list:
-        """Remove what crashed saves and deletes left behind (one rank, holding the lease)."""
+    def cleanup_incomplete(self, protect=(), background: bool = False) -> list:
+        """Remove what crashed saves and deletes left behind (one rank, holding the lease);
+        ``background``: out of a new save's way now, deleted on a thread (``cleanup_thread``)."""
 
     def check_writable(self) -> None:
         """Raise CheckpointError naming the place if a save could not be written there."""

@@ -77,7 +77,7 @@ def test_restart_resumes_from_memory_bitwise_then_disk_when_newer(tmp_path):
     assert manager.last_load["tier"] == "memory" and manager.last_load["from_step"] == 4
     assert manager.last_load["steps_lost"] == 1 and counter.step == 4
     phases = manager.last_load["phases_s"]  # where the restore's time went, in metrics.jsonl too
-    assert set(phases) == {"agree", "check", "replicas", "state", "copy", "apply"}
+    assert set(phases) == {"inventory", "replicas", "state", "load", "agree", "copy", "apply"}
     assert sum(phases.values()) <= manager.last_load["seconds"] + 1e-3
     train(model, optimizer, counter, manager, 5)
     for key, value in model.state_dict().items():

@@ -217,7 +217,7 @@ def test_cuda_staging_is_exact_in_every_mode(monkeypatch, pin, snapshot):
     change once the gate has passed."""
     from cairn.checkpoint import staging
 
-    monkeypatch.setattr(staging, "_D2H_PIECE", 1 << 16)
+    monkeypatch.setattr(staging, "PIECE", 1 << 16)
     device = torch.device("cuda", torch.cuda.current_device())
     state = {"w": torch.randn(300, 257, device=device), "b": torch.randn(1000, device=device).to(torch.bfloat16),
              "step": torch.tensor(7.0, device=device), "mask": torch.rand(99, device=device) > 0.5,

@@ -1,0 +1,211 @@
+"""Recovery at the hardware's speed, the parts a CPU can check: a disk save writes the memory
+snapshot of its step (one host copy), a writer process that dies costs one save and not the run,
+a snapshot's reported cost is what the next step's time shows, copies are cut where the arena's
+pinned pieces end, the restore's parallel check finds a flipped byte in any chunk, and a crashed
+save's leftovers are removed off the path to the first step."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from cairn.checkpoint import CheckpointManager, OptimizerState, load
+from cairn.checkpoint import memory as memory_module
+from cairn.checkpoint import staging
+from cairn.checkpoint.faults import FAULT_ENV
+from cairn.checkpoint.local import LocalStore
+from cairn.checkpoint.memory import list_snapshots
+
+
+class Counter:
+    def __init__(self):
+        self.step = 0
+
+    def state_dict(self):
+        return {"step": self.step}
+
+    def load_state_dict(self, state):
+        self.step = state["step"]
+
+
+def build(tmp_path, **overrides):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 1))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    counter = Counter()
+    settings = dict(enable=True, interval=100, keep_latest_k=0, last_save_model_only=False, memory_interval=0,
+                    memory_dir=str(tmp_path / "shm"))
+    settings.update(overrides)
+    manager = CheckpointManager(CheckpointManager.Config(**settings), model_parts=model,
+                                states={"optimizer": OptimizerState(model, optimizer), "train_state": counter},
+                                base_folder=tmp_path)
+    return model, optimizer, counter, manager
+
+
+def step_once(model, optimizer, counter, manager, pause_s: float = 0.0):
+    counter.step += 1
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(counter.step))
+    model(x).pow(2).mean().backward()
+    manager.maybe_wait_for_staging()
+    optimizer.step()
+    optimizer.zero_grad()
+    time.sleep(pause_s)
+    return manager.save(counter.step)
+
+
+def model_state(model):
+    return {key: value.clone() for key, value in model.state_dict().items()}
+
+
+def test_a_disk_save_writes_the_memory_snapshot_of_its_step(tmp_path):
+    """With the memory tier and async saves, a disk save due at a step that is no snapshot step
+    takes a snapshot there and writes its host copy: three slots, the save's step among the
+    snapshots, and the step on disk is the state trained to that step, bit for bit."""
+    model, optimizer, counter, manager = build(tmp_path, interval=3, memory_interval=2,
+                                               async_mode="async_with_pinned_mem", when_busy="wait")
+    assert len(manager.memory.own) == 3
+    expected, reports = {}, []
+    for _ in range(7):
+        info = step_once(model, optimizer, counter, manager)
+        reports.append(info or {})
+        expected[counter.step] = model_state(model)
+        manager.memory.wait()
+    manager.close()
+    assert manager.async_saver is None
+    snapshots = {row["step"] for row in list_snapshots(tmp_path / "shm") if row["committed"]}
+    assert 6 in snapshots and snapshots <= {2, 3, 4, 6}
+    # the snapshot of a save's step is reported one step later, as taken with the save
+    memory_records = [r.get("memory", r) for r in reports if r.get("kind") == "memory" or "memory" in r]
+    assert any(r["step"] == 3 and r.get("with_save") for r in memory_records), memory_records
+    store = LocalStore(tmp_path / "checkpoint")
+    assert store.committed_steps() == [3, 6]
+    for step in (3, 6):
+        state = {key: torch.zeros_like(value) for key, value in expected[step].items()}
+        assert load(state, store, step) == step
+        for key, value in expected[step].items():
+            assert torch.equal(state[key], value), (step, key)
+
+
+def test_a_dead_writer_process_loses_one_save_and_training_goes_on(tmp_path, monkeypatch):
+    """The writer process of an async save SIGKILLed while it writes step 2: that save is lost
+    (logged, returned, counted), training goes on, and step 4's save starts a new writer."""
+    monkeypatch.setenv(FAULT_ENV, "mid_data:sleep=30")  # the first writer process is slow to write
+    model, optimizer, counter, manager = build(tmp_path, interval=2, async_mode="async_with_pinned_mem",
+                                               when_busy="wait")
+    monkeypatch.delenv(FAULT_ENV)
+    step_once(model, optimizer, counter, manager)
+    step_once(model, optimizer, counter, manager)  # step 2's save is being written
+    writer = manager.async_saver.saver.writer_process
+    deadline = time.monotonic() + 60
+    while not list((tmp_path / "checkpoint").glob(".tmp-step-2/*.distcp")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(writer.pid, signal.SIGKILL)
+    step_once(model, optimizer, counter, manager)
+    info = step_once(model, optimizer, counter, manager)  # step 4: collects step 2's loss, then saves
+    assert info["lost_saves"] == [{"step": 2, "why": info["lost_saves"][0]["why"]}]
+    assert "killed by signal 9" in info["lost_saves"][0]["why"]
+    manager.close()
+    assert manager.saves_lost[0]["step"] == 2 and len(manager.saves_lost) == 1
+    assert writer.starts == 2
+    assert LocalStore(tmp_path / "checkpoint").committed_steps() == [4]
+
+
+def test_a_snapshots_reported_cost_is_what_the_next_step_shows(tmp_path):
+    """The memory_snapshot record comes with the step after the snapshot, and its stall_s is how
+    much longer that step took than the plain steps before it."""
+    model, optimizer, counter, manager = build(tmp_path, memory_interval=4)
+    records = []
+    for _ in range(9):
+        slow = counter.step in (4, 8)  # the step after each snapshot is 0.3 s slower
+        info = step_once(model, optimizer, counter, manager, pause_s=0.35 if slow else 0.05)
+        if info:
+            records.append(info)
+        manager.memory.wait()
+    manager.close()
+    assert [r["step"] for r in records] == [4, 8]
+    for record in records:
+        assert record["kind"] == "memory" and 0.2 < record["stall_s"] < 1.0, record
+        assert record["step_time_s"] > record["typical_step_s"] + 0.2
+
+
+def test_copies_are_cut_where_the_arenas_pinned_pieces_end(monkeypatch):
+    """Every copy between device and arena lies inside one PIECE of the arena (CUDA refuses a
+    copy that spans two registrations), and the pieces cover every byte in the arena's order."""
+    monkeypatch.setattr(staging, "PIECE", 1 << 13)
+    state = {"a": torch.randn(3000), "b": torch.arange(5000, dtype=torch.int16), "c": torch.rand(7) > 0.5,
+             "d": torch.empty(0), "e": torch.randn(17, 33).to(torch.bfloat16)}
+    stager = staging.HostStager(reuse=True, pin_memory=False)
+    stager.prepare(state)
+    pieces = stager._pieces({f"{key}/": value for key, value in state.items()})
+    ends = []
+    for source, target in pieces:
+        start = target.data_ptr() - stager.arena.base_ptr
+        end = start + target.numel()
+        assert start // staging.PIECE == (end - 1) // staging.PIECE, (start, end)
+        ends.append(end)
+        target.copy_(source)
+    assert ends == sorted(ends)
+    for key, value in state.items():
+        assert torch.equal(stager._buffers[f"{key}/"], value), key
+    stager.release()
+
+
+@pytest.mark.parametrize("chunk", [0, 3, -1], ids=["first", "middle", "last"])
+def test_the_restores_parallel_check_finds_a_flipped_byte_in_any_chunk(tmp_path, monkeypatch, chunk):
+    monkeypatch.setattr(memory_module, "CHUNK", 1 << 12)
+    model, optimizer, counter, manager = build(tmp_path, memory_interval=2)
+    for _ in range(2):
+        step_once(model, optimizer, counter, manager)
+        manager.memory.wait()
+    manager.close()
+    [row] = [r for r in list_snapshots(tmp_path / "shm") if r["committed"]]
+    data = tmp_path / "shm" / "rank-0" / row["slot"] / "data.bin"
+    chunks = -(-row["bytes"] // (1 << 12))
+    assert chunks >= 5
+    index = chunk % chunks
+    where = index * (1 << 12) + min(17, row["bytes"] - index * (1 << 12) - 1)
+    with open(data, "r+b") as f:
+        f.seek(where)
+        byte = f.read(1)
+        f.seek(where)
+        f.write(bytes([byte[0] ^ 0x40]))
+    model, optimizer, counter, manager = build(tmp_path, memory_interval=2)
+    before = model_state(model)
+    assert not manager.load()  # no older snapshot, no disk step: a fresh start
+    assert counter.step == 0
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key  # nothing of the bad snapshot reached the model
+    manager.close()
+
+
+def test_a_crashed_saves_leftovers_are_removed_off_the_path_to_the_first_step(tmp_path, monkeypatch):
+    """A manager's start renames an unfinished save out of the way at once and deletes it on a
+    thread: the start does not wait for the delete, a save of the same step right away is not
+    disturbed, and the leftover is gone once the manager is closed."""
+    from cairn.checkpoint import fsio
+
+    leftover = tmp_path / "checkpoint" / ".tmp-step-2"
+    leftover.mkdir(parents=True)
+    (leftover / "__0_0.distcp").write_bytes(b"x" * 4096)
+    remove_tree, release = fsio.remove_tree, threading.Event()
+
+    def remove_tree_when_released(path):
+        assert release.wait(60)
+        return remove_tree(path)
+
+    monkeypatch.setattr(fsio, "remove_tree", remove_tree_when_released)
+    model, optimizer, counter, manager = build(tmp_path, interval=2)  # returns while the delete waits
+    assert not leftover.exists()
+    assert len(list((tmp_path / "checkpoint").glob(".trash-*"))) == 1
+    step_once(model, optimizer, counter, manager)
+    step_once(model, optimizer, counter, manager)
+    assert LocalStore(tmp_path / "checkpoint").committed_steps() == [2]
+    release.set()
+    manager.close()
+    assert not list((tmp_path / "checkpoint").glob(".trash-*"))
