@@ -26,6 +26,8 @@ else
 fi
 if [[ -n "${MAX_RESTARTS:-}" ]]; then launch+=(--max-restarts="$MAX_RESTARTS"); fi
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+# When the job was launched: each start's `startup` record in metrics.jsonl counts from it.
+export CAIRN_LAUNCH_UNIX="${CAIRN_LAUNCH_UNIX:-$(date +%s.%N)}"
 # --tee: torchrun prefixes each line with the global rank (its default is the role and the local rank).
 export TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE="${TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE:-[rank\$rank]: }"
 exec "$python" -m torch.distributed.run "${launch[@]}" -m cairn.train "${args[@]}" "$@"

@@ -64,7 +64,7 @@ _ALIGN = 4096  # each tensor starts on a page of its own in the arena
 # (benchmarks/results/h200x1_recovery_probe.json).
 PIECE = 8 << 20
 REGISTER_PIECE = 64 << 20  # bytes per cudaHostRegister call (a multiple of PIECE)
-PIN_PACE_S = 0.01  # pause between two registered pieces while training runs
+PIN_PACE_S = 0.005  # pause between two registered pieces while training runs
 
 
 @functools.lru_cache(maxsize=None)
