@@ -249,7 +249,7 @@ class MemoryTier:
         free = [i for i in range(len(self.own)) if i != newest and i not in self._holds]
         if not free:
             raise CheckpointError(f"{self.dir}: every snapshot slot of rank {self.rank} is in use")
-        return min(free, key=lambda i: steps[i])
+        return min(free, key=lambda i: (not self._ready[i].is_set(), steps[i]))
 
     def prepare(self, state_dict: dict) -> None:
         """Make every slot's buffers on a thread of its own, the next snapshot's first (the
@@ -259,8 +259,8 @@ class MemoryTier:
 
         The newest snapshot, which a restart may still need, is mapped and pinned as it is,
         never written; the others' ``COMMITTED`` are not touched until they are written."""
-        first = self._free_slot()
-        for index in [first] + [i for i in range(len(self.own)) if i != first]:
+        newest = self.newest(self.own)
+        for index in sorted(range(len(self.own)), key=lambda i: (i == newest, i != self._free_slot())):
             self._ready[index].clear()
 
             def job(index: int = index) -> None:
@@ -692,8 +692,9 @@ def load_checked(tier: MemoryTier, record: dict, data: Path, targets: list[torch
         free, total = torch.cuda.mem_get_info(on_device[0][1].device)
         if tier.device.holds(named) or snapshot_fits(needed, free, total):
             scratch = tier.device.for_leaves(named)
+    mapped = Mapped(data, want)
     try:
-        with Mapped(data, want) as view:
+        with unmapped_later(mapped) as view:
             hashes = chunk_hashes_async(view, tier.hashers)
             if scratch is not None:
                 _host_to_device(view, [(leaf["offset"], scratch[leaf["path"]]) for leaf, _ in on_device])
@@ -722,6 +723,23 @@ def load_checked(tier: MemoryTier, record: dict, data: Path, targets: list[torch
             tier.device.release()  # back to the caching allocator: the first step's activations may need it
     lap("copy")
     return []
+
+
+@contextlib.contextmanager
+def unmapped_later(mapped: Mapped):
+    """``mapped``'s view, unmapped on a thread of its own when done: tearing down the page tables
+    of a 16 GB mapping took 0.2-0.3 s of a restore on 1x H200."""
+    view = mapped.__enter__()
+    try:
+        yield view
+    finally:
+        del view
+
+        def close() -> None:
+            with contextlib.suppress(BufferError):
+                mapped.__exit__(None, None, None)
+
+        threading.Thread(target=close, name="cairn-unmap", daemon=True).start()
 
 
 def chunk_hashes_async(view: memoryview, pool: concurrent.futures.Executor) -> list[concurrent.futures.Future]:

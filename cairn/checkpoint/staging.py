@@ -135,20 +135,23 @@ class HostArena:
 
     def pin(self, device: torch.device | None, pace_s: float = 0.0) -> bool:
         """Register the arena with CUDA (page-locked, for every context), ``REGISTER_PIECE`` bytes at
-        a time, sleeping ``pace_s`` between pieces; True once every piece is registered.
+        a time, each piece's pages faulted in just before (``pretouch``), sleeping ``pace_s``
+        between pieces; True once every piece is registered.
 
-        Registering holds the driver: on an H200 a training loop's next CUDA call waited for all
-        16 GB (0.8 s) when they were registered in one call or back to back
-        (benchmarks/results/h200x1_recovery_probe.json); paced, it waits for one piece at most.
-        Pages are faulted in first (``pretouch``), outside the driver. A copy into or out of the
-        arena must lie inside one piece (CUDA refuses one that spans two): ``HostStager`` cuts
-        its copies at multiples of ``PIECE``, which divides ``REGISTER_PIECE``."""
+        Both hold something the training loop needs: faulting in gigabytes holds the process's
+        memory map (a step's own allocations wait), registering holds the driver (on an H200 a
+        training loop's next CUDA call waited for all 16 GB, 0.8 s, registered in one call or
+        back to back; benchmarks/results/h200x1_recovery_probe.json). Piece by piece, paced, a
+        step waits for one piece at most. A copy into or out of the arena must lie inside one
+        piece (CUDA refuses one that spans two): ``HostStager`` cuts its copies at multiples of
+        ``PIECE``, which divides ``REGISTER_PIECE``."""
         if self.pinned:
             return True
-        self.pretouch()
         with torch.cuda.device(device):
             for start in range(len(self._registered) * REGISTER_PIECE, self.nbytes, REGISTER_PIECE):
-                rc = _host_register(self.base_ptr + start, min(REGISTER_PIECE, self.nbytes - start))
+                length = min(REGISTER_PIECE, self.nbytes - start)
+                self.pretouch(start, length)
+                rc = _host_register(self.base_ptr + start, length)
                 if rc != 0:
                     logger.warning("cudaHostRegister of %.1f MB of staging memory failed (error %d); staging "
                                    "into pageable memory (slower)", self.nbytes / 1e6, rc)
@@ -166,20 +169,17 @@ class HostArena:
             _host_unregister(pointer)
         self._registered = []
 
-    def pretouch(self) -> None:
-        """Fault every page in now, keeping what they hold, so that neither pinning nor a save's
-        copies wait on the kernel allocating memory; four threads, each a quarter."""
-        share = -(-self.nbytes // 4 // mmap.PAGESIZE) * mmap.PAGESIZE
-
-        def touch(start: int) -> None:
-            length = min(share, self.nbytes - start)
+    def pretouch(self, start: int = 0, length: int | None = None) -> None:
+        """Fault the pages of ``[start, start + length)`` in now (default: all), keeping what they
+        hold, so that neither pinning nor a save's copies wait on the kernel allocating memory;
+        ``REGISTER_PIECE`` bytes per call, so that no call holds the memory map for long."""
+        end = self.nbytes if length is None else start + length
+        for piece in range(start, end, REGISTER_PIECE):
+            count = min(REGISTER_PIECE, end - piece)
             try:  # MADV_POPULATE_WRITE (Linux 5.14): allocates without writing; Python < 3.14 has no name for it
-                self.mmap.madvise(getattr(mmap, "MADV_POPULATE_WRITE", 23), start, length)
+                self.mmap.madvise(getattr(mmap, "MADV_POPULATE_WRITE", 23), piece, count)
             except (OSError, ValueError):
-                self._base[start:start + length].add_(0)  # writes every page, contents kept
-
-        with ThreadPoolExecutor(max_workers=4, thread_name_prefix="cairn-pretouch") as pool:
-            list(pool.map(touch, range(0, self.nbytes, share)))
+                self._base[piece:piece + count].add_(0)  # writes every page, contents kept
 
     def tensor(self, offset: int, like: torch.Tensor) -> torch.Tensor:
         """A contiguous tensor shaped like ``like`` at ``offset``, whose storage is exactly its bytes."""
