@@ -29,6 +29,7 @@ At most one save is in flight.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import dataclasses
@@ -64,14 +65,17 @@ _ALIGN = 4096  # each tensor starts on a page of its own in the arena
 # (benchmarks/results/h200x1_recovery_probe.json).
 PIECE = 8 << 20
 REGISTER_PIECE = 64 << 20  # bytes per cudaHostRegister call (a multiple of PIECE)
-PIN_PACE_S = 0.005  # pause between two registered pieces while training runs
+PIN_PACE_S = 0.005  # pause between two registered (or faulted-in) pieces while training runs
+RING = 8  # pinned pieces a drain into pageable memory cycles through
+COPIERS = 6  # threads copying them on into the arena (8 MiB at ~8 GB/s each: six keep up with 47 GB/s)
 
 
 @functools.lru_cache(maxsize=None)
-def _cudart_host_register():
-    """(cudaHostRegister, cudaHostUnregister) of the CUDA runtime torch loaded, called through
-    ctypes, which lets go of the GIL while the driver pins gigabytes (torch's binding holds
-    it); None where no shared libcudart is loaded."""
+def _cudart():
+    """The CUDA runtime torch loaded, called through ctypes, which lets go of the GIL for the
+    length of each call (torch's bindings hold it while they dispatch): pinning gigabytes, and
+    the thousands of piece-sized copies of a drain, run beside the training thread's Python.
+    None where no shared libcudart is loaded."""
     try:
         with open("/proc/self/maps") as maps:
             paths = sorted({line.split()[-1] for line in maps if "libcudart.so" in line})
@@ -80,27 +84,48 @@ def _cudart_host_register():
     for path in paths:
         try:
             lib = ctypes.CDLL(path)
-            register, unregister = lib.cudaHostRegister, lib.cudaHostUnregister
+            calls = (lib.cudaHostRegister, lib.cudaHostUnregister, lib.cudaMemcpyAsync, lib.cudaStreamSynchronize)
         except (OSError, AttributeError):
             continue
-        register.argtypes, register.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint], ctypes.c_int
-        unregister.argtypes, unregister.restype = [ctypes.c_void_p], ctypes.c_int
-        return register, unregister
+        pointer = ctypes.c_void_p
+        for call, args in zip(calls, ([pointer, ctypes.c_size_t, ctypes.c_uint], [pointer],
+                                      [pointer, pointer, ctypes.c_size_t, ctypes.c_int, pointer], [pointer])):
+            call.argtypes, call.restype = args, ctypes.c_int
+        return lib
     return None
 
 
 def _host_register(ptr: int, nbytes: int) -> int:
     # Portable: page-locked for every CUDA context, as DCP registers its shared buffers.
-    calls = _cudart_host_register()
-    return calls[0](ptr, nbytes, 1) if calls else int(torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 1))
+    lib = _cudart()
+    return lib.cudaHostRegister(ptr, nbytes, 1) if lib else int(torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 1))
 
 
 def _host_unregister(ptr: int) -> None:
-    calls = _cudart_host_register()
-    if calls:
-        calls[1](ptr)
+    lib = _cudart()
+    if lib:
+        lib.cudaHostUnregister(ptr)
     else:
         torch.cuda.cudart().cudaHostUnregister(ptr)
+
+
+_MEMCPY_DEFAULT = 4  # cudaMemcpyDefault: the direction from the pointers (unified addressing)
+
+
+def _copy_now(target: torch.Tensor, source: torch.Tensor, stream: torch.cuda.Stream | None) -> None:
+    """Copy ``source``'s bytes into ``target`` on ``stream`` (after what is queued there) and wait
+    for it, without the GIL where the CUDA runtime can be called directly."""
+    lib = _cudart() if stream is not None and (source.is_cuda or target.is_cuda) else None
+    if lib is None:
+        target.copy_(source, non_blocking=stream is not None)
+        if stream is not None:
+            stream.synchronize()
+        return
+    handle = ctypes.c_void_p(stream.cuda_stream)
+    rc = lib.cudaMemcpyAsync(target.data_ptr(), source.data_ptr(), target.numel(), _MEMCPY_DEFAULT, handle)
+    rc = rc or lib.cudaStreamSynchronize(handle)
+    if rc:
+        raise RuntimeError(f"CUDA error {rc} copying {target.numel()} bytes to host memory")
 
 
 class HostArena:
@@ -169,10 +194,11 @@ class HostArena:
             _host_unregister(pointer)
         self._registered = []
 
-    def pretouch(self, start: int = 0, length: int | None = None) -> None:
+    def pretouch(self, start: int = 0, length: int | None = None, pace_s: float = 0.0) -> None:
         """Fault the pages of ``[start, start + length)`` in now (default: all), keeping what they
         hold, so that neither pinning nor a save's copies wait on the kernel allocating memory;
-        ``REGISTER_PIECE`` bytes per call, so that no call holds the memory map for long."""
+        ``REGISTER_PIECE`` bytes per call (no call holds the memory map for long), ``pace_s``
+        between calls."""
         end = self.nbytes if length is None else start + length
         for piece in range(start, end, REGISTER_PIECE):
             count = min(REGISTER_PIECE, end - piece)
@@ -180,6 +206,8 @@ class HostArena:
                 self.mmap.madvise(getattr(mmap, "MADV_POPULATE_WRITE", 23), piece, count)
             except (OSError, ValueError):
                 self._base[piece:piece + count].add_(0)  # writes every page, contents kept
+            if pace_s:
+                time.sleep(pace_s)
 
     def tensor(self, offset: int, like: torch.Tensor) -> torch.Tensor:
         """A contiguous tensor shaped like ``like`` at ``offset``, whose storage is exactly its bytes."""
@@ -274,7 +302,8 @@ class HostStager:
         self._buffers: dict[str, torch.Tensor] = {}  # path -> host buffer (a view into the arena)
         self._device = device_buffers if device_buffers is not None else DeviceBuffers()
         self._device_buffers: dict[str, torch.Tensor] = {}
-        self._bounce: list[torch.Tensor] | None = None  # pinned pieces for pageable buffers (see _copy_through_bounce)
+        self._ring: list[torch.Tensor] | None = None  # pinned pieces for pageable arenas (see _copy_through_ring)
+        self._copiers: ThreadPoolExecutor | None = None
         self.arena: HostArena | None = None
         self.on_release: Callable[[HostArena], None] | None = None  # before an arena is closed
         self.allocated_bytes = 0
@@ -338,7 +367,7 @@ class HostStager:
         if self.pin_memory:
             self.arena.pin(device, pace_s=PIN_PACE_S if pace else 0.0)
         elif self.reuse:
-            self.arena.pretouch()
+            self.arena.pretouch(pace_s=PIN_PACE_S if pace else 0.0)
         self.allocations += 1
         self.allocated_bytes += self.arena.nbytes
         self._buffers = {path: self.arena.tensor(offset, local) for (path, local), offset in zip(leaves, offsets)}
@@ -357,7 +386,10 @@ class HostStager:
 
     def release(self) -> None:
         """Give the buffers back (the next save makes new ones)."""
-        self._buffers, self._device_buffers, self._layout, self._bounce = {}, {}, None, None
+        self._buffers, self._device_buffers, self._layout, self._ring = {}, {}, None, None
+        if self._copiers is not None:
+            self._copiers.shutdown(wait=True)
+            self._copiers = None
         if self.arena is not None:
             if self.on_release is not None:
                 self.on_release(self.arena)
@@ -412,7 +444,7 @@ class HostStager:
             pieces = self._pieces({path: local for path, local in leaves})
             if not self.arena.pinned and any(local.is_cuda for _, local in leaves):
                 # pageable buffers: through pinned pieces, before the state may change (no gate left)
-                self._copy_through_bounce(pieces)
+                self._copy_through_ring(pieces)
                 return staged, None, self._all_done
             for source, target in pieces:
                 target.copy_(source, non_blocking=source.is_cuda)
@@ -450,44 +482,45 @@ class HostStager:
     def _end_offset(self, target: torch.Tensor) -> int:
         return target.data_ptr() + target.numel() - self.arena.base_ptr
 
-    def _copy_through_bounce(self, pieces: list[tuple[torch.Tensor, torch.Tensor]],
-                             progress: Callable[[int], None] | None = None) -> None:
-        """Device to pageable host memory through two reused pinned buffers of ``PIECE`` bytes.
+    def _copy_through_ring(self, pieces: list[tuple[torch.Tensor, torch.Tensor]],
+                           progress: Callable[[int], None] | None = None) -> None:
+        """Copy ``pieces`` into a pageable arena through ``RING`` reused pinned buffers of ``PIECE``
+        bytes: one piece at a time to a pinned buffer (on the side stream), then on to the arena
+        by one of ``COPIERS`` threads while the next piece crosses; ``progress`` in the arena's order.
 
         A device-to-host copy into pageable memory is done by the driver synchronously, through
         its own staging, and holds the driver while it runs: the training thread's kernel
         launches wait behind it (the 1B run of benchmarks/RESULTS.md, session 8: the step after
-        each ``async`` save took 1.5 s instead of 0.23 s). Into pinned memory the copy is
-        asynchronous on the side stream, one piece at a time; the copy on to the pageable buffer
-        is a host memcpy on another thread (no GIL, no driver) while the next piece crosses.
+        each ``async`` save took 1.5 s instead of 0.23 s). So is pinning memory, which is why the
+        memory tier's slots are not pinned (its snapshots drain this way; RESULTS.md, session 10).
         """
-        if self._bounce is None:
-            self._bounce = [torch.empty(PIECE, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
-        copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cairn-bounce")
-        pending: list[Future | None] = [None, None]
-        try:
-            with self._on_stream():
-                for index, (source, target) in enumerate(pieces):
-                    bounce = self._bounce[index % 2]
-                    if pending[index % 2] is not None:
-                        pending[index % 2].result()  # its bytes have reached the arena
-                    count = source.numel()
-                    bounce[:count].copy_(source, non_blocking=True)
-                    event = torch.cuda.Event()
-                    event.record(self._stream)
-                    event.synchronize()
+        if self._ring is None:
+            self._ring = [torch.empty(PIECE, dtype=torch.uint8, pin_memory=self._stream is not None)
+                          for _ in range(RING)]
+        if self._copiers is None:
+            self._copiers = ThreadPoolExecutor(max_workers=COPIERS, thread_name_prefix="cairn-copy")
+        free = collections.deque(range(len(self._ring)))
+        pending: collections.deque = collections.deque()  # (future, ring index, arena offset done), in order
 
-                    def land(bounce=bounce, target=target, count=count) -> None:
-                        target.copy_(bounce[:count])
-                        if progress is not None:
-                            progress(self._end_offset(target))
+        def finish_oldest() -> None:
+            future, index, end = pending.popleft()
+            future.result()
+            free.append(index)
+            if progress is not None:
+                progress(end)
 
-                    pending[index % 2] = copier.submit(land)
-                for future in pending:
-                    if future is not None:
-                        future.result()
-        finally:
-            copier.shutdown(wait=True)
+        with self._on_stream():
+            for source, target in pieces:
+                while pending and (not free or pending[0][0].done()):
+                    finish_oldest()
+                index = free.popleft()
+                count = target.numel()
+                bounce = self._ring[index][:count]
+                _copy_now(bounce, source, self._stream)
+                future = self._copiers.submit(ctypes.memmove, target.data_ptr(), bounce.data_ptr(), count)
+                pending.append((future, index, self._end_offset(target)))
+            while pending:
+                finish_oldest()
 
     def _drain_snapshot(self, progress: Callable[[int], None] | None = None) -> None:
         """Copy the device snapshot to host, ``PIECE`` bytes at a time, one piece in flight.
@@ -498,15 +531,12 @@ class HostStager:
         time, such a copy waits for one piece at most (see ``PIECE``)."""
         pieces = self._pieces(self._device_buffers)
         if not self.arena.pinned:
-            self._copy_through_bounce(pieces, progress)
+            self._copy_through_ring(pieces, progress)
             self._all_done(progress)
             return
         with self._on_stream():
-            event = torch.cuda.Event()
             for source, target in pieces:
-                target.copy_(source, non_blocking=True)
-                event.record(self._stream)
-                event.synchronize()
+                _copy_now(target, source, self._stream)
                 if progress is not None:
                     progress(self._end_offset(target))
         self._all_done(progress)

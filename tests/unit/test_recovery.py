@@ -136,7 +136,8 @@ def test_a_snapshots_reported_cost_is_what_the_next_step_shows(tmp_path):
 
 def test_copies_are_cut_where_the_arenas_pinned_pieces_end(monkeypatch):
     """Every copy between device and arena lies inside one PIECE of the arena (CUDA refuses a
-    copy that spans two registrations), and the pieces cover every byte in the arena's order."""
+    copy that spans two registrations), the pieces cover every byte in the arena's order, and
+    the ring of pinned buffers lands them all."""
     monkeypatch.setattr(staging, "PIECE", 1 << 13)
     state = {"a": torch.randn(3000), "b": torch.arange(5000, dtype=torch.int16), "c": torch.rand(7) > 0.5,
              "d": torch.empty(0), "e": torch.randn(17, 33).to(torch.bfloat16)}
@@ -152,6 +153,14 @@ def test_copies_are_cut_where_the_arenas_pinned_pieces_end(monkeypatch):
         target.copy_(source)
     assert ends == sorted(ends)
     for key, value in state.items():
+        assert torch.equal(stager._buffers[f"{key}/"], value), key
+    # the same pieces through the ring of pinned buffers and its copier threads (a pageable
+    # arena's drain): every byte lands, and progress is reported in the arena's order
+    changed = {key: (value + 1 if value.dtype != torch.bool else ~value) for key, value in state.items()}
+    done = []
+    stager._copy_through_ring(stager._pieces({f"{key}/": value for key, value in changed.items()}), done.append)
+    assert done == sorted(done) and done[-1] == ends[-1] and len(done) == len(pieces)
+    for key, value in changed.items():
         assert torch.equal(stager._buffers[f"{key}/"], value), key
     stager.release()
 
