@@ -202,12 +202,12 @@ class MemoryTier:
         self.held = [Slot(self.dir / f"replica-of-{self.peer_from}" / f"slot-{i}") for i in range(SLOTS)]
         for slot in self.own + (self.held if self.replicas else []):
             slot.folder.mkdir(parents=True, exist_ok=True)
-        # Into the slot's file, through one device snapshot that the slots share (one snapshot is in
-        # flight at a time) where the device has room for it, then through reused pinned pieces:
-        # the slots themselves are not pinned (pinning holds the driver, and every step with it;
-        # benchmarks/RESULTS.md, session 10).
+        # Straight into the slot's file (pinned), through one device snapshot that the slots share
+        # (one snapshot is in flight at a time) where the device has room for it. Unpinned slots
+        # drained through pinned pieces and copier threads cost far more (benchmarks/RESULTS.md,
+        # session 10: the host copies slowed every step).
         self.device = DeviceBuffers()
-        self._stagers = [HostStager(reuse=True, pin_memory=False, device_snapshot=device_snapshot,
+        self._stagers = [HostStager(reuse=True, pin_memory=True, device_snapshot=device_snapshot,
                                     arena_path=str(slot.folder / DATA), device_buffers=self.device)
                          for slot in self.own]
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="cairn-memory")

@@ -66,8 +66,11 @@ _ALIGN = 4096  # each tensor starts on a page of its own in the arena
 PIECE = 8 << 20
 REGISTER_PIECE = 64 << 20  # bytes per cudaHostRegister call (a multiple of PIECE)
 PIN_PACE_S = 0.005  # pause between two registered (or faulted-in) pieces while training runs
-RING = 8  # pinned pieces a drain into pageable memory cycles through
-COPIERS = 6  # threads copying them on into the arena (8 MiB at ~8 GB/s each: six keep up with 47 GB/s)
+# A drain into pageable memory (``async`` mode): pinned pieces it cycles through, and threads
+# copying them on into the arena. One copier: six, which keep up with the device, slowed every
+# training step on 1x H200 by their memory traffic (benchmarks/RESULTS.md, session 10).
+RING = 3
+COPIERS = 1
 
 
 @functools.lru_cache(maxsize=None)
@@ -491,8 +494,7 @@ class HostStager:
         A device-to-host copy into pageable memory is done by the driver synchronously, through
         its own staging, and holds the driver while it runs: the training thread's kernel
         launches wait behind it (the 1B run of benchmarks/RESULTS.md, session 8: the step after
-        each ``async`` save took 1.5 s instead of 0.23 s). So is pinning memory, which is why the
-        memory tier's slots are not pinned (its snapshots drain this way; RESULTS.md, session 10).
+        each ``async`` save took 1.5 s instead of 0.23 s).
         """
         if self._ring is None:
             self._ring = [torch.empty(PIECE, dtype=torch.uint8, pin_memory=self._stream is not None)
