@@ -53,7 +53,8 @@ from cairn.checkpoint.errors import CheckpointError, CorruptCheckpointError
 from cairn.checkpoint.hf import load_hf, save_hf
 from cairn.checkpoint.layout import FULL, HF, MODEL_ONLY, SEED, dtype_named
 from cairn.checkpoint.lease import FolderLease
-from cairn.checkpoint.memory import MemoryTier, default_dir, restore
+from cairn.checkpoint.memory import MemoryTier, restore
+from cairn.checkpoint.memory_slots import default_dir
 from cairn.checkpoint.mirror import UploadWorker
 from cairn.checkpoint.retention import RetentionWorker
 from cairn.checkpoint.state import MODEL, ModelState, PerRankState, state_bytes

@@ -5,13 +5,7 @@ outlives the training process (``/dev/shm``), and a replica of it on another nod
     --checkpoint.memory_replicas 1    also keep a copy on the next node's host (same local rank)
     --checkpoint.memory_dir DIR       where (default /dev/shm/cairn-<hash of the checkpoint folder>)
 
-Per node, under ``memory_dir``::
-
-    rank-<r>/slot-<0|1>/data.bin        rank r's tensors, each at a 4 KiB-aligned offset
-    rank-<r>/slot-<i>/state.pt          the rest of its state (plain values; weights-only loadable)
-    rank-<r>/slot-<i>/COMMITTED         JSON: step, layout, leaves, xxh3-128 of each 64 MiB chunk
-    replica-of-<r>/slot-<i>/...         the same, received from rank r on another node
-    progress-<r>                        the last step rank r trained (for "steps lost")
+The files, per node under ``memory_dir``, are ``memory_slots.py``'s.
 
 A snapshot is staged into the slot that does not hold the newest snapshot, by the same
 background staging as ``async_with_pinned_mem`` (a side stream straight into the slot's
@@ -36,8 +30,6 @@ replica's transfer on a background thread.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
-import hashlib
 import io
 import json
 import logging
@@ -53,26 +45,16 @@ import torch
 import torch.distributed as dist
 import xxhash
 
-from cairn.checkpoint.errors import CheckpointError
 from cairn.checkpoint.faults import fault_point
-from cairn.checkpoint.fsio import read_regular, write_file_durably
+from cairn.checkpoint.memory_slots import (Mapped, Slot, chunk_hashes, make_slots, own_slots, progress_path,
+                                           read_progress, replica_slots, write_progress)
 from cairn.checkpoint.staging import HostStager
 from cairn.checkpoint.state import local_tensor, tensor_leaves
 
 logger = logging.getLogger("cairn")
 
-SLOTS = 2
-CHUNK = 64 << 20  # bytes per checksum
-COMMITTED, DATA, STATE = "COMMITTED", "data.bin", "state.pt"
 LEAF = "__cairn_memory_leaf__"  # what stands for a tensor in state.pt
 TRANSFER_PIECE = 32 << 20  # bytes per message of a replica's transfer
-
-
-def default_dir(folder_url: str) -> Path:
-    """Where a run keeps its snapshots unless told: /dev/shm (tmpfs: outlives the process,
-    not the host) under a name derived from the checkpoint folder."""
-    base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(os.environ.get("TMPDIR", "/tmp"))
-    return base / f"cairn-{hashlib.sha1(folder_url.encode()).hexdigest()[:12]}"
 
 
 def skeleton(obj: Any) -> Any:
@@ -105,76 +87,6 @@ def fill(template: Any, plain: Any, where: str = "") -> Any:
     return plain
 
 
-def chunk_hashes(view: memoryview, pool: concurrent.futures.Executor) -> list[str]:
-    """xxh3-128 of each ``CHUNK`` bytes of ``view``, hashed in parallel (xxhash releases the GIL)."""
-    return list(pool.map(lambda start: xxhash.xxh3_128(view[start:start + CHUNK]).hexdigest(),
-                         range(0, len(view), CHUNK)))
-
-
-class Mapped:
-    """A map of a file's first ``size`` bytes to read (an empty view for 0)."""
-
-    def __init__(self, path: Path, size: int):
-        self.path, self.size = path, size
-        self._file = self._map = None
-
-    def __enter__(self) -> memoryview:
-        if not self.size:
-            return memoryview(b"")
-        self._file = open(self.path, "rb")
-        # copy-on-write: writable for torch.frombuffer, never written
-        self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_COPY)
-        self._view = memoryview(self._map)[:self.size]
-        return self._view
-
-    def __exit__(self, *exc) -> None:
-        if self._map is not None:
-            self._view.release()
-            self._map.close()
-            self._file.close()
-
-
-class Slot:
-    """One snapshot's place on this node: ``data.bin``, ``state.pt`` and ``COMMITTED``."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-
-    def record(self) -> dict | None:
-        try:
-            record = json.loads(read_regular(self.folder / COMMITTED, limit=64 << 20))
-        except (OSError, ValueError, CheckpointError):
-            return None
-        return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
-
-    def invalidate(self) -> None:
-        (self.folder / COMMITTED).unlink(missing_ok=True)
-
-    def commit(self, record: dict) -> None:
-        write_file_durably(self.folder / COMMITTED, json.dumps(record).encode())
-
-    def problems(self, record: dict, pool: concurrent.futures.Executor) -> list[str]:
-        """What does not match the record: sizes, the checksum of state.pt and of each chunk of data.bin."""
-        data = self.folder / DATA
-        try:
-            size = data.stat().st_size
-            state = (self.folder / STATE).read_bytes()
-            want, chunks, state_hash = int(record["data_bytes"]), list(record["chunks"]), record["state_xxh3"]
-        except (OSError, KeyError, TypeError, ValueError) as e:
-            return [f"{self.folder}: {e}"]
-        if size < want:
-            return [f"{data}: {size} bytes, the snapshot recorded {want}"]
-        problems = []
-        if xxhash.xxh3_128(state).hexdigest() != state_hash:
-            problems.append(f"{self.folder / STATE}: checksum mismatch")
-        with Mapped(data, want) as view:
-            hashes = chunk_hashes(view, pool)
-        bad = [i for i, (a, b) in enumerate(zip(hashes, chunks)) if a != b]
-        if bad or len(hashes) != len(chunks):
-            problems.append(f"{data}: checksum mismatch in {CHUNK >> 20} MiB chunk(s) {bad or 'count'}")
-        return problems
-
-
 class MemoryTier:
     """Snapshots of this rank's state on this node (and a replica of them on the next node).
 
@@ -196,13 +108,12 @@ class MemoryTier:
         self.peer_to = (rank + self.local_world) % world_size  # the rank whose host keeps my replica
         self.peer_from = (rank - self.local_world) % world_size  # the rank whose replica I keep
         self.group = group
-        self.own = [Slot(self.dir / f"rank-{rank}" / f"slot-{i}") for i in range(SLOTS)]
-        self.held = [Slot(self.dir / f"replica-of-{self.peer_from}" / f"slot-{i}") for i in range(SLOTS)]
-        for slot in self.own + (self.held if self.replicas else []):
-            slot.folder.mkdir(parents=True, exist_ok=True)
+        self.own = own_slots(self.dir, rank)
+        self.held = replica_slots(self.dir, self.peer_from)
+        make_slots(self.own + (self.held if self.replicas else []))
         # Straight into the slot's file (no device snapshot: two slots would keep two of them).
         self._stagers = [HostStager(reuse=True, pin_memory=True, device_snapshot="off",
-                                    arena_path=str(slot.folder / DATA)) for slot in self.own]
+                                    arena_path=str(slot.data)) for slot in self.own]
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="cairn-memory")
         self.hashers = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="cairn-memory-hash")
         self._future: concurrent.futures.Future | None = None
@@ -211,7 +122,7 @@ class MemoryTier:
         self._gate = None
         self.taken: list[int] = []  # steps committed on this rank (and replicated)
         self.last_seconds: dict[str, float] = {}  # the last snapshot's phases, seconds after it began
-        self._progress = self.dir / f"progress-{rank}"
+        self._progress = progress_path(self.dir, rank)
 
     # --- taking snapshots ----------------------------------------------------------------------
 
@@ -287,7 +198,7 @@ class MemoryTier:
         buffer = io.BytesIO()
         torch.save(plain, buffer)
         state = buffer.getvalue()
-        write_file_durably(slot.folder / STATE, state)
+        slot.write_state(state)
         leaves = stager.buffer_layout()
         data_bytes = max([leaf["offset"] + leaf["nbytes"] for leaf in leaves if leaf["offset"] is not None],
                          default=0)
@@ -309,7 +220,7 @@ class MemoryTier:
         newest = self.newest(self.held)
         target = self.held[1 - newest if newest is not None else 0]
         meta = json.dumps(record).encode() if record else b""
-        state = (slot.folder / STATE).read_bytes() if record else b""
+        state = slot.read_state() if record else b""
         data_bytes = record["data_bytes"] if record else 0
         incoming = torch.zeros(3, dtype=torch.int64)
         self._sendrecv(torch.tensor([len(meta), len(state), data_bytes], dtype=torch.int64), incoming)
@@ -320,12 +231,12 @@ class MemoryTier:
         their_state = torch.empty(their_state_bytes, dtype=torch.uint8)
         self._sendrecv(as_bytes(meta), their_meta)
         self._sendrecv(as_bytes(state), their_state)
-        mode = "r+b" if (target.folder / DATA).exists() else "w+b"
-        with Mapped(slot.folder / DATA if record else Path(os.devnull), data_bytes) as mine, \
-                open(target.folder / DATA, mode) as f_in:
+        mode = "r+b" if target.data.exists() else "w+b"
+        with Mapped(slot.data if record else Path(os.devnull), data_bytes) as mine, \
+                open(target.data, mode) as f_in:
             into = None
             if theirs:
-                f_in.truncate(max(theirs, (target.folder / DATA).stat().st_size))
+                f_in.truncate(max(theirs, target.data.stat().st_size))
                 into = mmap.mmap(f_in.fileno(), theirs)
             try:
                 for start in range(0, max(data_bytes, theirs), TRANSFER_PIECE):
@@ -343,7 +254,7 @@ class MemoryTier:
                 if into is not None:
                     into.close()
         if their_meta_bytes:
-            (target.folder / STATE).write_bytes(their_state.numpy().tobytes())
+            target.write_state(their_state.numpy().tobytes())
             target.commit(json.loads(their_meta.numpy().tobytes()))
 
     def _sendrecv(self, out: torch.Tensor, into: torch.Tensor) -> None:
@@ -374,18 +285,15 @@ class MemoryTier:
             logger.warning("memory snapshot failed (%s: %s); the previous one stands", type(e).__name__, e)
 
     def record_progress(self, step: int) -> None:
-        """The last step this rank trained (8 bytes, rewritten): what a restart counts steps lost from."""
-        try:
-            self._progress.write_bytes(step.to_bytes(8, "little"))
-        except OSError:
-            pass
+        """The last step this rank trained: what a restart counts steps lost from."""
+        write_progress(self._progress, step)
 
     def room_problem(self, nbytes: int) -> str | None:
         """Why this node's folder cannot hold the slots of ``nbytes`` per rank (None: it can).
         The node's ranks share it; pages of a tmpfs are taken when written, so a full one would
         fail a snapshot mid-copy: better said now."""
         slots = [*self.own, *(self.held if self.replicas else [])]
-        have = sum((slot.folder / DATA).stat().st_size for slot in slots if (slot.folder / DATA).exists())
+        have = sum(slot.data.stat().st_size for slot in slots if slot.data.exists())
         try:
             info = os.statvfs(self.dir)
         except OSError as e:
@@ -409,10 +317,7 @@ class MemoryTier:
                     out[record["step"]] = index
             return out
 
-        try:
-            progress = int.from_bytes(self._progress.read_bytes()[:8], "little")
-        except OSError:
-            progress = None
+        progress = read_progress(self._progress)
         return {"rank": self.rank, "own": steps(self.own), "held_for": self.peer_from,
                 "held": steps(self.held) if self.replicas else {}, "progress": progress}
 
@@ -431,35 +336,6 @@ class MemoryTier:
                 self.dir.rmdir()  # the node's last rank removes the folder
             except OSError:
                 pass
-
-
-def list_snapshots(directory: str | os.PathLike, checksums: bool = False) -> list[dict]:
-    """Every slot of a node's memory folder, newest step first: whose, which step, committed or
-    not, bytes, layout, time (and with ``checksums`` whether every chunk matches)."""
-    base = Path(directory)
-    rows = []
-    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
-        for holder in sorted([*base.glob("rank-*"), *base.glob("replica-of-*")]):
-            for folder in sorted(holder.glob("slot-*")):
-                slot, data = Slot(folder), folder / DATA
-                record = slot.record()
-                row = {"holder": holder.name, "slot": folder.name, "path": str(folder),
-                       "step": record["step"] if record else None, "committed": record is not None,
-                       "bytes": record.get("data_bytes") if record else (data.stat().st_size if data.exists() else 0),
-                       "layout": record.get("layout") if record else None,
-                       "created_unix": record.get("created_unix") if record else None}
-                if checksums and record:
-                    row["problems"] = slot.problems(record, pool)
-                rows.append(row)
-    progress = {}
-    for path in base.glob("progress-*"):
-        with contextlib.suppress(OSError, ValueError):
-            progress[int(path.name.removeprefix("progress-"))] = int.from_bytes(path.read_bytes()[:8], "little")
-    for row in rows:
-        owner = int(row["holder"].rpartition("-")[2]) if row["holder"].rpartition("-")[2].isdigit() else None
-        row["rank"] = owner
-        row["trained_to"] = progress.get(owner) if row["holder"].startswith("rank-") else None
-    return sorted(rows, key=lambda r: (r["step"] is None, -(r["step"] or 0), r["holder"]))
 
 
 def as_bytes(data: bytes) -> torch.Tensor:
@@ -537,7 +413,7 @@ def _restore_step(tier: MemoryTier, step: int, plan: dict, template_of, apply, g
         record = slot.record()
         problems = slot.problems(record, tier.hashers) if record else [f"{slot.folder}: no record"]
         if not problems:
-            data, state = slot.folder / DATA, (slot.folder / STATE).read_bytes()
+            data, state = slot.data, slot.read_state()
     lap("check")
     received = _send_replicas(tier, step, plan, group)
     if how[0] == "replica":
@@ -604,13 +480,13 @@ def _send_replicas(tier: MemoryTier, step: int, plan: dict, group) -> tuple:
             slot = tier.held[index]
             record = slot.record()
             problems = slot.problems(record, tier.hashers) if record else [f"{slot.folder}: no record"]
-            state = (slot.folder / STATE).read_bytes() if not problems else b""
+            state = slot.read_state() if not problems else b""
             for payload in (json.dumps({"record": record, "problems": problems}).encode(), state):
                 dist.send(torch.tensor([len(payload)], dtype=torch.int64), dst=owner, group=group)
                 if payload:
                     dist.send(as_bytes(payload), dst=owner, group=group)
             if not problems:
-                with Mapped(slot.folder / DATA, record["data_bytes"]) as view:
+                with Mapped(slot.data, record["data_bytes"]) as view:
                     for start in range(0, len(view), TRANSFER_PIECE):
                         piece = torch.frombuffer(view, dtype=torch.uint8, offset=start,
                                                  count=min(TRANSFER_PIECE, len(view) - start))

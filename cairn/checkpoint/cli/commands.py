@@ -57,7 +57,7 @@ from cairn.checkpoint.layout import (
     trash_step,
 )
 from cairn.checkpoint.local import LocalStore
-from cairn.checkpoint.memory import list_snapshots
+from cairn.checkpoint.memory_slots import list_snapshots
 from cairn.checkpoint.store import is_object_uri, local_folder, open_step, open_store, upload_local
 from cairn.checkpoint.readers import (
     GROUPS,
