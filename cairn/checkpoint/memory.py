@@ -46,8 +46,10 @@ import torch.distributed as dist
 import xxhash
 
 from cairn.checkpoint.faults import fault_point
-from cairn.checkpoint.memory_slots import (Mapped, Slot, chunk_hashes, make_slots, own_slots, progress_path,
-                                           read_progress, replica_slots, write_progress)
+from cairn.checkpoint.memory_slots import (RUN, Mapped, Slot, UnusableSnapshotError, check_record, chunk_hashes,
+                                           foreign, landing_file, make_slots, open_private_dir, own_slots,
+                                           progress_path, read_progress, read_run, replica_slots, write_progress,
+                                           write_run)
 from cairn.checkpoint.staging import HostStager
 from cairn.checkpoint.state import local_tensor, tensor_leaves
 
@@ -90,14 +92,15 @@ def fill(template: Any, plain: Any, where: str = "") -> Any:
 class MemoryTier:
     """Snapshots of this rank's state on this node (and a replica of them on the next node).
 
-    ``group``: a gloo group of every rank that only the snapshots' background thread uses
-    (the replicas travel over it); ``None`` on one process.
+    ``run``: whose snapshots this rank takes and restores (``memory_slots.run_identity`` and the
+    run id ``id``). ``group``: a gloo group of every rank that only the snapshots' background
+    thread uses (the replicas travel over it); ``None`` on one process.
     """
 
-    def __init__(self, directory: str | os.PathLike, *, rank: int, world_size: int, layout: dict,
+    def __init__(self, directory: str | os.PathLike, *, rank: int, world_size: int, layout: dict, run: dict,
                  replicas: int = 0, group=None):
-        self.dir = Path(directory)
-        self.rank, self.world_size, self.layout = rank, world_size, dict(layout)
+        self.dir = open_private_dir(directory)
+        self.rank, self.world_size, self.layout, self.run = rank, world_size, dict(layout), dict(run)
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size) or world_size)
         self.local_world = local_world if 0 < local_world <= world_size and world_size % local_world == 0 \
             else world_size
@@ -111,6 +114,9 @@ class MemoryTier:
         self.own = own_slots(self.dir, rank)
         self.held = replica_slots(self.dir, self.peer_from)
         make_slots(self.own + (self.held if self.replicas else []))
+        if rank % self.local_world == 0 and read_run(self.dir) != self.run:  # one writer per node
+            write_run(self.dir, self.run)
+        self._started = False  # the first step of this process is not yet recorded (see record_progress)
         # Straight into the slot's file (no device snapshot: two slots would keep two of them).
         self._stagers = [HostStager(reuse=True, pin_memory=True, device_snapshot="off",
                                     arena_path=str(slot.data)) for slot in self.own]
@@ -130,11 +136,19 @@ class MemoryTier:
     def in_flight(self) -> bool:
         return self._future is not None and not self._future.done()
 
-    @staticmethod
-    def newest(slots: list[Slot]) -> int | None:
-        steps = [(slot.record() or {}).get("step", -1) for slot in slots]
+    def newest(self, slots: list[Slot]) -> int | None:
+        """The index of the slot of ``slots`` (mine or those I keep) holding this run's newest snapshot."""
+        steps = [(self.record_of(slot) or {}).get("step", -1) for slot in slots]
         best = max(range(len(slots)), key=lambda i: steps[i])
         return best if steps[best] >= 0 else None
+
+    def record_of(self, slot: Slot) -> dict | None:
+        """The slot's record when it holds a snapshot of this run's (its rank's, on this layout)."""
+        record = slot.record()
+        owner = self.rank if slot in self.own else self.peer_from
+        if record is None or foreign(record, self.run, rank=owner, world_size=self.world_size, layout=self.layout):
+            return None
+        return record
 
     def prepare(self, state_dict: dict) -> None:
         """Make the buffers of the slot the next snapshot goes to, in the background (the first
@@ -200,16 +214,16 @@ class MemoryTier:
         state = buffer.getvalue()
         slot.write_state(state)
         leaves = stager.buffer_layout()
-        data_bytes = max([leaf["offset"] + leaf["nbytes"] for leaf in leaves if leaf["offset"] is not None],
-                         default=0)
+        data_bytes = max([leaf["offset"] + leaf["nbytes"] for leaf in leaves if leaf["nbytes"]], default=0)
         view = memoryview(stager.arena.mmap)[:data_bytes] if data_bytes else memoryview(b"")
         try:
             chunks = chunk_hashes(view, self.hashers)
         finally:
             view.release()
         record = {"step": step, "rank": self.rank, "world_size": self.world_size, "layout": self.layout,
-                  "leaves": leaves, "data_bytes": data_bytes, "chunks": chunks,
-                  "state_xxh3": xxhash.xxh3_128(state).hexdigest(), "created_unix": round(time.time(), 3)}
+                  "run": self.run, "leaves": leaves, "data_bytes": data_bytes, "chunks": chunks,
+                  "state_bytes": len(state), "state_xxh3": xxhash.xxh3_128(state).hexdigest(),
+                  "created_unix": round(time.time(), 3)}
         slot.commit(record)
         return record
 
@@ -220,7 +234,7 @@ class MemoryTier:
         newest = self.newest(self.held)
         target = self.held[1 - newest if newest is not None else 0]
         meta = json.dumps(record).encode() if record else b""
-        state = slot.read_state() if record else b""
+        state = slot.read_state(record) if record else b""
         data_bytes = record["data_bytes"] if record else 0
         incoming = torch.zeros(3, dtype=torch.int64)
         self._sendrecv(torch.tensor([len(meta), len(state), data_bytes], dtype=torch.int64), incoming)
@@ -231,12 +245,9 @@ class MemoryTier:
         their_state = torch.empty(their_state_bytes, dtype=torch.uint8)
         self._sendrecv(as_bytes(meta), their_meta)
         self._sendrecv(as_bytes(state), their_state)
-        mode = "r+b" if target.data.exists() else "w+b"
-        with Mapped(slot.data if record else Path(os.devnull), data_bytes) as mine, \
-                open(target.data, mode) as f_in:
+        with Mapped(slot.data if record else Path(os.devnull), data_bytes) as mine, target.open_data(theirs) as f_in:
             into = None
             if theirs:
-                f_in.truncate(max(theirs, target.data.stat().st_size))
                 into = mmap.mmap(f_in.fileno(), theirs)
             try:
                 for start in range(0, max(data_bytes, theirs), TRANSFER_PIECE):
@@ -285,7 +296,17 @@ class MemoryTier:
             logger.warning("memory snapshot failed (%s: %s); the previous one stands", type(e).__name__, e)
 
     def record_progress(self, step: int) -> None:
-        """The last step this rank trained: what a restart counts steps lost from."""
+        """The last step this rank trained: what a restart counts steps lost from.
+
+        The first one of this process also drops what the slots hold of a future this run
+        left (a step at or after this one: the restart resumed from an older step) and what is
+        not this run's: no later restore can take them, and they would keep the slots."""
+        if not self._started:
+            self._started = True
+            for slot in self.own + (self.held if self.replicas else []):
+                record = self.record_of(slot)
+                if slot.record() is not None and (record is None or record["step"] >= step):
+                    slot.invalidate()
         write_progress(self._progress, step)
 
     def room_problem(self, nbytes: int) -> str | None:
@@ -293,7 +314,7 @@ class MemoryTier:
         The node's ranks share it; pages of a tmpfs are taken when written, so a full one would
         fail a snapshot mid-copy: better said now."""
         slots = [*self.own, *(self.held if self.replicas else [])]
-        have = sum(slot.data.stat().st_size for slot in slots if slot.data.exists())
+        have = sum(slot.data_bytes_held() for slot in slots)
         try:
             info = os.statvfs(self.dir)
         except OSError as e:
@@ -309,17 +330,29 @@ class MemoryTier:
 
     def inventory(self) -> dict:
         """What this node holds for the restore: my snapshots' steps, the replicas I keep, my progress."""
-        def steps(slots: list[Slot]) -> dict[int, int]:
+        progress = read_progress(self._progress)
+
+        def steps(slots: list[Slot], owner: int) -> dict[int, int]:
             out = {}
             for index, slot in enumerate(slots):
-                record = slot.record()
-                if record and record.get("layout") == self.layout and record.get("world_size") == self.world_size:
-                    out[record["step"]] = index
+                try:
+                    record = slot.read_record()
+                except UnusableSnapshotError as e:
+                    logger.warning("memory snapshot %s is unusable: %s; skipping it", slot.folder, e)
+                    continue
+                if record is None:
+                    continue
+                why = foreign(record, self.run, rank=owner, world_size=self.world_size, layout=self.layout)
+                if why is None and progress is not None and record["step"] > progress:
+                    why = f"it claims step {record['step']}, but this rank trained only to step {progress}"
+                if why:
+                    logger.warning("memory snapshot %s is unusable: %s; skipping it", slot.folder, why)
+                    continue
+                out[record["step"]] = index
             return out
 
-        progress = read_progress(self._progress)
-        return {"rank": self.rank, "own": steps(self.own), "held_for": self.peer_from,
-                "held": steps(self.held) if self.replicas else {}, "progress": progress}
+        return {"rank": self.rank, "own": steps(self.own, self.rank), "held_for": self.peer_from,
+                "held": steps(self.held, self.peer_from) if self.replicas else {}, "progress": progress}
 
     def close(self, remove: bool) -> None:
         """Finish the snapshot in flight and stop; ``remove``: delete this rank's snapshots (a finished run)."""
@@ -332,8 +365,10 @@ class MemoryTier:
             shutil.rmtree(self.dir / f"rank-{self.rank}", ignore_errors=True)
             shutil.rmtree(self.dir / f"replica-of-{self.peer_from}", ignore_errors=True)
             self._progress.unlink(missing_ok=True)
-            try:
-                self.dir.rmdir()  # the node's last rank removes the folder
+            try:  # the node's last rank removes the folder
+                if {path.name for path in self.dir.iterdir()} <= {RUN}:
+                    (self.dir / RUN).unlink(missing_ok=True)
+                self.dir.rmdir()
             except OSError:
                 pass
 
@@ -347,14 +382,17 @@ def empty() -> torch.Tensor:
 
 
 def restore(tier: MemoryTier, disk_step: int | None, template_of: Callable[[], dict],
-            apply: Callable[[dict], None], group=None) -> dict | None:
+            apply: Callable[[dict], None], group=None,
+            state_problems: Callable[[dict, int], list[str]] | None = None) -> dict | None:
     """Agree with every rank on the newest snapshot at or after ``disk_step`` that each rank can
     get (its own, or the replica another rank keeps), check it everywhere, and load it.
 
     ``template_of()`` gives the live state dict (its tensors are filled in place), ``apply``
-    hands the filled one to the model and states. Returns what was restored (step, tier,
-    steps lost, bytes, seconds) or None: then the disk decides. ``group``: a gloo group of
-    every rank, used by this (the training) thread only."""
+    hands the filled one to the model and states; ``state_problems(filled, step)`` says why
+    the snapshot's plain values cannot be those of step ``step`` (its train state's step, its
+    data position). Returns what was restored (step, tier, steps lost, bytes, seconds) or None:
+    then the disk decides. ``group``: a gloo group of every rank, used by this (the training)
+    thread only."""
     start = time.perf_counter()
     world = tier.world_size
     mine = tier.inventory()
@@ -367,9 +405,8 @@ def restore(tier: MemoryTier, disk_step: int | None, template_of: Callable[[], d
     progress = max([inv["progress"] for inv in inventories if inv["progress"] is not None], default=None)
     candidates = sorted({s for inv in inventories for s in inv["own"]} | {s for _, h in held.values() for s in h},
                         reverse=True)
-    for step in candidates:
-        if disk_step is not None and step < disk_step:
-            break
+    candidates = [step for step in candidates if disk_step is None or step >= disk_step]
+    for number, step in enumerate(candidates):
         plan = {}  # rank -> ("own", slot index) or ("replica", holder rank, slot index)
         for rank in range(world):
             if step in own.get(rank, {}):
@@ -380,7 +417,7 @@ def restore(tier: MemoryTier, disk_step: int | None, template_of: Callable[[], d
             continue
         # "agree": everything before this step's attempt (the inventories, any older attempt)
         phases = {"agree": time.perf_counter() - start}
-        problems, nbytes = _restore_step(tier, step, plan, template_of, apply, group, phases)
+        problems, nbytes = _restore_step(tier, step, plan, template_of, apply, group, phases, state_problems)
         if not problems:
             lost = max(0, progress - step) if progress is not None else None
             replicas = sum(1 for how in plan.values() if how[0] == "replica")
@@ -388,13 +425,14 @@ def restore(tier: MemoryTier, disk_step: int | None, template_of: Callable[[], d
                     "ranks_from_replicas": replicas, "bytes": nbytes, "path": str(tier.dir),
                     "seconds": round(time.perf_counter() - start, 4),
                     "phases_s": {name: round(value, 4) for name, value in phases.items()}}
-        logger.error("memory snapshot of step %d is unusable (%s); trying an older one", step,
-                     "; ".join(problems[:3]))
+        after = f"trying step {candidates[number + 1]}" if number + 1 < len(candidates) else \
+            "resuming from the folder" if disk_step is not None else "starting without it"
+        logger.error("memory snapshot of step %d is unusable: %s; %s", step, "; ".join(problems[:3]), after)
     return None
 
 
 def _restore_step(tier: MemoryTier, step: int, plan: dict, template_of, apply, group,
-                  phases: dict[str, float]) -> tuple[list[str], int]:
+                  phases: dict[str, float], state_problems=None) -> tuple[list[str], int]:
     """Every rank gets its bytes (its own slot, or sent by the keeper of its replica) and checks
     them against the live state; only when every rank can is anything loaded. ``phases``
     gets the seconds of each part (check, replicas, state, copy, apply)."""
@@ -408,33 +446,40 @@ def _restore_step(tier: MemoryTier, step: int, plan: dict, template_of, apply, g
 
     how = plan[tier.rank]
     record, data, state, problems = None, None, None, []
+    where = tier.own[how[1]].folder if how[0] == "own" else f"rank {how[1]}'s replica of rank {tier.rank}"
     if how[0] == "own":
         slot = tier.own[how[1]]
-        record = slot.record()
-        problems = slot.problems(record, tier.hashers) if record else [f"{slot.folder}: no record"]
+        record = tier.record_of(slot)
+        problems = slot.problems(record, tier.hashers) if record else [f"{slot.folder}: no record of this run's"]
         if not problems:
-            data, state = slot.data, slot.read_state()
+            try:
+                data, state = slot.data, slot.read_state(record)
+            except UnusableSnapshotError as e:
+                problems = [str(e)]
     lap("check")
     received = _send_replicas(tier, step, plan, group)
     if how[0] == "replica":
         record, state, data, problems = received
     lap("replicas")
-    try:
-        template, filled, leaves = None, None, []
-        if not problems:
-            template = template_of()
-            leaves = list(tensor_leaves(template))
-            problems = _mismatches(step, record, leaves)
-        if not problems:
-            filled = fill(template, torch.load(io.BytesIO(state), weights_only=True))
-    except (KeyError, RuntimeError, ValueError, EOFError) as e:
-        problems = [f"step {step}: the snapshot's state is not this run's ({e})"]
-    flag = torch.tensor([1 if problems else 0])
-    if tier.world_size > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    template, filled, leaves = None, None, []
+    if not problems:
+        template = template_of()
+        leaves = list(tensor_leaves(template))
+        problems = [f"{where}: {problem}" for problem in _mismatches(step, record, leaves)]
+    if not problems:
+        try:  # anything in a crafted state.pt (weights_only runs none of it) is a reason, never a traceback
+            plain = torch.load(io.BytesIO(state), weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            problems = [f"{where}: its state.pt does not load ({type(e).__name__}: {_first_line(e)})"]
+    if not problems:
+        try:
+            filled = fill(template, plain)
+            problems = [f"{where}: {problem}" for problem in (state_problems(filled, step) if state_problems else [])]
+        except (KeyError, TypeError, ValueError, RecursionError) as e:
+            problems = [f"{where}: its state is not this run's ({_first_line(e)})"]
     lap("state")
     try:
-        if problems or int(flag.item()):
+        if _anyone(problems, tier, group):
             return problems or [f"step {step}: another rank could not use its copy"], 0
         with Mapped(data, record["data_bytes"]) as view:
             for leaf, (_, tensor) in zip(record["leaves"], leaves):
@@ -445,7 +490,12 @@ def _restore_step(tier: MemoryTier, step: int, plan: dict, template_of, apply, g
                         local.copy_(source.view(local.dtype).view(local.shape))
                     del source
         lap("copy")
-        apply(filled)
+        try:
+            apply(filled)
+        except Exception as e:  # noqa: BLE001 - a state that refuses its values: the next candidate (or disk) loads over it
+            problems = [f"{where}: the states refused its values ({type(e).__name__}: {_first_line(e)})"]
+        if _anyone(problems, tier, group):
+            return problems or [f"step {step}: another rank's states refused its values"], 0
         lap("apply")
         return [], sum(leaf["nbytes"] for leaf in record["leaves"])
     finally:
@@ -453,16 +503,28 @@ def _restore_step(tier: MemoryTier, step: int, plan: dict, template_of, apply, g
             Path(data).unlink(missing_ok=True)
 
 
+def _anyone(problems: list[str], tier: MemoryTier, group) -> bool:
+    """Whether any rank has problems (every rank calls this at the same point)."""
+    flag = torch.tensor([1 if problems else 0])
+    if tier.world_size > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    return bool(flag.item())
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [""])[0][:300]
+
+
 def _mismatches(step: int, record: dict, leaves: list[tuple[str, torch.Tensor]]) -> list[str]:
     """How this run's tensors differ from the snapshot's (paths, shapes, dtypes)."""
     saved = record.get("leaves") or []
     if [leaf["path"] for leaf in saved] != [path for path, _ in leaves]:
-        return [f"step {step}: the snapshot holds other tensors than this run's state"]
+        return ["the snapshot holds other tensors than this run's state"]
     for leaf, (path, tensor) in zip(saved, leaves):
         local = local_tensor(tensor)
         if list(local.shape) != leaf["shape"] or str(local.dtype).removeprefix("torch.") != leaf["dtype"] \
-                or leaf["offset"] is None:
-            return [f"step {step}: {path} is {tuple(local.shape)} {local.dtype} here, "
+                or (leaf["offset"] is None and leaf["nbytes"]):
+            return [f"{path} is {tuple(local.shape)} {local.dtype} here, "
                     f"{tuple(leaf['shape'])} {leaf['dtype']} in the snapshot"]
     return []
 
@@ -478,9 +540,12 @@ def _send_replicas(tier: MemoryTier, step: int, plan: dict, group) -> tuple:
         keeper, index = how[1], how[2]
         if rank == keeper:
             slot = tier.held[index]
-            record = slot.record()
-            problems = slot.problems(record, tier.hashers) if record else [f"{slot.folder}: no record"]
-            state = slot.read_state() if not problems else b""
+            record = tier.record_of(slot)
+            problems = slot.problems(record, tier.hashers) if record else [f"{slot.folder}: no record of this run's"]
+            try:
+                state = slot.read_state(record) if not problems else b""
+            except UnusableSnapshotError as e:
+                problems, state = [str(e)], b""
             for payload in (json.dumps({"record": record, "problems": problems}).encode(), state):
                 dist.send(torch.tensor([len(payload)], dtype=torch.int64), dst=owner, group=group)
                 if payload:
@@ -503,9 +568,16 @@ def _send_replicas(tier: MemoryTier, step: int, plan: dict, group) -> tuple:
                 payloads.append(buffer.numpy().tobytes())
             meta = json.loads(payloads[0])
             record, problems = meta["record"], meta["problems"]
+            if not problems:
+                try:
+                    why = foreign(check_record(record), tier.run, rank=owner, world_size=tier.world_size,
+                                  layout=tier.layout)
+                except ValueError as e:
+                    why = str(e)
+                problems = [why] if why else []
             landing = tier.own[0].folder.parent / f"from-replica-{step}.bin"
             if not problems:
-                with open(landing, "wb") as f:
+                with landing_file(landing) as f:
                     remaining = record["data_bytes"]
                     while remaining:
                         piece = torch.empty(min(TRANSFER_PIECE, remaining), dtype=torch.uint8)
