@@ -48,6 +48,26 @@ class TrainState(Stateful):
         self.step = int(state_dict["step"])
         self.tokens_seen = int(state_dict["tokens_seen"])
 
+    @staticmethod
+    def steps_done(state_dict: dict) -> int:
+        """The step ``state_dict`` (one of these states') is at: a memory snapshot claiming another is refused."""
+        step = state_dict["step"]
+        if type(step) is not int:  # noqa: E721
+            raise ValueError(f"step {step!r} is not an integer")
+        return step
+
+
+def resume_config(job_config: JobConfig) -> dict:
+    """The part of the run config a resume depends on (what the state means and which data comes
+    next): a memory snapshot of a run that differs in it is refused. Not the number of steps, the
+    learning rate or the checkpoint, logging and debug settings: a restart may change those."""
+    config = to_dict(job_config)
+    training = config["training"]
+    return {"model": {key: config["model"][key] for key in ("name", "flavor", "tokenizer_path")},
+            "data": config["dataloader"], "seed": config["debug"]["seed"],
+            "batch": {key: training[key] for key in ("local_batch_size", "global_batch_size", "seq_len")},
+            "optimizer": config["optimizer"]["name"]}
+
 
 class GarbageCollection:
     """Python's cyclic garbage collector on the training loop's schedule (``--training.gc_freq``).
@@ -214,7 +234,7 @@ class Trainer:
             base_folder=job_config.job.dump_folder,
             sd_adapter=self.model_spec.state_dict_adapter(self.model_args),
             model_info={"name": self.model_spec.name, "flavor": job_config.model.flavor},
-            run_info={"config": to_dict(job_config)}, total_steps=training.steps, seed=job_config.debug.seed,
+            run_info={"config": to_dict(job_config), "resume_config": resume_config(job_config)}, total_steps=training.steps, seed=job_config.debug.seed,
             layout=self.parallel_dims.degrees, tokenizer_dir=self.tokenizer.path.parent,
             hf_assets_path=job_config.model.hf_assets_path)
         self.clock.lap("checkpointer")

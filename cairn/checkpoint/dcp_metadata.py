@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import io
+import math
 import os
 import pickle
 from pathlib import Path
@@ -118,7 +119,43 @@ def metadata_problems(metadata: Any, where: str | os.PathLike) -> list[str]:
                             f"{relative_path!r}")
         elif not (type(offset) is int and type(length) is int and offset >= 0 and length >= 0):
             problems.append(f"{where}: item {index.fqn!r} has an invalid offset/length ({offset!r}, {length!r})")
+    if not problems:
+        for fqn, item in metadata.state_dict_metadata.items():
+            if isinstance(item, TensorStorageMetadata):
+                problems += _tensor_problems(fqn, item, metadata.storage_data, where)
     return problems
+
+
+def _tensor_problems(fqn: str, item: TensorStorageMetadata, storage_data: dict, where) -> list[str]:
+    """A tensor's declared shape against its chunks and their stored bytes: a crafted shape
+    would make a reader allocate what no file holds. The chunks must lie inside the tensor and
+    cover exactly its elements (DCP's own rule when it plans a save), and no chunk may claim
+    more bytes than its stored item has (unless a transform, e.g. compression, stored it)."""
+    size, dtype = getattr(item, "size", None), getattr(getattr(item, "properties", None), "dtype", None)
+    if not _sizes(size) or not isinstance(dtype, torch.dtype):
+        return [f"{where}: {fqn!r} has an invalid shape or dtype ({size!r}, {dtype!r})"]
+    covered = 0
+    for chunk in item.chunks if isinstance(item.chunks, list) else [None]:
+        offsets, sizes = getattr(chunk, "offsets", None), getattr(chunk, "sizes", None)
+        if not (_sizes(offsets) and _sizes(sizes) and len(offsets) == len(sizes) == len(size)) \
+                or any(o + n > dim for o, n, dim in zip(offsets, sizes, size)):
+            return [f"{where}: {fqn!r} of shape {list(size)} has a chunk outside it ({offsets!r}, {sizes!r})"]
+        covered += math.prod(sizes)
+        info = storage_data.get(MetadataIndex(fqn, offsets))
+        stored = getattr(info, "length", None)
+        if type(stored) is int and not getattr(info, "transform_descriptors", None) \
+                and math.prod(sizes) * dtype.itemsize > stored:
+            return [f"{where}: {fqn!r} declares a chunk of {math.prod(sizes) * dtype.itemsize} bytes stored in "
+                    f"{stored} (the metadata was damaged or crafted)"]
+    if covered != math.prod(size):
+        return [f"{where}: {fqn!r} declares shape {list(size)} ({math.prod(size)} elements), its chunks hold "
+                f"{covered} (the metadata was damaged or crafted)"]
+    return []
+
+
+def _sizes(values: Any) -> bool:
+    return isinstance(values, (tuple, list)) and len(values) <= 64 and \
+        all(type(v) is int and v >= 0 for v in values)
 
 
 def written_by_cairn(metadata: Metadata) -> bool:

@@ -8,6 +8,7 @@ device, a FIFO or a file outside its folder.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import functools
@@ -47,7 +48,8 @@ class NotRegularFileError(CheckpointError):
     """A checkpoint path that is a symbolic link, a device, a FIFO or a socket: never read."""
 
 
-def _kind(mode: int) -> str:
+def file_kind(mode: int) -> str:
+    """What a file of ``mode`` is, in words ("a symbolic link", "a FIFO", ...)."""
     for test, name in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a directory"),
                        (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
                        (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket")):
@@ -61,7 +63,7 @@ def regular_file_stat(path: str | os.PathLike) -> os.stat_result:
     if it is missing, NotRegularFileError naming it and what it is otherwise."""
     info = os.lstat(path)
     if not stat.S_ISREG(info.st_mode):
-        raise NotRegularFileError(f"{path} is {_kind(info.st_mode)}; cairn reads only regular files in a "
+        raise NotRegularFileError(f"{path} is {file_kind(info.st_mode)}; cairn reads only regular files in a "
                                   "checkpoint and never follows links")
     return info
 
@@ -79,7 +81,7 @@ def open_regular(path: str | os.PathLike, flags: int = os.O_RDONLY) -> int:
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            raise NotRegularFileError(f"{path} is {_kind(mode)}; cairn reads only regular files in a checkpoint")
+            raise NotRegularFileError(f"{path} is {file_kind(mode)}; cairn reads only regular files in a checkpoint")
         if flags & os.O_ACCMODE == os.O_RDONLY and hasattr(os, "O_NONBLOCK"):
             os.set_blocking(fd, True)
     except BaseException:
@@ -90,16 +92,51 @@ def open_regular(path: str | os.PathLike, flags: int = os.O_RDONLY) -> int:
 
 def read_regular(path: str | os.PathLike, limit: int | None = None) -> bytes:
     """The bytes of the regular file ``path`` (see ``open_regular``); CheckpointError when it is
-    larger than ``limit``, before anything is read."""
+    larger than ``limit``, before anything is read (and never more than ``limit`` bytes are
+    read, should the file grow meanwhile)."""
     fd = open_regular(path)
     try:
         size = os.fstat(fd).st_size
         if limit is not None and size > limit:
             raise CheckpointError(f"{path}: {size} bytes, more than the {limit} such a file can hold")
         with os.fdopen(os.dup(fd), "rb") as f:
-            return f.read()
+            data = f.read(-1 if limit is None else limit + 1)
+        if limit is not None and len(data) > limit:
+            raise CheckpointError(f"{path}: grew past the {limit} bytes such a file can hold while read")
+        return data
     finally:
         os.close(fd)
+
+
+def open_own_file(path: str | os.PathLike, flags: int = os.O_RDWR | os.O_CREAT, mode: int = 0o600) -> int:
+    """An fd of the regular file ``path`` to write in place, created (``mode``) if missing, never
+    through a symbolic link and never a FIFO or device; NotRegularFileError naming it when it is
+    one of those, belongs to another user or has another name (a hard link: writing it would
+    write that file too). Nothing is truncated before these checks (``flags`` must not hold
+    ``O_TRUNC``): truncate the fd afterwards."""
+    if flags & getattr(os, "O_TRUNC", 0):
+        raise ValueError("open_own_file: truncate the returned fd instead of passing O_TRUNC")
+    try:
+        fd = os.open(path, flags | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+                     | getattr(os, "O_CLOEXEC", 0), mode)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise NotRegularFileError(f"{path} is a symbolic link; cairn never writes through links") from None
+        raise
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise NotRegularFileError(f"{path} is {file_kind(info.st_mode)}; cairn writes only regular files")
+        if hasattr(os, "geteuid") and info.st_uid != os.geteuid():
+            raise NotRegularFileError(f"{path} belongs to uid {info.st_uid}, not to this user ({os.geteuid()})")
+        if info.st_nlink > 1:
+            raise NotRegularFileError(f"{path} has {info.st_nlink} names (hard links); cairn writes only files "
+                                      "of one name")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def check_dir(path: str | os.PathLike) -> Path:
@@ -109,7 +146,7 @@ def check_dir(path: str | os.PathLike) -> Path:
     if stat.S_ISLNK(info.st_mode):
         raise NotRegularFileError(f"{path} is a symbolic link; cairn never follows links in a checkpoint folder")
     if not stat.S_ISDIR(info.st_mode):
-        raise CheckpointError(f"{path} is {_kind(info.st_mode)}, not a checkpoint directory")
+        raise CheckpointError(f"{path} is {file_kind(info.st_mode)}, not a checkpoint directory")
     return path
 
 
@@ -137,13 +174,20 @@ def fsync_file(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def write_file_durably(path: Path, data: bytes) -> None:
-    """Write through a temporary name, fsync, rename: ``path`` is whole or absent."""
+def write_file_durably(path: Path, data: bytes, *, mode: int = 0o666, sync: bool = True) -> None:
+    """Write through a temporary name, fsync (unless ``sync`` is False), rename: ``path`` is
+    whole or absent. The temporary name is made afresh (exclusive create, no link followed):
+    whatever lay there, a link to another file included, is replaced, never written through."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+                 | getattr(os, "O_CLOEXEC", 0), mode)
+    with os.fdopen(fd, "wb") as f:
         f.write(data)
         f.flush()
-        os.fsync(f.fileno())
+        if sync:
+            os.fsync(f.fileno())
     os.rename(tmp, path)
 
 

@@ -54,7 +54,9 @@ from cairn.checkpoint.errors import (CheckpointError, CorruptCheckpointError, Wr
 from cairn.checkpoint.hf import load_hf, save_hf
 from cairn.checkpoint.layout import FULL, HF, MODEL_ONLY, SEED, dtype_named
 from cairn.checkpoint.lease import FolderLease
-from cairn.checkpoint.memory import MemoryTier, default_dir, restore
+from cairn.checkpoint.memory import MemoryTier, restore
+from cairn.checkpoint.memory_slots import (default_dir, new_run_id, open_private_dir, read_run, remove_other_configs,
+                                           run_identity)
 from cairn.checkpoint.mirror import UploadWorker
 from cairn.checkpoint.retention import RetentionWorker
 from cairn.checkpoint.state import MODEL, ModelState, PerRankState, state_bytes
@@ -76,7 +78,8 @@ class CheckpointManager:
     save, by key (not "model"); ``base_folder``: what a relative ``config.folder`` is relative to.
     Everything a trainer knows comes in as optional arguments: ``sd_adapter`` (HF export/import),
     ``model_info`` (name/flavor, for the manifest and messages), ``run_info`` (JSON-able, into
-    every manifest), ``total_steps`` (a model-only step at the end is a finished run, not a
+    every manifest; its ``"resume_config"``, kept out of the manifest, is the part of the run
+    config a resume depends on: the memory tier restores no snapshot of another), ``total_steps`` (a model-only step at the end is a finished run, not a
     resume point), ``seed`` (re-seeding per-rank states on another layout), ``layout`` (the
     parallel layout, default the world size), ``tokenizer_dir`` (copied into HF exports),
     ``hf_assets_path`` (HF weights for ``initial_load_in_hf``), ``on_commit(step, location)``
@@ -102,6 +105,7 @@ class CheckpointManager:
         self.sd_adapter = sd_adapter
         self.model_info = dict(model_info or {})
         self.run_info = dict(run_info or {})
+        self.resume_config = self.run_info.pop("resume_config", None)
         self.total_steps = total_steps
         self.seed = seed
         self.tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else None
@@ -129,6 +133,7 @@ class CheckpointManager:
         self._step_clock: float | None = None  # when save() was last called: the loop's step times
         self._plain_steps: list[float] = []  # recent step times of steps no snapshot or save touched
         self.saves_lost: list[dict] = []  # saves whose writer process died (training went on)
+        self._new_folder = False  # the folder did not exist at start (rank 0): a new run, not a restart
         if not self.enabled:
             return
         initialized = dist.is_available() and dist.is_initialized()
@@ -155,33 +160,73 @@ class CheckpointManager:
         if self.rank == 0 and self.mirror is not None and not config.load_only:
             self._uploads = UploadWorker(self.store, self.mirror, config.keep_latest_k)
         if config.memory_interval > 0 and not config.load_only:
-            self._open_memory_tier(initialized)
+            try:
+                self._open_memory_tier(initialized)
+            except CheckpointError:
+                self.close()  # the lease and the workers: the caller gets no manager to close
+                raise
         self._barrier()
 
     def _open_memory_tier(self, initialized: bool) -> None:
         # The replicas travel on a gloo group of their own, used only by the snapshots' thread.
         group = dist.new_group(backend="gloo", timeout=timedelta(seconds=MEMORY_GROUP_TIMEOUT_S)) \
             if initialized and self.world_size > 1 else None
-        directory = self.config.memory_dir or default_dir(self.folder)
+        identity = run_identity(self.folder, self.model_info, {"seed": self.seed, "config": self.resume_config})
+        directory = self.config.memory_dir or default_dir(identity)
+        found, problem = None, None
+        try:
+            directory = open_private_dir(directory)
+            if not self.config.memory_dir:
+                for removed in remove_other_configs(directory, identity):
+                    logger.info("removed %s: the memory snapshots of an earlier run on this folder with another "
+                                "model or config", removed)
+            found = read_run(directory)
+        except CheckpointError as e:
+            problem = str(e)
+        except OSError as e:
+            problem = f"{directory}: {e.strerror or e}"
+        run = {**identity, "id": self._memory_run_id(found, identity, problem)}
         try:
             # With async saves, a disk save writes the memory snapshot of its step (one copy of
             # the state to host, not two): a third slot is kept for the save in flight.
             shared = self.async_saver is not None
             self.memory = MemoryTier(directory, rank=self.rank, world_size=self.world_size, layout=self.layout,
-                                     replicas=self.config.memory_replicas, group=group, slots=3 if shared else 2,
-                                     device_snapshot=self.config.device_snapshot)
+                                     run=run, replicas=self.config.memory_replicas, group=group,
+                                     slots=3 if shared else 2, device_snapshot=self.config.device_snapshot)
             if shared:
                 self.memory.when_released(self.async_saver.forget_arena)
+        except CheckpointError as e:
+            raise CheckpointError(f"--checkpoint.memory_dir: {e}") from None
         except OSError as e:
             raise CheckpointError(f"--checkpoint.memory_dir {directory}: {e.strerror or e}") from e
+
+    def _memory_run_id(self, found: dict | None, identity: dict, problem: str | None) -> str:
+        """The memory tier's run id, the same on every rank: a restart (the folder existed at
+        start) adopts the one its memory directories hold for this folder, model and config
+        (the most common one, where nodes differ); a new run draws one. A rank's ``problem``
+        with its directory stops every rank."""
+        mine = found["id"] if found and all(found.get(key) == value for key, value in identity.items()) else None
+        proposals = [(mine, self._new_folder, new_run_id(), problem)]
+        if self.world_size > 1:
+            proposals = [None] * self.world_size
+            dist.all_gather_object(proposals, (mine, self._new_folder, new_run_id(), problem),
+                                   group=self._gloo_group())
+        problems = [proposal[3] for proposal in proposals if proposal[3]]
+        if problems:
+            raise CheckpointError(f"--checkpoint.memory_dir: {problems[0]}")
+        ids = [proposal[0] for proposal in proposals if proposal[0]]
+        if proposals[0][1] or not ids:
+            return proposals[0][2]
+        return min(ids, key=lambda run_id: (-ids.count(run_id), ids.index(run_id)))
 
     # --- start-up -----------------------------------------------------------------------------
 
     def _start_on_rank0(self) -> None:
         """Take the folder's lease, then clean up what crashed saves left (never what a live run writes)."""
         if not self.config.load_only:
+            self._new_folder = not self.store.exists()
+            self.store.check_writable()  # first: a read-only folder is one line, not a failed lease write
             self._lease = FolderLease.acquire(self.store)
-            self.store.check_writable()
             self.store.cleanup_incomplete(background=True)  # off the path to the first step
             if self.mirror is not None:
                 self.mirror.check_writable()
@@ -280,6 +325,8 @@ class CheckpointManager:
             return None
         reported = self._snapshot_cost(self._clock_step())
         lost_before = len(self.saves_lost)
+        if self.memory is not None:
+            self.memory.record_progress(step)  # first: before the slots are prepared (see record_progress)
         info = self._save_to_store(step, last_step, stopping)
         if self.memory is not None and not last_step:
             self._snapshot(step)
@@ -319,7 +366,6 @@ class CheckpointManager:
         memory = self.memory
         if self._snapshot_at == step:
             return None
-        memory.record_progress(step)
         if step % self.config.memory_interval and not hold:
             return None
         busy = (memory.in_flight or not memory.ready) and not hold
@@ -583,9 +629,9 @@ class CheckpointManager:
     def _load_newest(self, steps: list[int]) -> bool:
         """Auto-resume. A corrupt newest step stops the job unless --checkpoint.fallback_on_corrupt."""
         candidates = list(reversed(steps))
-        newest_kind = self._kind(candidates[0])
+        newest_kind = self._kind_if_readable(candidates[0])
         if newest_kind in (MODEL_ONLY, HF) and (self.total_steps is None or candidates[0] < self.total_steps):
-            full_steps = [s for s in candidates if self._kind(s) == FULL]
+            full_steps = [s for s in candidates if self._kind_if_readable(s) == FULL]
             if full_steps:
                 logger.warning("step-%d is a model-only export; resuming the training state from step-%d",
                                candidates[0], full_steps[0])
@@ -596,7 +642,8 @@ class CheckpointManager:
             except CorruptCheckpointError as e:
                 older = candidates[i + 1] if i + 1 < len(candidates) else None
                 if self.config.fallback_on_corrupt and older is not None:
-                    logger.error("step-%d is corrupt (%s); falling back to step-%d", step, e, older)
+                    logger.error("step-%d is corrupt (%s); falling back to step-%d", step,
+                                 "; ".join(getattr(e, "problems", None) or [" ".join(str(e).split())]), older)
                     continue
                 hint = (f"; to resume from the previous step pass --checkpoint.load_step {older} "
                         "(or --checkpoint.fallback_on_corrupt)" if older is not None else "")
@@ -610,7 +657,8 @@ class CheckpointManager:
             return False
         disk = steps[-1] if steps else None
         restored = restore(self.memory, disk, self._full_state_dict, self._apply_full,
-                           group=self._gloo_group() if self.world_size > 1 else None)
+                           group=self._gloo_group() if self.world_size > 1 else None,
+                           state_problems=self._steps_problems)
         if restored is None:
             if self.rank == 0 and disk is not None:
                 logger.info("no memory snapshot at or after step-%d in %s: resuming from the folder", disk,
@@ -624,6 +672,24 @@ class CheckpointManager:
                     f"step-{disk}" if disk is not None else "none")
         self.last_load = {"kind": FULL, "explicit": False, "disk_step": disk, **restored}
         return True
+
+    def _steps_problems(self, state: dict[str, Any], step: int) -> list[str]:
+        """Why the states' values in ``state`` (a memory snapshot's) are not those of step ``step``:
+        a state that can tell how many steps its values have seen (a ``steps_done(state_dict)``
+        method, e.g. the train state's step, the data loader's position) must say ``step``."""
+        problems = []
+        for key, stateful in self.states.items():
+            steps_done = getattr(stateful, "steps_done", None)
+            if not callable(steps_done):
+                continue
+            try:
+                said = steps_done(state[key])
+            except (KeyError, TypeError, ValueError) as e:
+                problems.append(f"its {key} does not say its step ({e})")
+                continue
+            if said is not None and said != step:
+                problems.append(f"it claims step {step}, its {key} is at step {said}")
+        return problems
 
     def _apply_full(self, state: dict[str, Any]) -> None:
         """Hand a full state dict (model FQNs and one entry per state) to the model and the states."""
@@ -646,6 +712,13 @@ class CheckpointManager:
     def _kind(self, step: int) -> str:
         manifest = self._store_of(step).read_manifest(step) or {}
         return manifest.get("kind", SEED if step == 0 else FULL)
+
+    def _kind_if_readable(self, step: int) -> str | None:
+        """The step's kind; None when its manifest is damaged (loading it then says so, or falls back)."""
+        try:
+            return self._kind(step)
+        except CorruptCheckpointError:
+            return None
 
     def _load_step(self, step: int, *, explicit: bool) -> bool:
         store = self._store_of(step)

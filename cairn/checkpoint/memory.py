@@ -5,13 +5,7 @@ outlives the training process (``/dev/shm``), and a replica of it on another nod
     --checkpoint.memory_replicas 1    also keep a copy on the next node's host (same local rank)
     --checkpoint.memory_dir DIR       where (default /dev/shm/cairn-<hash of the checkpoint folder>)
 
-Per node, under ``memory_dir``::
-
-    rank-<r>/slot-<0|1>/data.bin        rank r's tensors, each at a 4 KiB-aligned offset
-    rank-<r>/slot-<i>/state.pt          the rest of its state (plain values; weights-only loadable)
-    rank-<r>/slot-<i>/COMMITTED         JSON: step, layout, leaves, xxh3-128 of each 64 MiB chunk
-    replica-of-<r>/slot-<i>/...         the same, received from rank r on another node
-    progress-<r>                        the last step rank r trained (for "steps lost")
+The files, per node under ``memory_dir``, are ``memory_slots.py``'s.
 
 A snapshot is staged into the slot that does not hold the newest snapshot, by the same
 background staging as ``async_with_pinned_mem`` (a side stream straight into the slot's
@@ -37,7 +31,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import hashlib
 import io
 import json
 import logging
@@ -53,26 +46,19 @@ import torch
 import torch.distributed as dist
 import xxhash
 
-from cairn.checkpoint.errors import CheckpointError
 from cairn.checkpoint.faults import fault_point
-from cairn.checkpoint.fsio import read_regular, write_file_durably
+from cairn.checkpoint import memory_slots
+from cairn.checkpoint.memory_slots import (RUN, Mapped, Slot, UnusableSnapshotError, check_record, chunk_hashes,
+                                           foreign, landing_file, make_slots, open_private_dir, own_slots,
+                                           progress_path, read_progress, read_run, replica_slots, write_progress,
+                                           write_run)
 from cairn.checkpoint.staging import DeviceBuffers, HostStager, StagedElsewhere, snapshot_fits
 from cairn.checkpoint.state import local_tensor, nbytes, tensor_leaves
 
 logger = logging.getLogger("cairn")
 
-SLOTS = 2
-CHUNK = 64 << 20  # bytes per checksum
-COMMITTED, DATA, STATE = "COMMITTED", "data.bin", "state.pt"
 LEAF = "__cairn_memory_leaf__"  # what stands for a tensor in state.pt
 TRANSFER_PIECE = 32 << 20  # bytes per message of a replica's transfer
-
-
-def default_dir(folder_url: str) -> Path:
-    """Where a run keeps its snapshots unless told: /dev/shm (tmpfs: outlives the process,
-    not the host) under a name derived from the checkpoint folder."""
-    base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(os.environ.get("TMPDIR", "/tmp"))
-    return base / f"cairn-{hashlib.sha1(folder_url.encode()).hexdigest()[:12]}"
 
 
 def skeleton(obj: Any) -> Any:
@@ -105,87 +91,18 @@ def fill(template: Any, plain: Any, where: str = "") -> Any:
     return plain
 
 
-def chunk_hashes(view: memoryview, pool: concurrent.futures.Executor) -> list[str]:
-    """xxh3-128 of each ``CHUNK`` bytes of ``view``, hashed in parallel (xxhash releases the GIL)."""
-    return list(pool.map(lambda start: xxhash.xxh3_128(view[start:start + CHUNK]).hexdigest(),
-                         range(0, len(view), CHUNK)))
-
-
-class Mapped:
-    """A map of a file's first ``size`` bytes to read (an empty view for 0)."""
-
-    def __init__(self, path: Path, size: int):
-        self.path, self.size = path, size
-        self._file = self._map = None
-
-    def __enter__(self) -> memoryview:
-        if not self.size:
-            return memoryview(b"")
-        self._file = open(self.path, "rb")
-        # copy-on-write: writable for torch.frombuffer, never written
-        self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_COPY)
-        self._view = memoryview(self._map)[:self.size]
-        return self._view
-
-    def __exit__(self, *exc) -> None:
-        if self._map is not None:
-            self._view.release()
-            self._map.close()
-            self._file.close()
-
-
-class Slot:
-    """One snapshot's place on this node: ``data.bin``, ``state.pt`` and ``COMMITTED``."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-
-    def record(self) -> dict | None:
-        try:
-            record = json.loads(read_regular(self.folder / COMMITTED, limit=64 << 20))
-        except (OSError, ValueError, CheckpointError):
-            return None
-        return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
-
-    def invalidate(self) -> None:
-        (self.folder / COMMITTED).unlink(missing_ok=True)
-
-    def commit(self, record: dict) -> None:
-        write_file_durably(self.folder / COMMITTED, json.dumps(record).encode())
-
-    def problems(self, record: dict, pool: concurrent.futures.Executor) -> list[str]:
-        """What does not match the record: sizes, the checksum of state.pt and of each chunk of data.bin."""
-        data = self.folder / DATA
-        try:
-            size = data.stat().st_size
-            state = (self.folder / STATE).read_bytes()
-            want, chunks, state_hash = int(record["data_bytes"]), list(record["chunks"]), record["state_xxh3"]
-        except (OSError, KeyError, TypeError, ValueError) as e:
-            return [f"{self.folder}: {e}"]
-        if size < want:
-            return [f"{data}: {size} bytes, the snapshot recorded {want}"]
-        problems = []
-        if xxhash.xxh3_128(state).hexdigest() != state_hash:
-            problems.append(f"{self.folder / STATE}: checksum mismatch")
-        with Mapped(data, want) as view:
-            hashes = chunk_hashes(view, pool)
-        bad = [i for i, (a, b) in enumerate(zip(hashes, chunks)) if a != b]
-        if bad or len(hashes) != len(chunks):
-            problems.append(f"{data}: checksum mismatch in {CHUNK >> 20} MiB chunk(s) {bad or 'count'}")
-        return problems
-
-
 class MemoryTier:
     """Snapshots of this rank's state on this node (and a replica of them on the next node).
 
-    ``group``: a gloo group of every rank that only the snapshots' background thread uses
-    (the replicas travel over it); ``None`` on one process.
+    ``run``: whose snapshots this rank takes and restores (``memory_slots.run_identity`` and the
+    run id ``id``). ``group``: a gloo group of every rank that only the snapshots' background
+    thread uses (the replicas travel over it); ``None`` on one process.
     """
 
-    def __init__(self, directory: str | os.PathLike, *, rank: int, world_size: int, layout: dict,
-                 replicas: int = 0, group=None, slots: int = SLOTS, device_snapshot: str = "auto"):
-        self.dir = Path(directory)
-        self.rank, self.world_size, self.layout = rank, world_size, dict(layout)
+    def __init__(self, directory: str | os.PathLike, *, rank: int, world_size: int, layout: dict, run: dict,
+                 replicas: int = 0, group=None, slots: int = memory_slots.SLOTS, device_snapshot: str = "auto"):
+        self.dir = open_private_dir(directory)
+        self.rank, self.world_size, self.layout, self.run = rank, world_size, dict(layout), dict(run)
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size) or world_size)
         self.local_world = local_world if 0 < local_world <= world_size and world_size % local_world == 0 \
             else world_size
@@ -198,25 +115,27 @@ class MemoryTier:
         self.group = group
         # A third slot where a disk save writes from a snapshot's host copy (``hold``): the slot it
         # writes from, the newest committed one, and the one the next snapshot goes to.
-        self.own = [Slot(self.dir / f"rank-{rank}" / f"slot-{i}") for i in range(slots)]
-        self.held = [Slot(self.dir / f"replica-of-{self.peer_from}" / f"slot-{i}") for i in range(SLOTS)]
-        for slot in self.own + (self.held if self.replicas else []):
-            slot.folder.mkdir(parents=True, exist_ok=True)
+        self.own = own_slots(self.dir, rank, slots)
+        self.held = replica_slots(self.dir, self.peer_from)
+        make_slots(self.own + (self.held if self.replicas else []))
+        if rank % self.local_world == 0 and read_run(self.dir) != self.run:  # one writer per node
+            write_run(self.dir, self.run)
+        self._started = False  # the first step of this process is not yet recorded (see record_progress)
         # Straight into the slot's file (pinned), through one device snapshot that the slots share
         # (one snapshot is in flight at a time) where the device has room for it. Unpinned slots
         # drained through pinned pieces and copier threads cost far more (benchmarks/RESULTS.md,
         # session 10: the host copies slowed every step).
         self.device = DeviceBuffers()
         self._stagers = [HostStager(reuse=True, pin_memory=True, device_snapshot=device_snapshot,
-                                    arena_path=str(slot.folder / DATA), device_buffers=self.device)
-                         for slot in self.own]
+                                    arena_path=str(slot.data), device_buffers=self.device) for slot in self.own]
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="cairn-memory")
         self._preparer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="cairn-memory-prep")
         self._ready = [threading.Event() for _ in self.own]  # a slot's buffers are made (or being made by nobody)
         for event in self._ready:
             event.set()
         workers = max(2, min(8, (os.cpu_count() or 2) // self.local_world - 1))
-        self.hashers = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cairn-memory-hash")
+        self.hashers = concurrent.futures.ThreadPoolExecutor(max_workers=workers,
+                                                             thread_name_prefix="cairn-memory-hash")
         self._future: concurrent.futures.Future | None = None
         self._queued = threading.Event()
         self._queued.set()
@@ -224,7 +143,7 @@ class MemoryTier:
         self._holds: set[int] = set()  # slots a disk save is writing from
         self.taken: list[int] = []  # steps committed on this rank (and replicated)
         self.last_seconds: dict[str, float] = {}  # the last snapshot's phases, seconds after it began
-        self._progress = self.dir / f"progress-{rank}"
+        self._progress = progress_path(self.dir, rank)
 
     # --- taking snapshots ----------------------------------------------------------------------
 
@@ -232,11 +151,19 @@ class MemoryTier:
     def in_flight(self) -> bool:
         return self._future is not None and not self._future.done()
 
-    @staticmethod
-    def newest(slots: list[Slot]) -> int | None:
-        steps = [(slot.record() or {}).get("step", -1) for slot in slots]
+    def newest(self, slots: list[Slot]) -> int | None:
+        """The index of the slot of ``slots`` (mine or those I keep) holding this run's newest snapshot."""
+        steps = [(self.record_of(slot) or {}).get("step", -1) for slot in slots]
         best = max(range(len(slots)), key=lambda i: steps[i])
         return best if steps[best] >= 0 else None
+
+    def record_of(self, slot: Slot) -> dict | None:
+        """The slot's record when it holds a snapshot of this run's (its rank's, on this layout)."""
+        record = slot.record()
+        owner = self.rank if slot in self.own else self.peer_from
+        if record is None or foreign(record, self.run, rank=owner, world_size=self.world_size, layout=self.layout):
+            return None
+        return record
 
     def when_released(self, callback: Callable[[Any], None]) -> None:
         """``callback(arena)`` before a slot's buffers go (a writer process that maps them unmaps them)."""
@@ -348,17 +275,17 @@ class MemoryTier:
         buffer = io.BytesIO()
         torch.save(plain, buffer)
         state = buffer.getvalue()
-        write_file_durably(slot.folder / STATE, state)
+        slot.write_state(state)
         leaves = stager.buffer_layout()
-        data_bytes = max([leaf["offset"] + leaf["nbytes"] for leaf in leaves if leaf["offset"] is not None],
-                         default=0)
+        data_bytes = max([leaf["offset"] + leaf["nbytes"] for leaf in leaves if leaf["nbytes"]], default=0)
+        chunk = memory_slots.CHUNK
         view = memoryview(stager.arena.mmap)[:data_bytes] if data_bytes else memoryview(b"")
         hashes: list[concurrent.futures.Future] = []
 
         def progress(offset: int) -> None:  # the arena's bytes below offset are final
-            while len(hashes) * CHUNK < data_bytes and min((len(hashes) + 1) * CHUNK, data_bytes) <= offset:
-                begin = len(hashes) * CHUNK
-                hashes.append(self.hashers.submit(lambda b=begin: xxhash.xxh3_128(view[b:b + CHUNK]).hexdigest()))
+            while len(hashes) * chunk < data_bytes and min((len(hashes) + 1) * chunk, data_bytes) <= offset:
+                begin = len(hashes) * chunk
+                hashes.append(self.hashers.submit(lambda b=begin: xxhash.xxh3_128(view[b:b + chunk]).hexdigest()))
 
         try:
             drain(progress)
@@ -370,8 +297,9 @@ class MemoryTier:
             concurrent.futures.wait(hashes)
             view.release()
         record = {"step": step, "rank": self.rank, "world_size": self.world_size, "layout": self.layout,
-                  "leaves": leaves, "data_bytes": data_bytes, "chunks": chunks,
-                  "state_xxh3": xxhash.xxh3_128(state).hexdigest(), "created_unix": round(time.time(), 3)}
+                  "run": self.run, "leaves": leaves, "data_bytes": data_bytes, "chunks": chunks,
+                  "state_bytes": len(state), "state_xxh3": xxhash.xxh3_128(state).hexdigest(),
+                  "created_unix": round(time.time(), 3)}
         slot.commit(record)
         return record
 
@@ -382,7 +310,7 @@ class MemoryTier:
         newest = self.newest(self.held)
         target = self.held[1 - newest if newest is not None else 0]
         meta = json.dumps(record).encode() if record else b""
-        state = (slot.folder / STATE).read_bytes() if record else b""
+        state = slot.read_state(record) if record else b""
         data_bytes = record["data_bytes"] if record else 0
         incoming = torch.zeros(3, dtype=torch.int64)
         self._sendrecv(torch.tensor([len(meta), len(state), data_bytes], dtype=torch.int64), incoming)
@@ -393,12 +321,9 @@ class MemoryTier:
         their_state = torch.empty(their_state_bytes, dtype=torch.uint8)
         self._sendrecv(as_bytes(meta), their_meta)
         self._sendrecv(as_bytes(state), their_state)
-        mode = "r+b" if (target.folder / DATA).exists() else "w+b"
-        with Mapped(slot.folder / DATA if record else Path(os.devnull), data_bytes) as mine, \
-                open(target.folder / DATA, mode) as f_in:
+        with Mapped(slot.data if record else Path(os.devnull), data_bytes) as mine, target.open_data(theirs) as f_in:
             into = None
             if theirs:
-                f_in.truncate(max(theirs, (target.folder / DATA).stat().st_size))
                 into = mmap.mmap(f_in.fileno(), theirs)
             try:
                 for start in range(0, max(data_bytes, theirs), TRANSFER_PIECE):
@@ -416,7 +341,7 @@ class MemoryTier:
                 if into is not None:
                     into.close()
         if their_meta_bytes:
-            (target.folder / STATE).write_bytes(their_state.numpy().tobytes())
+            target.write_state(their_state.numpy().tobytes())
             target.commit(json.loads(their_meta.numpy().tobytes()))
 
     def _sendrecv(self, out: torch.Tensor, into: torch.Tensor) -> None:
@@ -451,18 +376,25 @@ class MemoryTier:
             logger.warning("memory snapshot failed (%s: %s); the previous one stands", type(e).__name__, e)
 
     def record_progress(self, step: int) -> None:
-        """The last step this rank trained (8 bytes, rewritten): what a restart counts steps lost from."""
-        try:
-            self._progress.write_bytes(step.to_bytes(8, "little"))
-        except OSError:
-            pass
+        """The last step this rank trained: what a restart counts steps lost from.
+
+        The first one of this process also drops what the slots hold of a future this run
+        left (a step at or after this one: the restart resumed from an older step) and what is
+        not this run's: no later restore can take them, and they would keep the slots."""
+        if not self._started:
+            self._started = True
+            for slot in self.own + (self.held if self.replicas else []):
+                record = self.record_of(slot)
+                if slot.record() is not None and (record is None or record["step"] >= step):
+                    slot.invalidate()
+        write_progress(self._progress, step)
 
     def room_problem(self, nbytes: int) -> str | None:
         """Why this node's folder cannot hold the slots of ``nbytes`` per rank (None: it can).
         The node's ranks share it; pages of a tmpfs are taken when written, so a full one would
         fail a snapshot mid-copy: better said now."""
         slots = [*self.own, *(self.held if self.replicas else [])]
-        have = sum((slot.folder / DATA).stat().st_size for slot in slots if (slot.folder / DATA).exists())
+        have = sum(slot.data_bytes_held() for slot in slots)
         try:
             info = os.statvfs(self.dir)
         except OSError as e:
@@ -478,20 +410,29 @@ class MemoryTier:
 
     def inventory(self) -> dict:
         """What this node holds for the restore: my snapshots' steps, the replicas I keep, my progress."""
-        def steps(slots: list[Slot]) -> dict[int, int]:
+        progress = read_progress(self._progress)
+
+        def steps(slots: list[Slot], owner: int) -> dict[int, int]:
             out = {}
             for index, slot in enumerate(slots):
-                record = slot.record()
-                if record and record.get("layout") == self.layout and record.get("world_size") == self.world_size:
-                    out[record["step"]] = index
+                try:
+                    record = slot.read_record()
+                except UnusableSnapshotError as e:
+                    logger.warning("memory snapshot %s is unusable: %s; skipping it", slot.folder, e)
+                    continue
+                if record is None:
+                    continue
+                why = foreign(record, self.run, rank=owner, world_size=self.world_size, layout=self.layout)
+                if why is None and progress is not None and record["step"] > progress:
+                    why = f"it claims step {record['step']}, but this rank trained only to step {progress}"
+                if why:
+                    logger.warning("memory snapshot %s is unusable: %s; skipping it", slot.folder, why)
+                    continue
+                out[record["step"]] = index
             return out
 
-        try:
-            progress = int.from_bytes(self._progress.read_bytes()[:8], "little")
-        except OSError:
-            progress = None
-        return {"rank": self.rank, "own": steps(self.own), "held_for": self.peer_from,
-                "held": steps(self.held) if self.replicas else {}, "progress": progress}
+        return {"rank": self.rank, "own": steps(self.own, self.rank), "held_for": self.peer_from,
+                "held": steps(self.held, self.peer_from) if self.replicas else {}, "progress": progress}
 
     def close(self, remove: bool) -> None:
         """Finish the snapshot in flight and stop; ``remove``: delete this rank's snapshots (a finished run)."""
@@ -505,39 +446,12 @@ class MemoryTier:
             shutil.rmtree(self.dir / f"rank-{self.rank}", ignore_errors=True)
             shutil.rmtree(self.dir / f"replica-of-{self.peer_from}", ignore_errors=True)
             self._progress.unlink(missing_ok=True)
-            try:
-                self.dir.rmdir()  # the node's last rank removes the folder
+            try:  # the node's last rank removes the folder
+                if {path.name for path in self.dir.iterdir()} <= {RUN}:
+                    (self.dir / RUN).unlink(missing_ok=True)
+                self.dir.rmdir()
             except OSError:
                 pass
-
-
-def list_snapshots(directory: str | os.PathLike, checksums: bool = False) -> list[dict]:
-    """Every slot of a node's memory folder, newest step first: whose, which step, committed or
-    not, bytes, layout, time (and with ``checksums`` whether every chunk matches)."""
-    base = Path(directory)
-    rows = []
-    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
-        for holder in sorted([*base.glob("rank-*"), *base.glob("replica-of-*")]):
-            for folder in sorted(holder.glob("slot-*")):
-                slot, data = Slot(folder), folder / DATA
-                record = slot.record()
-                row = {"holder": holder.name, "slot": folder.name, "path": str(folder),
-                       "step": record["step"] if record else None, "committed": record is not None,
-                       "bytes": record.get("data_bytes") if record else (data.stat().st_size if data.exists() else 0),
-                       "layout": record.get("layout") if record else None,
-                       "created_unix": record.get("created_unix") if record else None}
-                if checksums and record:
-                    row["problems"] = slot.problems(record, pool)
-                rows.append(row)
-    progress = {}
-    for path in base.glob("progress-*"):
-        with contextlib.suppress(OSError, ValueError):
-            progress[int(path.name.removeprefix("progress-"))] = int.from_bytes(path.read_bytes()[:8], "little")
-    for row in rows:
-        owner = int(row["holder"].rpartition("-")[2]) if row["holder"].rpartition("-")[2].isdigit() else None
-        row["rank"] = owner
-        row["trained_to"] = progress.get(owner) if row["holder"].startswith("rank-") else None
-    return sorted(rows, key=lambda r: (r["step"] is None, -(r["step"] or 0), r["holder"]))
 
 
 def as_bytes(data: bytes) -> torch.Tensor:
@@ -549,14 +463,17 @@ def empty() -> torch.Tensor:
 
 
 def restore(tier: MemoryTier, disk_step: int | None, template_of: Callable[[], dict],
-            apply: Callable[[dict], None], group=None) -> dict | None:
+            apply: Callable[[dict], None], group=None,
+            state_problems: Callable[[dict, int], list[str]] | None = None) -> dict | None:
     """Agree with every rank on the newest snapshot at or after ``disk_step`` that each rank can
     get (its own, or the replica another rank keeps), check it everywhere, and load it.
 
     ``template_of()`` gives the live state dict (its tensors are filled in place), ``apply``
-    hands the filled one to the model and states. Returns what was restored (step, tier,
-    steps lost, bytes, seconds) or None: then the disk decides. ``group``: a gloo group of
-    every rank, used by this (the training) thread only."""
+    hands the filled one to the model and states; ``state_problems(filled, step)`` says why
+    the snapshot's plain values cannot be those of step ``step`` (its train state's step, its
+    data position). Returns what was restored (step, tier, steps lost, bytes, seconds) or None:
+    then the disk decides. ``group``: a gloo group of every rank, used by this (the training)
+    thread only."""
     start = time.perf_counter()
     world = tier.world_size
     mine = tier.inventory()
@@ -569,9 +486,8 @@ def restore(tier: MemoryTier, disk_step: int | None, template_of: Callable[[], d
     progress = max([inv["progress"] for inv in inventories if inv["progress"] is not None], default=None)
     candidates = sorted({s for inv in inventories for s in inv["own"]} | {s for _, h in held.values() for s in h},
                         reverse=True)
-    for step in candidates:
-        if disk_step is not None and step < disk_step:
-            break
+    candidates = [step for step in candidates if disk_step is None or step >= disk_step]
+    for number, step in enumerate(candidates):
         plan = {}  # rank -> ("own", slot index) or ("replica", holder rank, slot index)
         for rank in range(world):
             if step in own.get(rank, {}):
@@ -582,7 +498,7 @@ def restore(tier: MemoryTier, disk_step: int | None, template_of: Callable[[], d
             continue
         # "inventory": everything before this step's attempt (the inventories, any older attempt)
         phases = {"inventory": time.perf_counter() - start}
-        problems, loaded = _restore_step(tier, step, plan, template_of, apply, group, phases)
+        problems, loaded = _restore_step(tier, step, plan, template_of, apply, group, phases, state_problems)
         if not problems:
             lost = max(0, progress - step) if progress is not None else None
             replicas = sum(1 for how in plan.values() if how[0] == "replica")
@@ -590,16 +506,18 @@ def restore(tier: MemoryTier, disk_step: int | None, template_of: Callable[[], d
                     "ranks_from_replicas": replicas, "bytes": loaded, "path": str(tier.dir),
                     "seconds": round(time.perf_counter() - start, 4),
                     "phases_s": {name: round(value, 4) for name, value in phases.items()}}
-        logger.error("memory snapshot of step %d is unusable (%s); trying an older one", step,
-                     "; ".join(problems[:3]))
+        after = f"trying step {candidates[number + 1]}" if number + 1 < len(candidates) else \
+            "resuming from the folder" if disk_step is not None else "starting without it"
+        logger.error("memory snapshot of step %d is unusable: %s; %s", step, "; ".join(problems[:3]), after)
     return None
 
 
 def _restore_step(tier: MemoryTier, step: int, plan: dict, template_of, apply, group,
-                  phases: dict[str, float]) -> tuple[list[str], int]:
-    """Every rank gets its bytes (its own slot, or sent by the keeper of its replica), checks
-    them and loads them; only when every rank has is anything handed to the live state.
-    ``phases`` gets the seconds of each part (replicas, state, load, agree, copy, apply)."""
+                  phases: dict[str, float], state_problems=None) -> tuple[list[str], int]:
+    """Every rank gets its bytes (its own slot, or sent by the keeper of its replica), checks them
+    against the live state and loads them (``load_checked``); only when every rank can is
+    anything handed to the live state. ``phases`` gets the seconds of each part (replicas,
+    state, load, agree, copy, apply)."""
     clock = time.perf_counter()
 
     def lap(name: str) -> None:
@@ -610,51 +528,51 @@ def _restore_step(tier: MemoryTier, step: int, plan: dict, template_of, apply, g
 
     how = plan[tier.rank]
     record, data, state, problems = None, None, None, []
+    where = tier.own[how[1]].folder if how[0] == "own" else f"rank {how[1]}'s replica of rank {tier.rank}"
     if how[0] == "own":
         slot = tier.own[how[1]]
-        record = slot.record()
-        if record is None:
-            problems = [f"{slot.folder}: no record"]
-        else:
-            data = slot.folder / DATA
+        record = tier.record_of(slot)
+        problems = [] if record else [f"{slot.folder}: no record of this run's"]
+        if not problems:  # data.bin's chunks are checked as they are loaded (load_checked)
             try:
-                state = read_regular(slot.folder / STATE, limit=64 << 20)
-            except (OSError, CheckpointError) as e:
-                problems = [f"{slot.folder / STATE}: {e}"]
+                data, state = slot.data, slot.read_state(record)
+            except UnusableSnapshotError as e:
+                problems = [str(e)]
     received = _send_replicas(tier, step, plan, group)
     if how[0] == "replica":
         record, state, data, problems = received
     lap("replicas")
-    try:
-        template, filled, leaves = None, None, []
-        if not problems:
-            template = template_of()
-            leaves = list(tensor_leaves(template))
-            problems = _mismatches(step, record, leaves)
-        if not problems:
-            if xxhash.xxh3_128(state).hexdigest() != record.get("state_xxh3"):
-                problems = [f"{data.parent / STATE if how[0] == 'own' else 'the replica of ' + STATE}: "
-                            "checksum mismatch"]
-            else:
-                filled = fill(template, torch.load(io.BytesIO(state), weights_only=True))
-    except (KeyError, RuntimeError, ValueError, EOFError, TypeError) as e:
-        problems = [f"step {step}: the snapshot's state is not this run's ({e})"]
+    template, filled, leaves = None, None, []
+    if not problems:
+        template = template_of()
+        leaves = list(tensor_leaves(template))
+        problems = [f"{where}: {problem}" for problem in _mismatches(step, record, leaves)]
+    if not problems:
+        try:  # anything in a crafted state.pt (weights_only runs none of it) is a reason, never a traceback
+            plain = torch.load(io.BytesIO(state), weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            problems = [f"{where}: its state.pt does not load ({type(e).__name__}: {_first_line(e)})"]
+    if not problems:
+        try:
+            filled = fill(template, plain)
+            problems = [f"{where}: {problem}" for problem in (state_problems(filled, step) if state_problems else [])]
+        except (KeyError, TypeError, ValueError, RecursionError) as e:
+            problems = [f"{where}: its state is not this run's ({_first_line(e)})"]
     lap("state")
-
-    def agree(ok: bool) -> bool:
-        flag = torch.tensor([0 if ok else 1])
-        if tier.world_size > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-        return not int(flag.item())
-
     try:
+        if _anyone(problems, tier, group):
+            return problems or [f"step {step}: another rank could not use its copy"], 0
+        problems = load_checked(tier, record, data, [local_tensor(t) for _, t in leaves],
+                                lambda ok: not _anyone([] if ok else ["unusable"], tier, group), lap)
         if problems:
-            agree(False)
-            return problems, 0
-        problems = load_checked(tier, record, data, [local_tensor(t) for _, t in leaves], agree, lap)
-        if problems:
-            return problems, 0
-        apply(filled)
+            return [f"{where}: {problem}" if not problem.startswith(str(where)) else problem
+                    for problem in problems], 0
+        try:
+            apply(filled)
+        except Exception as e:  # noqa: BLE001 - a state that refuses its values: the next candidate (or disk) loads over it
+            problems = [f"{where}: the states refused its values ({type(e).__name__}: {_first_line(e)})"]
+        if _anyone(problems, tier, group):
+            return problems or [f"step {step}: another rank's states refused its values"], 0
         lap("apply")
         return [], sum(leaf["nbytes"] for leaf in record["leaves"])
     finally:
@@ -676,14 +594,6 @@ def load_checked(tier: MemoryTier, record: dict, data: Path, targets: list[torch
     device). Where the device has no room for a copy, the live tensors are written only after
     the checks, as on CPU hosts. Returns the problems (none: loaded)."""
     want = int(record["data_bytes"])
-    try:
-        size = data.stat().st_size
-    except OSError as e:
-        agree(False)
-        return [f"{data}: {e.strerror or e}"]
-    if size < want:
-        agree(False)
-        return [f"{data}: {size} bytes, the snapshot recorded {want}"]
     leaves = [(leaf, target) for leaf, target in zip(record["leaves"], targets) if leaf["nbytes"]]
     on_device = [(leaf, target) for leaf, target in leaves if target.is_cuda]
     on_host = [(leaf, target) for leaf, target in leaves if not target.is_cuda]
@@ -696,13 +606,13 @@ def load_checked(tier: MemoryTier, record: dict, data: Path, targets: list[torch
             scratch = tier.device.for_leaves(named)
     mapped = Mapped(data, want)
     try:
-        with unmapped_later(mapped) as view:
+        with unmapped_later(mapped) as view:  # a file shorter than recorded: UnusableSnapshotError
             hashes = chunk_hashes_async(view, tier.hashers)
             if scratch is not None:
                 _host_to_device(view, [(leaf["offset"], scratch[leaf["path"]]) for leaf, _ in on_device])
             chunks = [future.result() for future in hashes]
             bad = [i for i, (a, b) in enumerate(zip(chunks, record["chunks"])) if a != b]
-            problems = [f"{data}: checksum mismatch in {CHUNK >> 20} MiB chunk(s) {bad or 'count'}"] \
+            problems = [f"{data}: checksum mismatch in {memory_slots.CHUNK >> 20} MiB chunk(s) {bad or 'count'}"] \
                 if bad or len(chunks) != len(record["chunks"]) else []
             lap("load")
             if not agree(not problems):
@@ -720,6 +630,9 @@ def load_checked(tier: MemoryTier, record: dict, data: Path, targets: list[torch
                     source = torch.frombuffer(view, dtype=torch.uint8, offset=leaf["offset"], count=leaf["nbytes"])
                     target.copy_(source.view(target.dtype).view(target.shape))
                     del source
+    except UnusableSnapshotError as e:
+        agree(False)
+        return [str(e)]
     finally:
         if scratch is not None:
             tier.device.release()  # back to the caching allocator: the first step's activations may need it
@@ -745,8 +658,9 @@ def unmapped_later(mapped: Mapped):
 
 
 def chunk_hashes_async(view: memoryview, pool: concurrent.futures.Executor) -> list[concurrent.futures.Future]:
-    return [pool.submit(lambda start=start: xxhash.xxh3_128(view[start:start + CHUNK]).hexdigest())
-            for start in range(0, len(view), CHUNK)]
+    chunk = memory_slots.CHUNK
+    return [pool.submit(lambda start=start: xxhash.xxh3_128(view[start:start + chunk]).hexdigest())
+            for start in range(0, len(view), chunk)]
 
 
 def _host_to_device(view: memoryview, targets: list[tuple[int, torch.Tensor]], threads: int = 6) -> None:
@@ -794,16 +708,28 @@ def _host_to_device(view: memoryview, targets: list[tuple[int, torch.Tensor]], t
         target.copy_(dense)
 
 
+def _anyone(problems: list[str], tier: MemoryTier, group) -> bool:
+    """Whether any rank has problems (every rank calls this at the same point)."""
+    flag = torch.tensor([1 if problems else 0])
+    if tier.world_size > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    return bool(flag.item())
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [""])[0][:300]
+
+
 def _mismatches(step: int, record: dict, leaves: list[tuple[str, torch.Tensor]]) -> list[str]:
     """How this run's tensors differ from the snapshot's (paths, shapes, dtypes)."""
     saved = record.get("leaves") or []
     if [leaf["path"] for leaf in saved] != [path for path, _ in leaves]:
-        return [f"step {step}: the snapshot holds other tensors than this run's state"]
+        return ["the snapshot holds other tensors than this run's state"]
     for leaf, (path, tensor) in zip(saved, leaves):
         local = local_tensor(tensor)
         if list(local.shape) != leaf["shape"] or str(local.dtype).removeprefix("torch.") != leaf["dtype"] \
-                or leaf["offset"] is None:
-            return [f"step {step}: {path} is {tuple(local.shape)} {local.dtype} here, "
+                or (leaf["offset"] is None and leaf["nbytes"]):
+            return [f"{path} is {tuple(local.shape)} {local.dtype} here, "
                     f"{tuple(leaf['shape'])} {leaf['dtype']} in the snapshot"]
     return []
 
@@ -819,15 +745,18 @@ def _send_replicas(tier: MemoryTier, step: int, plan: dict, group) -> tuple:
         keeper, index = how[1], how[2]
         if rank == keeper:
             slot = tier.held[index]
-            record = slot.record()
-            problems = slot.problems(record, tier.hashers) if record else [f"{slot.folder}: no record"]
-            state = (slot.folder / STATE).read_bytes() if not problems else b""
+            record = tier.record_of(slot)
+            problems = slot.problems(record, tier.hashers) if record else [f"{slot.folder}: no record of this run's"]
+            try:
+                state = slot.read_state(record) if not problems else b""
+            except UnusableSnapshotError as e:
+                problems, state = [str(e)], b""
             for payload in (json.dumps({"record": record, "problems": problems}).encode(), state):
                 dist.send(torch.tensor([len(payload)], dtype=torch.int64), dst=owner, group=group)
                 if payload:
                     dist.send(as_bytes(payload), dst=owner, group=group)
             if not problems:
-                with Mapped(slot.folder / DATA, record["data_bytes"]) as view:
+                with Mapped(slot.data, record["data_bytes"]) as view:
                     for start in range(0, len(view), TRANSFER_PIECE):
                         piece = torch.frombuffer(view, dtype=torch.uint8, offset=start,
                                                  count=min(TRANSFER_PIECE, len(view) - start))
@@ -844,9 +773,16 @@ def _send_replicas(tier: MemoryTier, step: int, plan: dict, group) -> tuple:
                 payloads.append(buffer.numpy().tobytes())
             meta = json.loads(payloads[0])
             record, problems = meta["record"], meta["problems"]
+            if not problems:
+                try:
+                    why = foreign(check_record(record), tier.run, rank=owner, world_size=tier.world_size,
+                                  layout=tier.layout)
+                except ValueError as e:
+                    why = str(e)
+                problems = [why] if why else []
             landing = tier.own[0].folder.parent / f"from-replica-{step}.bin"
             if not problems:
-                with open(landing, "wb") as f:
+                with landing_file(landing) as f:
                     remaining = record["data_bytes"]
                     while remaining:
                         piece = torch.empty(min(TRANSFER_PIECE, remaining), dtype=torch.uint8)

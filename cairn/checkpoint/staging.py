@@ -51,6 +51,7 @@ from torch.distributed.tensor import DTensor
 
 from cairn.checkpoint import writer_process
 from cairn.checkpoint.errors import WriterDiedError
+from cairn.checkpoint.fsio import open_own_file
 from cairn.checkpoint.state import local_tensor, nbytes, tensor_leaves
 from cairn.checkpoint.writer import zip_crc32_off
 from cairn.config.job_config import ASYNC_WRITERS
@@ -142,7 +143,7 @@ class HostArena:
         self.fd: int | None = None
         self.path = path
         if path is not None:  # a file (in /dev/shm: the memory tier's slots outlive this process)
-            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+            self.fd = open_own_file(path)  # never through a link, a device or a second name
         elif writer_process.supported():  # shareable with the writer process
             self.fd = os.memfd_create("cairn-staging", os.MFD_CLOEXEC)
         if self.fd is None:

@@ -144,6 +144,17 @@ class StatefulDataLoader:
             "shuffle": int(self.shuffle),
         }
 
+    @staticmethod
+    def steps_done(state_dict: dict[str, Any]) -> int:
+        """The optimizer steps whose batches ``state_dict`` (one of these states') has handed out:
+        its position in whole global batches (a memory snapshot claiming another step is refused)."""
+        position, batch = state_dict["position"], state_dict["global_batch_size"]
+        if type(position) is not int or type(batch) is not int or position < 0 or batch < 1:  # noqa: E721
+            raise ValueError(f"position {position!r} of global batches of {batch!r}")
+        if position % batch:
+            raise ValueError(f"position {position} is not a whole number of global batches of {batch}")
+        return position // batch
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         missing = [key for key in _REQUIRED_STATE_KEYS if key not in state_dict]
         if missing:

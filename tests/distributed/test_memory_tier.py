@@ -52,13 +52,14 @@ def template(rank: int) -> dict:
 def tier(base: str, rank: int, world: int, *, replicas: int = 1):
     import torch.distributed as dist
 
-    from cairn.checkpoint import memory
+    from cairn.checkpoint import memory, memory_slots
 
     os.environ["LOCAL_WORLD_SIZE"] = str(PER_NODE)
-    memory.CHUNK, memory.TRANSFER_PIECE = 16 << 10, 24 << 10  # many chunks and pieces on a small state
+    memory_slots.CHUNK, memory.TRANSFER_PIECE = 16 << 10, 24 << 10  # many chunks and pieces on a small state
     group = dist.new_group(backend="gloo") if world > 1 else None
+    run = {**memory_slots.run_identity(str(Path(base) / "checkpoint"), {"name": "test"}, None), "id": "run-1"}
     return memory.MemoryTier(node_dir(base, rank), rank=rank, world_size=world, layout={"dp_shard": world},
-                             replicas=replicas, group=group)
+                             run=run, replicas=replicas, group=group)
 
 
 class Messages(logging.Handler):
@@ -116,7 +117,8 @@ def test_snapshots_replicas_node_loss_and_a_damaged_byte(tmp_path):
         ranks = range(node * PER_NODE, (node + 1) * PER_NODE)
         others = [(r + PER_NODE) % WORLD for r in ranks]
         assert sorted(p.name for p in folder.iterdir()) == sorted(
-            [f"rank-{r}" for r in ranks] + [f"replica-of-{r}" for r in others] + [f"progress-{r}" for r in ranks])
+            [f"rank-{r}" for r in ranks] + [f"replica-of-{r}" for r in others] + [f"progress-{r}" for r in ranks]
+            + ["run.json"])
         for r in others:
             assert len(list((folder / f"replica-of-{r}").glob("slot-*/COMMITTED"))) == 2
 

@@ -28,7 +28,7 @@ LAYERS: list[set[str]] = [
     {"writer", "reader"},
     {"local", "s3"},
     {"store"},
-    {"staging", "hf", "retention", "mirror"},
+    {"staging", "hf", "retention", "mirror", "memory_slots"},
     {"api", "memory"},
     {"manager"},
     {"readers"},

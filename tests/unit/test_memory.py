@@ -11,7 +11,8 @@ from torch import nn
 
 from cairn.checkpoint import CheckpointManager, OptimizerState
 from cairn.checkpoint.errors import CheckpointError
-from cairn.checkpoint.memory import fill, list_snapshots, skeleton
+from cairn.checkpoint.memory import fill, skeleton
+from cairn.checkpoint.memory_slots import list_snapshots
 from tmpfs import small_tmpfs_mounter
 
 

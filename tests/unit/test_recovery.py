@@ -16,11 +16,11 @@ import torch
 from torch import nn
 
 from cairn.checkpoint import CheckpointManager, OptimizerState, load
-from cairn.checkpoint import memory as memory_module
+from cairn.checkpoint import memory_slots
 from cairn.checkpoint import staging
 from cairn.checkpoint.faults import FAULT_ENV
 from cairn.checkpoint.local import LocalStore
-from cairn.checkpoint.memory import list_snapshots
+from cairn.checkpoint.memory_slots import list_snapshots
 
 
 class Counter:
@@ -167,7 +167,7 @@ def test_copies_are_cut_where_the_arenas_pinned_pieces_end(monkeypatch):
 
 @pytest.mark.parametrize("chunk", [0, 3, -1], ids=["first", "middle", "last"])
 def test_the_restores_parallel_check_finds_a_flipped_byte_in_any_chunk(tmp_path, monkeypatch, chunk):
-    monkeypatch.setattr(memory_module, "CHUNK", 1 << 12)
+    monkeypatch.setattr(memory_slots, "CHUNK", 1 << 12)
     model, optimizer, counter, manager = build(tmp_path, memory_interval=2)
     for _ in range(2):
         step_once(model, optimizer, counter, manager)

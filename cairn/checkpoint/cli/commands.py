@@ -57,7 +57,7 @@ from cairn.checkpoint.layout import (
     trash_step,
 )
 from cairn.checkpoint.local import LocalStore
-from cairn.checkpoint.memory import list_snapshots
+from cairn.checkpoint.memory_slots import list_snapshots
 from cairn.checkpoint.store import is_object_uri, local_folder, open_step, open_store, upload_local
 from cairn.checkpoint.readers import (
     GROUPS,
@@ -322,9 +322,9 @@ def format_memory_ls(folder: Path, rows: list[dict], style: Style) -> list[str]:
         return lines
     for row in rows:
         problems = row.get("problems")
-        state = "torn" if not row["committed"] else ("corrupt" if problems else "ok" if problems is not None
-                                                      else "committed")
-        state_style = style.red if problems else (style.yellow if not row["committed"] else None)
+        state = "unusable" if row.get("unusable") else "torn" if not row["committed"] else (
+            "corrupt" if problems else "ok" if problems is not None else "committed")
+        state_style = style.red if problems or row.get("unusable") else (style.yellow if not row["committed"] else None)
         cells = [str(row["step"]) if row["step"] is not None else "-", row["holder"], row["slot"], state,
                  human_bytes(row["bytes"]), layout_text(row["layout"]), local_time(row["created_unix"])]
         lines.append(table_line(MEMORY_COLUMNS, cells, [None, None, None, state_style, None, None, None]))
@@ -332,10 +332,13 @@ def format_memory_ls(folder: Path, rows: list[dict], style: Style) -> list[str]:
     if trained:
         lines.append("trained to: " + ", ".join(f"rank {rank} step {step}" for rank, step in sorted(trained.items())))
     for row in rows:
+        if row.get("unusable"):
+            lines += wrapped(f"unusable: {row['unusable']}".replace(f"{folder}{os.sep}", ""), indent="")
         for problem in row.get("problems") or []:
             lines += wrapped(problem.replace(f"{folder}{os.sep}", ""), indent="")  # relative to the folder
-    lines += wrapped("torn: a snapshot cut short (never loaded); replica-of-<r>: rank r's snapshot kept on this node. "
-                     "A run restores the newest step every rank has whole.", indent="")
+    lines += wrapped("torn: a snapshot cut short (never loaded); unusable: a record that cannot be a snapshot's "
+                     "(never loaded); replica-of-<r>: rank r's snapshot kept on this node. A run restores the newest "
+                     "step every rank has whole, of its own run.", indent="")
     return lines
 
 
