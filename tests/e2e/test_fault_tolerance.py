@@ -62,3 +62,47 @@ def test_killed_rank_restarts_and_resumes_from_newest_step(tmp_path):
     assert max(resumed.losses) == 14
     for step in range(1, 15):
         assert resumed.losses[step] == reference.losses[step], step  # bit-exact after the restart
+
+
+MEMORY = ["--checkpoint.enable", "--checkpoint.interval", "1000", "--checkpoint.memory_interval", "2",
+          "--training.steps", "14", "--parallelism.data_parallel_shard_degree", "2", "--training.local_batch_size", "2"]
+
+
+def test_a_killed_worker_comes_back_from_memory_by_itself(tmp_path):
+    """run_train.sh with MAX_RESTARTS=1 on 2 gloo ranks and snapshots every K=2 steps: rank 1's
+    worker SIGKILLed after step 9; torchrun restarts the workers, which restore from host memory
+    (no disk step exists), bit for bit, losing at most K steps; each start logs where its time
+    went (a ``startup`` record, the restart's with restart_count 1)."""
+    reference = train(tmp_path / "ref", *MEMORY, "--checkpoint.memory_dir", str(tmp_path / "ref-shm"), nproc=2)
+    dump = tmp_path / "run"
+    env = {**os.environ, "NGPU": "2", "MAX_RESTARTS": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    command = [str(REPO / "run_train.sh"), "--config", "llama3_tiny", "--job.dump_folder", str(dump), *MEMORY,
+               "--checkpoint.memory_dir", str(tmp_path / "shm")]
+    launcher = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while _last_step(dump / "metrics.jsonl") < 9 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert launcher.poll() is None, "training ended before a rank could be killed"
+        workers = sorted((p for p in psutil.Process(launcher.pid).children(recursive=True)
+                          if "cairn.train" in " ".join(p.cmdline()) and "writer_process" not in " ".join(p.cmdline())),
+                         key=lambda p: p.create_time())
+        assert len(workers) == 2
+        trained = _last_step(dump / "metrics.jsonl")
+        os.kill(workers[1].pid, signal.SIGKILL)
+        output, _ = launcher.communicate(timeout=600)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == 0, output[-4000:]
+    records = RunResult(0, output, dump).records
+    [load] = [r for r in records if r.get("event") == "checkpoint_load"]
+    assert load["tier"] == "memory" and 0 <= trained - load["from_step"] <= 2, load
+    startups = [r for r in records if r.get("event") == "startup"]
+    assert [r["restart_count"] for r in startups] == [0, 1]
+    assert {"imports", "distributed", "model", "checkpointer", "resume", "first_step"} <= set(startups[1]["phases_s"])
+    assert startups[1]["step"] == load["from_step"] + 1
+    losses = RunResult(0, output, dump).losses
+    for step in range(1, 15):
+        assert losses[step] == reference.losses[step], step  # bit-exact, before and after the restart
