@@ -229,3 +229,28 @@ def test_restart_bench_smoke(tmp_path):
         assert all(row[k] > 0 for k in ("init_s", "restore_s", "first_step_s", "total_s"))
     assert 0 < report["goodput"]["memory"]["best"]["goodput"] <= 1
     assert not (tmp_path / "rb").exists()
+
+
+def test_recovery_bench_smoke(tmp_path):
+    """benchmarks/recovery_bench.py, both halves on the tiny model: the snapshot cost of K=2 from
+    two runs' windows, then a worker SIGKILLed under torchrun, the whole job killed and run again,
+    and a cold restart from disk, each read from metrics.jsonl into issue #27's keys."""
+    out = tmp_path / "recovery.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "recovery_bench.py"), "--out", str(out),
+                           "--folder", str(tmp_path / "rb"), "--ks", "2", "--window", "2:8", "--interval", "4",
+                           "--k", "2", "--kill-after-step", "5", "--steps-after", "3", "--", "--config", "llama3_tiny"],
+                          cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    report = json.loads(out.read_text())
+    assert "error" not in report["restarts"], report["restarts"]
+    assert isinstance(report["snapshot_cost"]["2"], float)
+    for key in ("restore_s", "worker_crash_to_first_step_s", "job_kill_to_first_step_s",
+                "cold_disk_restart_to_first_step_s", "cold_disk_load_s", "slowest_step_after_restart_over_median"):
+        assert report[key] > 0, key
+    assert report["restore_bytes"] > 0 and report["k"] == 2 and 0 <= report["steps_lost"] <= 2
+    restarts = report["restarts"]
+    assert restarts["worker_crash"]["load"]["tier"] == "memory" and restarts["job_kill"]["load"]["tier"] == "memory"
+    assert restarts["cold_disk"]["load"]["tier"] == "disk"
+    assert restarts["worker_crash"]["startup"]["restart_count"] == 1
+    assert not (tmp_path / "rb").exists()
