@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 
+from cairn.config.job_config import as_flags
 from cairn.config.manager import ConfigError, parse_args
 
 
@@ -26,8 +27,9 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(job_config)
         trainer.train()
     except (ConfigError, CheckpointError) as e:
-        logging.getLogger("cairn").error("%s", e)
-        print(f"cairn.train: {e}", file=sys.stderr)
+        message = as_flags(str(e))  # the checkpoint library names Config fields; a user here typed flags
+        logging.getLogger("cairn").error("%s", message)
+        print(f"cairn.train: {message}", file=sys.stderr)
         return 2
     finally:
         if trainer is not None:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.distributed.checkpoint.stateful import Stateful
 
 from cairn.checkpoint import CheckpointManager, RNGState
-from cairn.config.job_config import JobConfig
+from cairn.config.job_config import JobConfig, as_flags
 from cairn.config.manager import ConfigError, to_dict
 from cairn.data.dataloader import build_dataloader
 from cairn.data.tokenizer import Tokenizer
@@ -86,11 +86,22 @@ def cross_entropy_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
 
 
 def setup_logging(rank: int, level: str) -> None:
-    """Log lines on stderr, rank 0's from ``level``, the others' warnings only, each naming its rank once."""
+    """Log lines on stderr, rank 0's from ``level``, the others' warnings only, each naming its rank
+    once; the checkpoint library's ``Config.<field>`` read as the flags that set them."""
     prefix = "" if _torchrun_captures_stderr() else f"[rank{rank}] "
     logging.basicConfig(level=getattr(logging, level.upper()) if rank == 0 else logging.WARNING,
                         format=f"{prefix}%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
                         force=True)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_in_flag_words)
+
+
+def _in_flag_words(record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    translated = as_flags(message)
+    if translated != message:
+        record.msg, record.args = translated, None
+    return True
 
 
 def _torchrun_captures_stderr() -> bool:
@@ -274,14 +285,13 @@ class Trainer:
             self._create_seed_checkpoint()
             return
         loaded = self.checkpointer.load()
-        last = self.checkpointer.last_load
-        if loaded and last and last["kind"] in ("model_only", "hf") and not last.get("explicit") \
-                and last.get("from_step") is not None and last["from_step"] >= job_config.training.steps:
-            self.train_state.step = last["from_step"]  # a finished run's export: nothing is left to do
+        if loaded.kind in ("model_only", "hf") and not loaded.explicit \
+                and loaded.step is not None and loaded.step >= job_config.training.steps:
+            self.train_state.step = loaded.step  # a finished run's export: nothing is left to do
         self.metrics = MetricsLogger(job_config.metrics, job_config.job.dump_folder, rank=self.rank,
-                                     append=loaded)
-        if loaded and self.checkpointer.last_load:  # where a resumed run picks up (`cairn checkpoint plot`)
-            self.metrics.event(self.train_state.step, "checkpoint_load", **self.checkpointer.last_load)
+                                     append=bool(loaded))
+        if loaded:  # where a resumed run picks up (`cairn checkpoint plot`)
+            self.metrics.event(self.train_state.step, "checkpoint_load", **loaded.record())
         total_steps = job_config.training.steps
         stop_at = min(total_steps, job_config.debug.exit_after_step or total_steps)
         tokens_per_step = (self.dataloader.global_batch_size * job_config.training.seq_len)
@@ -314,15 +324,13 @@ class Trainer:
                                     "step_time_ms": step_time * 1e3,
                                     "memory_gib": memory_gib(self.device),
                                     "tokens_seen": self.train_state.tokens_seen})
-            save_info = self.checkpointer.save(step, last_step=step == total_steps, stopping=step == stop_at)
-            if save_info:
-                snapshot = save_info.pop("memory", None) if save_info.get("kind") != "memory" else save_info
-                if snapshot is not None:
-                    self.metrics.event(step, "memory_snapshot_skipped" if snapshot.get("skipped")
-                                       else "memory_snapshot", **snapshot)
-                if snapshot is not save_info:
-                    event = "checkpoint_deferred" if save_info.get("deferred") else "checkpoint_save"
-                    self.metrics.event(step, event, **save_info)
+            saved = self.checkpointer.save(step, last_step=step == total_steps, stopping=step == stop_at)
+            if saved.memory is not None:
+                self.metrics.event(step, "memory_snapshot_skipped" if saved.memory.get("skipped")
+                                   else "memory_snapshot", **saved.memory)
+            if saved.action != "skipped":
+                event = "checkpoint_deferred" if saved.action in ("deferred", "coalesced") else "checkpoint_save"
+                self.metrics.event(step, event, **saved.record())
 
     def _create_seed_checkpoint(self) -> None:
         degrees = self.parallel_dims.degrees
