@@ -319,11 +319,13 @@ class Trainer:
             out = self.train_step()
             self.train_state.tokens_seen += tokens_per_step
             step_time = dist_max(time.perf_counter() - start)
+            saving = self.checkpointer.enabled and not self.job_config.checkpoint.load_only
             self.metrics.log(step, {**out,
                                     "tokens_per_second": tokens_per_step / step_time,
                                     "step_time_ms": step_time * 1e3,
                                     "memory_gib": memory_gib(self.device),
-                                    "tokens_seen": self.train_state.tokens_seen})
+                                    "tokens_seen": self.train_state.tokens_seen,
+                                    **({"steps_at_risk": self.checkpointer.steps_at_risk(step)} if saving else {})})
             saved = self.checkpointer.save(step, last_step=step == total_steps, stopping=step == stop_at)
             if saved.memory is not None:
                 self.metrics.event(step, "memory_snapshot_skipped" if saved.memory.get("skipped")

@@ -398,7 +398,7 @@ class CheckpointManager:
             reason += f"; waited {waited:.2f} s for the save of step {previous} (Config.when_busy 'wait')"
         return SaveResult(step, "started" if background else "saved", reason, kind=info["kind"],
                           location=self.store.step_url(step), stall_s=round(stall, 4), waited_s=round(waited, 4),
-                          late_by=late_by, replaced_step=replaced, steps_at_risk=self._at_risk(step),
+                          late_by=late_by, replaced_step=replaced, steps_at_risk=self.steps_at_risk(step),
                           bytes=info["bytes"], handle=self.last_save)
 
     def _skipped(self, step: int) -> SaveResult:
@@ -410,14 +410,14 @@ class CheckpointManager:
                       "(Config.when_busy 'coalesce')")
         else:
             reason = f"not due (every {self.config.interval} steps)"
-        return SaveResult(step, "skipped", reason, steps_at_risk=self._at_risk(step))
+        return SaveResult(step, "skipped", reason, steps_at_risk=self.steps_at_risk(step))
 
-    def _at_risk(self, step: int) -> int:
-        """Steps a crash now would lose: those since the newest committed full step."""
+    def steps_at_risk(self, step: int) -> int:
+        """Steps a crash at ``step`` would lose: those since the newest committed full step."""
         return step - (self._newest_full or 0)
 
     def _risk_note(self, step: int) -> str:
-        at_risk = self._at_risk(step)
+        at_risk = self.steps_at_risk(step)
         beyond = f", more than Config.interval ({self.config.interval})" if at_risk > self.config.interval else ""
         return f"a crash now would lose {at_risk} steps{beyond}"
 
@@ -430,7 +430,7 @@ class CheckpointManager:
         reason = (f"the save of step {writing} is still being written; " + (
             "deferred until it is committed" if first else f"still deferred, since step {self._deferred_from}"))
         logger.warning("checkpoint step %d: %s (Config.when_busy 'defer'); %s", step, reason, self._risk_note(step))
-        return SaveResult(step, "deferred", reason, kind=FULL, steps_at_risk=self._at_risk(step))
+        return SaveResult(step, "deferred", reason, kind=FULL, steps_at_risk=self.steps_at_risk(step))
 
     def _coalesce(self, step: int) -> SaveResult:
         """when_busy coalesce: stage this step's state into the spare saver, held until the save in
@@ -446,7 +446,7 @@ class CheckpointManager:
                   "committed" + (f", replacing the state staged at step {replaced}" if replaced is not None else ""))
         logger.warning("checkpoint step %d: %s (Config.when_busy 'coalesce'); %s", step, reason, self._risk_note(step))
         return SaveResult(step, "coalesced", reason, kind=FULL, location=self.store.step_url(step),
-                          stall_s=round(stall, 4), replaced_step=replaced, steps_at_risk=self._at_risk(step),
+                          stall_s=round(stall, 4), replaced_step=replaced, steps_at_risk=self.steps_at_risk(step),
                           bytes=info["bytes"], handle=info["handle"])
 
     def _write_pending(self, step: int) -> SaveResult:
@@ -461,7 +461,7 @@ class CheckpointManager:
                     "committed", step, pending_step, self.store.step_url(pending_step))
         return SaveResult(pending_step, "started", f"staged at step {pending_step}; the previous save is committed",
                           kind=FULL, location=self.store.step_url(pending_step), late_by=step - pending_step,
-                          steps_at_risk=self._at_risk(step), handle=handle)
+                          steps_at_risk=self.steps_at_risk(step), handle=handle)
 
     def _cancel_pending(self) -> int | None:
         """Drop the staged state that waits to be written (on every rank alike); returns its step."""
