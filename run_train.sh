@@ -28,4 +28,5 @@ if [[ -n "${MAX_RESTARTS:-}" ]]; then launch+=(--max-restarts="$MAX_RESTARTS"); 
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 # --tee: torchrun prefixes each line with the global rank (its default is the role and the local rank).
 export TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE="${TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE:-[rank\$rank]: }"
-exec "$python" -m torch.distributed.run "${launch[@]}" -m cairn.train "${args[@]}" "$@"
+# cairn.launch is torchrun, ending a run stopped by a user error with that error (cairn/launch.py).
+exec "$python" -m cairn.launch "${launch[@]}" -m cairn.train "${args[@]}" "$@"
