@@ -228,7 +228,8 @@ class CheckpointSection:
     enable: bool = False
     """Save checkpoints (and resume from them). Off: nothing is saved or loaded."""
     folder: str = "checkpoint"
-    """Where step-N folders go: relative to --job.dump_folder, an absolute path, or object storage
+    """Where step-N folders go: relative to --job.dump_folder (a CheckpointManager's base_folder), an
+    absolute path, or object storage
     (s3://bucket/prefix; credentials and endpoint as for every AWS tool, AWS_ENDPOINT_URL for
     S3-compatible stores)."""
     upload_to: str | None = None
@@ -242,7 +243,8 @@ class CheckpointSection:
     load_step: int = -1
     """Step to resume from; -1 = the newest committed step. A missing step is an error."""
     last_save_model_only: bool = True
-    """At the last step save the model only (no optimizer/data/RNG), cast to export_dtype."""
+    """At the last step save the model only (no optimizer/data/RNG), cast to export_dtype: an
+    export of the final weights, not a point to resume training from."""
     export_dtype: str = "float32"
     """Dtype of the model-only last save: float32, bfloat16 or float16."""
     exclude_from_loading: list[str] = field(default_factory=list)

@@ -182,6 +182,39 @@ def test_run_stall_reads_the_runs_own_metrics(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_run_stall_when_busy_sweep(tmp_path):
+    """run_stall.py --when-busy: one run per mode, each with the steps a crash would lose."""
+    out = tmp_path / "stall.json"
+    command = [sys.executable, str(REPO / "benchmarks" / "run_stall.py"), "--out", str(out), "--folder",
+               str(tmp_path / "runs"), "--window", "3:10", "--interval", "2", "--when-busy", "wait,coalesce",
+               "--", "--config", "llama3_tiny", "--training.steps", "12"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "at risk max" in proc.stdout
+    figures = json.loads(out.read_text())["figures"]
+    assert set(figures) == {"none", "when_busy_wait", "when_busy_coalesce"}
+    for name in ("when_busy_wait", "when_busy_coalesce"):
+        assert figures[name]["at_risk_max"] >= 1 and figures[name]["extra_s"] is not None
+        assert all(save["action"] in ("started", "saved") for save in figures[name]["saves"])
+    assert figures["none"]["at_risk_max"] is None
+
+
+def test_when_busy_bench_smoke(tmp_path):
+    """benchmarks/when_busy_bench.py on a tiny MLP: every mode's throughput and steps at risk."""
+    out = tmp_path / "when_busy.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "when_busy_bench.py"), "--out", str(out),
+                           "--width", "64", "--layers", "2", "--steps", "8", "--warmup", "2", "--repeats", "1",
+                           "--commit-delay", "0.2", "--folder", str(tmp_path / "runs")],
+                          cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    summary = json.loads(out.read_text())["summary"]
+    assert set(summary) == {"wait", "coalesce", "defer"}
+    for row in summary.values():
+        assert row["throughput"] > 0 and row["at_risk_max"] >= 1 and row["committed"]
+
+
 def test_s3_bench_smoke(tmp_path):
     """benchmarks/s3_bench.py on 16 MB against the test server it starts: every figure and ratio."""
     out = tmp_path / "s3.json"

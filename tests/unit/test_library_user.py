@@ -95,6 +95,19 @@ def test_a_loop_resumes_from_what_load_returns(tmp_path):
     assert type(plain) is LoadResult and (plain.step, plain.tier, plain.source) == (6, "disk", loaded.source)
 
 
+def test_a_memory_restore_says_how_many_steps_were_lost(tmp_path):
+    from test_memory import build, train
+
+    model, optimizer, counter, manager = build(tmp_path)
+    train(model, optimizer, counter, manager, 5)
+    manager.close()  # a crash after step 5: the snapshots stay
+    model, optimizer, counter, manager = build(tmp_path)
+    loaded = manager.load()
+    manager.close()
+    assert (loaded.step, loaded.tier, loaded.steps_lost, loaded.kind) == (4, "memory", 1, "full")
+    assert loaded.record()["from_step"] == 4 and set(loaded.details["phases_s"]) >= {"agree", "copy"}
+
+
 # --- 3. the Config is checked when the manager is built ------------------------------------------
 
 def test_a_bad_config_is_one_error_naming_every_field(tmp_path):
