@@ -223,6 +223,7 @@ def load(state_dict: dict[str, Any], location: str | os.PathLike | CheckpointSto
     is none, and every key the checkpoint lacks or holds in another shape."""
     store = as_store(location)
     steps = store.committed_steps()
+    asked = step
     if step is None:
         if not steps:
             raise CheckpointError(f"no committed checkpoint in {store.url}")
@@ -240,20 +241,24 @@ def load(state_dict: dict[str, Any], location: str | os.PathLike | CheckpointSto
                  "of the state dict to load the rest" for key in missing]
     if problems:
         raise mismatch_error(where, "this state dict", problems)
-    target = {**rest, **flat}
+    # What dcp.load does with Stateful values, done here so that the model's keys sit at the top level.
+    target = {**_plain(rest), **flat}
     with single_process_dcp():
         store.load(target, step, verify=verify, planner=planner, process_group=process_group,
                    no_dist=not _distributed())
+    for key, value in rest.items():
+        if isinstance(value, Stateful):
+            value.load_state_dict(target[key])
+        else:
+            state_dict[key] = target[key]  # non-tensor values are replaced, not filled in
     if isinstance(model, Stateful):
         model.load_state_dict({key: target[key] for key in flat})
     elif model is not None:
-        model.update({key: target[key] for key in flat})  # non-tensor values are replaced, not filled in
-    state_dict.update({key: target[key] for key in rest if not isinstance(rest[key], Stateful)})
+        model.update({key: target[key] for key in flat})
     manifest = store.read_manifest(step) or {}
-    loaded = state_bytes(flat) + state_bytes({key: value for key, value in target.items() if key in rest})
     return LoadResult(step=step, tier="disk" if store.scheme == "file" else "object", source=where,
                       kind=manifest.get("kind", "full"), seconds=round(time.perf_counter() - start, 4),
-                      bytes=loaded, explicit=True)
+                      bytes=state_bytes(target), explicit=asked is not None)
 
 
 def verify(location: str | os.PathLike | CheckpointStore, step: int | None = None) -> list[str]:

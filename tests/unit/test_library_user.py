@@ -214,7 +214,9 @@ def test_one_process_saves_and_loads_without_torch_warnings(tmp_path, caplog):
         train_step(model, optimizer, manager)
         manager.save(2, last_step=True)
         manager.close()
-        manager_for(tmp_path, model, optimizer, Counter()).load()
+        again = manager_for(tmp_path, model, optimizer, Counter())
+        again.load()
+        again.close()
     assert not [w for w in caught if "torch.distributed is disabled" in str(w.message)]
     unpinned = [r for r in caplog.records if "unpinned" in r.getMessage()]
     if torch.cuda.is_available():
@@ -231,6 +233,27 @@ def test_the_unpinned_fallback_is_logged_once_per_process():
                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert out.returncode == 0, out.stderr
     assert out.stderr.count("staging into ordinary (unpinned) host memory") == 1, out.stderr
+
+
+# --- 7. section 16 says what the defaults do, and they do it -------------------------------------
+
+def test_the_defaults_section_16_states(tmp_path):
+    """base_folder + folder is where steps go; the last step is model-only unless asked otherwise."""
+    guide = (Path(__file__).resolve().parents[2] / "docs" / "checkpoint.md").read_text()
+    section = guide[guide.index("## 16. Use it from your own loop"):guide.index("## 17.")]
+    for said in ("`outputs/checkpoint/step-100`", "**the model only** (`last_save_model_only=True`)",
+                 '`"wait"` (default)', "`LoadResult`", "`SaveResult`", "`steps_at_risk`"):
+        assert said in section, said
+    model, optimizer = tiny()
+    manager = CheckpointManager(CheckpointManager.Config(enable=True, interval=2), model_parts=[model],
+                                states={"optimizer": OptimizerState(model, optimizer)}, base_folder=tmp_path / "outputs")
+    for step in range(1, 4):
+        train_step(model, optimizer, manager)
+        last = manager.save(step, last_step=step == 3)
+    manager.close()
+    assert last.action == "saved" and last.kind == "model_only"
+    assert list_steps(tmp_path / "outputs" / "checkpoint") == [2, 3]
+    assert open_store(tmp_path / "outputs" / "checkpoint").read_manifest(3)["kind"] == "model_only"
 
 
 # --- 8. a zombie holds no lease -----------------------------------------------------------------
