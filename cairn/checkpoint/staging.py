@@ -253,7 +253,7 @@ class HostStager:
             needed = sum(nbytes(local) for _, local in leaves)
             free, total_memory = torch.cuda.mem_get_info(device)
             self.snapshot_mode = "on" if snapshot_fits(needed, free, total_memory) else "off"
-            logger.info("async saves %s a device snapshot (--checkpoint.device_snapshot auto): %.1f GB needed, "
+            logger.info("async saves %s a device snapshot (Config.device_snapshot auto): %.1f GB needed, "
                         "%.1f GB of %.1f GB free on %s", "take" if self.device_snapshot else "skip",
                         needed / 1e9, free / 1e9, total_memory / 1e9, device)
         self.arena = HostArena(total, pin=self.pin_memory, device=device, path=self.arena_path)
@@ -476,7 +476,7 @@ class AsyncSaver:
                 self.writer_process = writer_process.WriterProcess()
                 self.stager.on_release = lambda arena: self.writer_process.release(arena.id)
             else:
-                logger.warning("--checkpoint.async_writer process needs Linux (memfd); writing from a thread")
+                logger.warning("Config.async_writer process needs Linux (memfd); writing from a thread")
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cairn-ckpt")
         self._queued = threading.Event()
         self._queued.set()
