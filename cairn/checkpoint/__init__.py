@@ -13,9 +13,9 @@ Whatever the way in, a step becomes visible only once it is complete on every ra
 carries an xxh3 checksum in the step's manifest, and loading never runs code from a file.
 
 Layers, lowest first (each imports only from those below it; tests/unit/test_layering.py
-enforces it, and docs/design.md lists them): errors -> layout, faults, adapter, state, results ->
-fsio, lease -> ... -> store -> staging, hf, retention, mirror -> api, memory -> manager ->
-readers -> convert -> cli.
+enforces it): errors -> layout, faults, adapter, state, results -> fsio, lease -> manifest,
+torchzip, planner -> dcp_metadata, commit, writer_process -> writer, reader -> local, s3 -> store
+-> staging, hf, retention, mirror -> api, memory -> manager -> readers -> convert -> cli.
 """
 
 import importlib
