@@ -30,4 +30,5 @@ export PYTHONUNBUFFERED=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 export CAIRN_LAUNCH_UNIX="${CAIRN_LAUNCH_UNIX:-$(date +%s.%N)}"
 # --tee: torchrun prefixes each line with the global rank (its default is the role and the local rank).
 export TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE="${TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE:-[rank\$rank]: }"
-exec "$python" -m torch.distributed.run "${launch[@]}" -m cairn.train "${args[@]}" "$@"
+# cairn.launch is torchrun, ending a run stopped by a user error with that error (cairn/launch.py).
+exec "$python" -m cairn.launch "${launch[@]}" -m cairn.train "${args[@]}" "$@"

@@ -394,7 +394,7 @@ class CairnSubject:
     def save(self, step: int) -> None:
         self.manager.last_save = None
         info = self.manager.save(step)
-        self.local_bytes = info["bytes"]
+        self.local_bytes = info.bytes
 
     def durable_locally(self) -> bool:
         # Only the coordinator publishes; the others take part in the same collective finish.

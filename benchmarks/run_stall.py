@@ -20,6 +20,15 @@ run, ``spike_extra_s`` compares only the time steps spent above each run's own m
 
 Flags after ``--`` go to every run; ``--variant name=FLAGS`` (repeatable) replaces the default
 variants, ``--window A:B`` picks the steps, ``--interval N`` the save interval of the defaults.
+
+``--when-busy wait,coalesce,defer`` runs instead one variant per ``--checkpoint.when_busy``
+mode (async_with_pinned_mem, keep_latest_k 1, saves every ``--interval`` steps: pick one
+shorter than a save takes, so that saves come due while one is written) and reports, besides
+the extra time, the steps a crash would lose, from each step record's ``steps_at_risk``
+(``at_risk_max``, ``at_risk_mean``), and the saves taken, deferred or coalesced:
+
+    python benchmarks/run_stall.py --out when_busy.json --when-busy wait,coalesce,defer --interval 10 \\
+        --window 30:120 -- --config llama3_1b --training.local_batch_size 4 --training.steps 125
 """
 
 from __future__ import annotations
@@ -53,6 +62,12 @@ def default_variants(interval: int, b2b_interval: int) -> dict[str, list[str]]:
     }
 
 
+def when_busy_variants(modes: list[str], interval: int) -> dict[str, list[str]]:
+    ckpt = ["--checkpoint.enable", "--checkpoint.interval", str(interval), "--checkpoint.no-last_save_model_only",
+            "--checkpoint.async_mode", "async_with_pinned_mem", "--checkpoint.keep_latest_k", "1"]
+    return {"none": [], **{f"when_busy_{mode}": [*ckpt, "--checkpoint.when_busy", mode] for mode in modes}}
+
+
 def records(dump: Path) -> list[dict[str, Any]]:
     path = dump / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
@@ -67,14 +82,17 @@ def window_figures(rows: list[dict[str, Any]], first: int, last: int) -> dict[st
     deferred = [r for r in rows if r.get("event") == "checkpoint_deferred" and first <= r["step"] < last]
     snapshots = [r for r in rows if r.get("event") == "memory_snapshot" and first <= r["step"] < last]
     median = statistics.median(inside)
+    at_risk = [steps[s]["steps_at_risk"] for s in range(first + 1, last + 1) if "steps_at_risk" in steps.get(s, {})]
     return {"window_s": steps[last]["time"] - steps[first]["time"], "steps": last - first,
+            "at_risk_max": max(at_risk) if at_risk else None,
+            "at_risk_mean": statistics.fmean(at_risk) if at_risk else None,
             "median_step_s": median, "max_step_s": max(inside),
             # the time steps spent above this run's own median step: stalls, not a uniform slowdown,
             # and immune to the machine running all steps of one run faster than another's
             "above_median_s": sum(t - median for t in inside if t > median),
-            "saves": [{k: r.get(k) for k in ("step", "kind", "stall_s", "waited_s", "deferred_steps", "bytes")}
-                      for r in saves],
-            "deferred": [{k: r.get(k) for k in ("step", "due_step")} for r in deferred],
+            "saves": [{k: r.get(k) for k in ("step", "kind", "stall_s", "waited_s", "deferred_steps", "bytes",
+                                             "action", "steps_at_risk")} for r in saves],
+            "deferred": [{k: r.get(k) for k in ("step", "due_step", "action", "steps_at_risk")} for r in deferred],
             "snapshots": [{k: r.get(k) for k in ("step", "stall_s", "bytes")} for r in snapshots],
             "snapshots_skipped": sum(1 for r in rows if r.get("event") == "memory_snapshot_skipped"
                                      and first <= r["step"] < last)}
@@ -121,7 +139,7 @@ def summarize(results: dict[str, dict], first: int, last: int) -> dict[str, Any]
 def table(figures: dict[str, dict], first: int, last: int) -> str:
     lines = [f"window: steps {first}..{last} (wall clock between their metrics records)",
              f"{'variant':<22}{'window s':>10}{'extra s':>9}{'saves':>7}{'extra/ckpt':>12}{'slowest step':>14}"
-             f"{'deferred':>10}{'snapshots':>11}{'extra %':>9}"]
+             f"{'deferred':>10}{'snapshots':>11}{'extra %':>9}{'at risk max':>13}{'mean':>7}"]
     for name, f in figures.items():
         if "error" in f:
             lines.append(f"{name:<22}  error: {f['error']}")
@@ -131,7 +149,9 @@ def table(figures: dict[str, dict], first: int, last: int) -> str:
         lines.append(f"{name:<22}{f['window_s']:>10.2f}{'' if extra is None else f'{extra:+.2f}':>9}"
                      f"{len(f['saves']):>7}{'' if per is None else f'{per:+.3f}':>12}{f['max_step_s']:>14.3f}"
                      f"{len(f['deferred']):>10}{len(f.get('snapshots', [])):>11}"
-                     f"{'' if extra is None else format(100 * f['extra_fraction'], '+.2f'):>9}")
+                     f"{'' if extra is None else format(100 * f['extra_fraction'], '+.2f'):>9}"
+                     f"{'' if f.get('at_risk_max') is None else f['at_risk_max']:>13}"
+                     f"{'' if f.get('at_risk_mean') is None else format(f['at_risk_mean'], '.1f'):>7}")
     return "\n".join(lines)
 
 
@@ -154,12 +174,16 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
                         help="a variant's checkpoint flags (replaces the defaults; 'none' is the baseline)")
     parser.add_argument("--only", default=None, help="comma-separated default variants to run")
+    parser.add_argument("--when-busy", default=None, metavar="MODES",
+                        help="comma-separated --checkpoint.when_busy modes: one variant each (replaces the defaults)")
     parser.add_argument("--ngpu", type=int, default=1)
     parser.add_argument("--timeout", type=int, default=900, help="seconds per run")
     args = parser.parse_args(argv)
     first, last = (int(x) for x in args.window.split(":"))
     if args.variant:
         variants = {spec.partition("=")[0]: shlex.split(spec.partition("=")[2]) for spec in args.variant}
+    elif args.when_busy:
+        variants = when_busy_variants(args.when_busy.split(","), args.interval)
     else:
         variants = default_variants(args.interval, args.b2b_interval)
         if args.only:

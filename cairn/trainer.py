@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.distributed.checkpoint.stateful import Stateful
 
 from cairn.checkpoint import CheckpointManager, RNGState
-from cairn.config.job_config import JobConfig
+from cairn.config.job_config import JobConfig, as_flags
 from cairn.config.manager import ConfigError, to_dict
 from cairn.data.dataloader import build_dataloader
 from cairn.data.tokenizer import Tokenizer
@@ -106,11 +106,22 @@ def cross_entropy_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
 
 
 def setup_logging(rank: int, level: str) -> None:
-    """Log lines on stderr, rank 0's from ``level``, the others' warnings only, each naming its rank once."""
+    """Log lines on stderr, rank 0's from ``level``, the others' warnings only, each naming its rank
+    once; the checkpoint library's ``Config.<field>`` read as the flags that set them."""
     prefix = "" if _torchrun_captures_stderr() else f"[rank{rank}] "
     logging.basicConfig(level=getattr(logging, level.upper()) if rank == 0 else logging.WARNING,
                         format=f"{prefix}%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
                         force=True)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_in_flag_words)
+
+
+def _in_flag_words(record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    translated = as_flags(message)
+    if translated != message:
+        record.msg, record.args = translated, None
+    return True
 
 
 def _torchrun_captures_stderr() -> bool:
@@ -366,14 +377,13 @@ class Trainer:
         loaded = self.checkpointer.load()
         self._init_if_fresh(bool(loaded))
         self.clock.lap("resume")
-        last = self.checkpointer.last_load
-        if loaded and last and last["kind"] in ("model_only", "hf") and not last.get("explicit") \
-                and last.get("from_step") is not None and last["from_step"] >= job_config.training.steps:
-            self.train_state.step = last["from_step"]  # a finished run's export: nothing is left to do
+        if loaded.kind in ("model_only", "hf") and not loaded.explicit \
+                and loaded.step is not None and loaded.step >= job_config.training.steps:
+            self.train_state.step = loaded.step  # a finished run's export: nothing is left to do
         self.metrics = MetricsLogger(job_config.metrics, job_config.job.dump_folder, rank=self.rank,
-                                     append=loaded)
-        if loaded and self.checkpointer.last_load:  # where a resumed run picks up (`cairn checkpoint plot`)
-            self.metrics.event(self.train_state.step, "checkpoint_load", **self.checkpointer.last_load)
+                                     append=bool(loaded))
+        if loaded:  # where a resumed run picks up (`cairn checkpoint plot`)
+            self.metrics.event(self.train_state.step, "checkpoint_load", **loaded.record())
         total_steps = job_config.training.steps
         stop_at = min(total_steps, job_config.debug.exit_after_step or total_steps)
         tokens_per_step = (self.dataloader.global_batch_size * job_config.training.seq_len)
@@ -401,31 +411,34 @@ class Trainer:
             out = self.train_step()
             self.train_state.tokens_seen += tokens_per_step
             step_time = dist_max(time.perf_counter() - start)
+            saving = self.checkpointer.enabled and not self.job_config.checkpoint.load_only
             self.metrics.log(step, {**out,
                                     "tokens_per_second": tokens_per_step / step_time,
                                     "step_time_ms": step_time * 1e3,
                                     "memory_gib": memory_gib(self.device),
-                                    "tokens_seen": self.train_state.tokens_seen})
-            save_info = self.checkpointer.save(step, last_step=step == total_steps, stopping=step == stop_at)
+                                    "tokens_seen": self.train_state.tokens_seen,
+                                    **({"steps_at_risk": self.checkpointer.steps_at_risk(step)} if saving else {})})
+            saved = self.checkpointer.save(step, last_step=step == total_steps, stopping=step == stop_at)
             if self.clock is not None:  # the first step of this start: where the start's time went
                 self.clock.lap("first_step")
                 self.metrics.event(step, "startup", **self.clock.record())
                 self.clock = None
-            if save_info:
-                self._log_save(step, save_info)
+            self._log_save(step, saved)
 
-    def _log_save(self, step: int, info: dict) -> None:
-        """The checkpointer's report of this step into metrics.jsonl: a save (or its deferral), the
-        memory snapshot of the step before (its cost shows in this step's time), lost saves."""
-        for lost in info.pop("lost_saves", []):
-            self.metrics.event(lost.get("step") or step, "checkpoint_save_lost", **{k: v for k, v in lost.items()
-                                                                                   if k != "step"})
-        snapshot = info.pop("memory", None) if info.get("kind") != "memory" else info
-        if snapshot is not None:
+    def _log_save(self, step: int, saved) -> None:
+        """The checkpointer's report of this step into metrics.jsonl: saves lost to a dead writer,
+        the memory snapshot of the step before (its cost shows in this step's time), a save or
+        its deferral."""
+        for lost in saved.lost_saves:
+            self.metrics.event(lost.get("step") or step, "checkpoint_save_lost",
+                               **{key: value for key, value in lost.items() if key != "step"})
+        if saved.memory is not None:
+            snapshot = dict(saved.memory)
             self.metrics.event(snapshot.pop("step", step), "memory_snapshot_skipped" if snapshot.get("skipped")
                                else "memory_snapshot", **snapshot)
-        if snapshot is not info and "bytes" in info:
-            self.metrics.event(step, "checkpoint_deferred" if info.get("deferred") else "checkpoint_save", **info)
+        if saved.action != "skipped":
+            event = "checkpoint_deferred" if saved.action in ("deferred", "coalesced") else "checkpoint_save"
+            self.metrics.event(step, event, **saved.record())
 
     def _create_seed_checkpoint(self) -> None:
         degrees = self.parallel_dims.degrees

@@ -46,17 +46,6 @@ class Batches(Stateful):
         self.generator.set_state(state_dict["generator"])
 
 
-class Progress(Stateful):
-    def __init__(self):
-        self.step = 0
-
-    def state_dict(self) -> dict:
-        return {"step": self.step}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.step = int(state_dict["step"])
-
-
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
@@ -83,25 +72,25 @@ def main() -> None:
     model = tiny_llama()
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    data, progress = Batches(seed=7, vocab=model.config.vocab_size), Progress()
+    data = Batches(seed=7, vocab=model.config.vocab_size)
     torch.manual_seed(1234)  # attention dropout draws from here; RNGState saves and restores it
     config = CheckpointManager.Config(enable=True, interval=args.interval, keep_latest_k=2, async_mode=args.async_mode,
                                       last_save_model_only=True, last_save_in_hf=True, export_dtype="float32")
     manager = CheckpointManager(config, model_parts=model, base_folder=args.out,
                                 states={"optimizer": OptimizerState(model, optimizer), "data": data,
-                                        "progress": progress, "rng": RNGState()},
+                                        "rng": RNGState()},
                                 sd_adapter=TransformersAdapter(model), total_steps=args.steps)
-    if manager.load():
-        print(f"resumed from step {progress.step} ({manager.last_load['path']})", flush=True)
+    loaded = manager.load()  # a LoadResult: what was restored (step, tier, source); false on a fresh start
+    if loaded:
+        print(f"resumed from step {loaded.step} ({loaded.source})", flush=True)
     losses = Path(args.out) / "losses.jsonl"
-    for step in range(progress.step + 1, args.steps + 1):
+    for step in range((loaded.step or 0) + 1, args.steps + 1):
         tokens = data.next()
         loss = model(input_ids=tokens, labels=tokens).loss
         loss.backward()
         manager.maybe_wait_for_staging()
         optimizer.step()
         optimizer.zero_grad()
-        progress.step = step
         with open(losses, "a") as f:
             f.write(json.dumps({"step": step, "loss": loss.item()}) + "\n")
         manager.save(step, last_step=step == args.steps)

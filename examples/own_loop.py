@@ -82,17 +82,6 @@ class Batches(Stateful):
         self.generator.set_state(state_dict[self.key])
 
 
-class Progress(Stateful):
-    def __init__(self):
-        self.step = 0
-
-    def state_dict(self) -> dict:
-        return {"step": self.step}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.step = int(state_dict["step"])
-
-
 def digest(state: dict) -> dict[str, str]:
     """sha256 of every tensor's full value (DTensors gathered), by key."""
     out = {}
@@ -129,18 +118,19 @@ def main() -> None:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    data, progress = Batches(seed=1, rank=rank), Progress()
+    data = Batches(seed=1, rank=rank)
     torch.manual_seed(100 + rank)  # dropout streams differ per rank; RNGState saves and restores them
 
     config = CheckpointManager.Config(enable=True, interval=args.interval, keep_latest_k=3, async_mode=args.async_mode,
                                       last_save_model_only=False)
     manager = CheckpointManager(config, model_parts=[model], base_folder=args.out,
                                 states={"optimizer": OptimizerState(model, optimizer), "data": data,
-                                        "progress": progress, "rng": RNGState(device=device)})
-    if manager.load() and rank == 0:
-        print(f"resumed from step {progress.step} ({manager.last_load['path']})", flush=True)
+                                        "rng": RNGState(device=device)})
+    loaded = manager.load()  # a LoadResult: what was restored (step, tier, source); false on a fresh start
+    if loaded and rank == 0:
+        print(f"resumed from step {loaded.step} ({loaded.source})", flush=True)
     losses = Path(args.out) / "losses.jsonl"
-    for step in range(progress.step + 1, args.steps + 1):
+    for step in range((loaded.step or 0) + 1, args.steps + 1):
         batch = data.next().to(device)
         logits = model(batch[:, :-1])
         loss = nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
@@ -148,7 +138,6 @@ def main() -> None:
         manager.maybe_wait_for_staging()  # an async save's copy is taken before the state changes
         optimizer.step()
         optimizer.zero_grad()
-        progress.step = step
         total = loss.detach().clone()
         dist.all_reduce(total)
         if rank == 0:

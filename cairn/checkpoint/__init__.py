@@ -13,9 +13,9 @@ Whatever the way in, a step becomes visible only once it is complete on every ra
 carries an xxh3 checksum in the step's manifest, and loading never runs code from a file.
 
 Layers, lowest first (each imports only from those below it; tests/unit/test_layering.py
-enforces it): errors, layout, faults, adapter -> fsio -> manifest, dcp_metadata, torchzip ->
-commit -> writer, reader, planner, writer_process -> local, lease -> store -> staging, hf,
-retention, state -> api -> manager -> readers, convert -> cli.
+enforces it): errors -> layout, faults, adapter, state, results -> fsio, lease -> manifest,
+torchzip, planner -> dcp_metadata, commit, writer_process -> writer, reader -> local, s3 -> store
+-> staging, hf, retention, mirror -> api, memory -> manager -> readers -> convert -> cli.
 """
 
 import importlib
@@ -26,18 +26,21 @@ _EXPORTS = {
     "BackgroundSaver": "cairn.checkpoint.api",
     "CairnAsyncStager": "cairn.checkpoint.staging",
     "CheckpointConfig": "cairn.checkpoint.manager",
+    "CheckpointConfigError": "cairn.checkpoint.errors",
     "CheckpointError": "cairn.checkpoint.errors",
     "CheckpointManager": "cairn.checkpoint.manager",
     "CheckpointStore": "cairn.checkpoint.store",
     "CorruptCheckpointError": "cairn.checkpoint.errors",
     "FolderBusyError": "cairn.checkpoint.lease",
     "HFCheckpointError": "cairn.checkpoint.errors",
+    "LoadResult": "cairn.checkpoint.results",
     "ModelState": "cairn.checkpoint.state",
     "OptimizerState": "cairn.checkpoint.state",
     "PerRankState": "cairn.checkpoint.state",
     "RNGState": "cairn.checkpoint.state",
     "SaveError": "cairn.checkpoint.errors",
     "SaveHandle": "cairn.checkpoint.api",
+    "SaveResult": "cairn.checkpoint.results",
     "StateDictAdapter": "cairn.checkpoint.adapter",
     "TransformersAdapter": "cairn.checkpoint.adapter",
     "UnsafeCheckpointError": "cairn.checkpoint.errors",
@@ -58,18 +61,21 @@ __all__ = [
     "BackgroundSaver",
     "CairnAsyncStager",
     "CheckpointConfig",
+    "CheckpointConfigError",
     "CheckpointError",
     "CheckpointManager",
     "CheckpointStore",
     "CorruptCheckpointError",
     "FolderBusyError",
     "HFCheckpointError",
+    "LoadResult",
     "ModelState",
     "OptimizerState",
     "PerRankState",
     "RNGState",
     "SaveError",
     "SaveHandle",
+    "SaveResult",
     "StateDictAdapter",
     "TransformersAdapter",
     "UnsafeCheckpointError",

@@ -30,7 +30,6 @@ import os
 import shutil
 import time
 import uuid
-import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Callable
@@ -44,6 +43,7 @@ from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from cairn.checkpoint.adapter import CONFIG_FILE
+from cairn.checkpoint.api import single_process_dcp
 from cairn.checkpoint.errors import HFCheckpointError, reraise_user_error
 from cairn.checkpoint.fsio import fsync_dir
 from cairn.checkpoint.hf import (
@@ -64,7 +64,6 @@ from cairn.checkpoint.readers import (
     detect_format,
     group_of,
     progress_bar,
-    quiet_dcp,
     read_batches,
     read_manifest_quietly,
 )
@@ -296,9 +295,7 @@ def _read_dcp_tensor(reader: SafeFileSystemReader, fqn: str, shape, dtype: torch
 @contextlib.contextmanager
 def _single_process_dcp():
     """DCP in one process: no warning about it, and the error itself rather than DCP's wrapper."""
-    with warnings.catch_warnings():
-        # no_dist=True is the intent here; DCP warns about it on every call.
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    with single_process_dcp():
         try:
             yield
         except CheckpointException as e:  # a BaseException holding {rank: (error, traceback)}
@@ -372,7 +369,7 @@ def torch_file_to_dcp(src: Path, dst: Path, *, export_dtype: torch.dtype | None 
             return tensor
 
     with staged_output(dst) as staging, progress_bar(total, "torch -> DCP", progress) as advance:
-        with quiet_dcp():
+        with single_process_dcp():
             dcp.save(shapes_only(ckpt.obj), storage_writer=FileSystemWriter(staging, thread_count=1),
                      planner=StreamingPlanner(), no_dist=True)
     num_tensors = sum(1 for t in flat.values() if isinstance(t, torch.Tensor))
@@ -419,7 +416,7 @@ def recast_dcp(src: Path, dst: Path, *, export_dtype: torch.dtype | None, model_
             return loaded[key].to(write_item.tensor_data.properties.dtype)
 
     with staged_output(dst) as staging, progress_bar(total, "DCP -> DCP", progress) as advance:
-        with quiet_dcp():
+        with single_process_dcp():
             dcp.save({**targets, **values}, storage_writer=FileSystemWriter(staging, thread_count=1,
                                                                            single_file_per_rank=False),
                      planner=RecastingPlanner(), no_dist=True)

@@ -17,6 +17,19 @@ class CheckpointError(Exception):
     """A checkpoint problem the user can act on; the message names the file, step or flag."""
 
 
+class CheckpointConfigError(CheckpointError, ValueError):
+    """A ``CheckpointManager.Config`` with problems; ``problems`` lists each, naming its field."""
+
+    def __init__(self, problems: Sequence[str]):
+        self.problems = list(problems)
+        count = len(self.problems)
+        super().__init__(f"invalid CheckpointManager.Config ({count} problem{'s' if count != 1 else ''}):\n  - "
+                         + "\n  - ".join(self.problems))
+
+    def __reduce__(self):
+        return (type(self), (self.problems,))
+
+
 class CorruptCheckpointError(CheckpointError):
     """A checkpoint whose files do not match what was written; ``problems`` lists each one."""
 

@@ -4,8 +4,9 @@
 save: it and the training process), ``CAIRN_FAULT=<point>:enospc`` raises
 ``OSError(ENOSPC)`` there instead, ``CAIRN_FAULT=<point>:exit`` ends only the process that
 reaches it (exit code 99), ``CAIRN_FAULT=<point>:sleep=<s>`` sleeps there (a slow disk, a
-slow purge), ``CAIRN_FAULT_RANK=<r>`` limits it to one rank, and ``CAIRN_FAULT_SKIP=<n>`` lets
-each process pass the point ``n`` times before it acts. Points: ``before_data``
+slow purge), ``CAIRN_FAULT_RANK=<r>`` limits it to one rank, ``CAIRN_FAULT_SKIP=<n>`` lets
+each process pass the point ``n`` times before it acts, and ``CAIRN_FAULT_TIMES=<n>`` lets it act
+``n`` times at most (a slow first save, then normal ones). Points: ``before_data``
 (staging dir made, nothing written), ``mid_data`` (after the first bytes of the first data
 file), ``after_data_before_commit`` (every data file written, no ``.metadata`` yet),
 ``during_publish`` (manifest written, right before the publishing rename or marker),
@@ -30,11 +31,13 @@ import time
 FAULT_ENV = "CAIRN_FAULT"
 FAULT_RANK_ENV = "CAIRN_FAULT_RANK"
 FAULT_SKIP_ENV = "CAIRN_FAULT_SKIP"
+FAULT_TIMES_ENV = "CAIRN_FAULT_TIMES"
 FAULT_EXIT_CODE = 99
 WRITER_PROCESS_ENV = "CAIRN_WRITER_PROCESS"  # set in an async save's writer process
 FAULT_POINTS = ("before_data", "mid_data", "after_data_before_commit", "during_publish", "during_replace",
                 "during_purge", "during_upload", "during_snapshot", "during_replica")
 _passed: dict[str, int] = {}  # point -> times this process passed it (for CAIRN_FAULT_SKIP)
+_acted: dict[str, int] = {}  # point -> times this process acted there (for CAIRN_FAULT_TIMES)
 
 
 def armed(point: str) -> bool:
@@ -57,6 +60,11 @@ def fault_point(point: str, rank: int | None = None) -> None:
     if skip:
         _passed[point] = _passed.get(point, 0) + 1
         if _passed[point] <= skip:
+            return
+    times = os.environ.get(FAULT_TIMES_ENV)
+    if times:
+        _acted[point] = _acted.get(point, 0) + 1
+        if _acted[point] > int(times):
             return
     if action == "enospc":
         raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (injected by {FAULT_ENV}={spec})")

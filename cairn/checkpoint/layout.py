@@ -82,7 +82,7 @@ def is_trash(name: str) -> bool:
 
 # --- dtypes by name ------------------------------------------------------------------------------
 
-# Dtypes a user may name for an export (--checkpoint.export_dtype, convert --export_dtype).
+# Dtypes a user may name for an export (Config.export_dtype, convert --export_dtype).
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -90,7 +90,7 @@ def steps_to_purge(steps: list[int], keep_latest_k: int, protect=()) -> list[int
     """The committed ``steps`` (ascending) that retention removes: all but the newest
     ``keep_latest_k`` and those in ``protect``; none when ``keep_latest_k`` is 0 (keep all)."""
     if keep_latest_k < 0:
-        raise ValueError(f"--checkpoint.keep_latest_k must be >= 0, got {keep_latest_k}")
+        raise ValueError(f"keep_latest_k must be >= 0, got {keep_latest_k}")
     if keep_latest_k == 0:
         return []
     keep = set(steps[-keep_latest_k:]) | set(protect)

@@ -8,7 +8,8 @@ heartbeat that a thread of the holder renews every ``HEARTBEAT_S`` seconds. A se
 refuses at start with one message naming the holder. It takes the lease over only when the
 holder is gone:
 
-- on the same host, its process no longer exists;
+- on the same host, its process no longer exists, or is a zombie (killed, not yet reaped by its
+  parent: it runs nothing and holds nothing);
 - it belongs to the same torchrun run at an earlier restart (torchrun restarts all workers);
 - its heartbeat is older than the lease timeout (``CAIRN_LEASE_TIMEOUT``, default 60 s): a
   holder on another node that died (clocks of a cluster's nodes are assumed synchronized).
@@ -72,8 +73,19 @@ def _pid_alive(pid: Any) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True  # someone else's process
-    return True
+        return not _zombie(pid)  # someone else's process
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    """Whether ``pid`` has exited and waits to be reaped (state Z in /proc/<pid>/stat; Linux)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False  # no /proc here (or it is gone): kill(pid, 0) decided
+    # "<pid> (<command, may hold spaces and parentheses>) <state> ...": the state follows the last ')'
+    return stat[stat.rfind(b")") + 2:stat.rfind(b")") + 3] == b"Z"
 
 
 def describe(holder: dict[str, Any], now: float | None = None) -> str:
@@ -136,8 +148,8 @@ class FolderLease:
             if reason is None:
                 raise FolderBusyError(
                     f"checkpoint folder {store.url} is in use by another run ({describe(holder)}); two runs on one "
-                    f"folder would delete each other's saves. Stop that run, or use another --checkpoint.folder. If "
-                    f"it is gone, its lease expires {timeout:.0f} s after its last heartbeat ({TIMEOUT_ENV})")
+                    f"folder would delete each other's saves. Stop that run, or use another folder (Config.folder). "
+                    f"If it is gone, its lease expires {timeout:.0f} s after its last heartbeat ({TIMEOUT_ENV})")
             record = {**me, "heartbeat": time.time()}
             version = store.lease_replace(record, held_version)
             if version is not None:

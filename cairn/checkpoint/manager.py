@@ -2,16 +2,25 @@
 
     manager = CheckpointManager(CheckpointManager.Config(enable=True, interval=100,
                                                          async_mode="async_with_pinned_mem"),
-                                model_parts=[model], states={"optimizer": OptimizerState(model, opt),
-                                                             "train_state": train_state},
-                                base_folder="outputs")
-    manager.load()                      # the newest committed step, if any
-    for step in ...:
+                                model_parts=[model], states={"optimizer": OptimizerState(model, opt)},
+                                base_folder="outputs")   # steps go to outputs/checkpoint (Config.folder)
+    loaded = manager.load()             # a LoadResult: .step, .tier, .source; false if nothing was loaded
+    for step in range((loaded.step or 0) + 1, total + 1):
         ...                             # forward, backward
         manager.maybe_wait_for_staging()
         opt.step()
-        manager.save(step, last_step=step == total)
+        result = manager.save(step, last_step=step == total)   # a SaveResult: .action, .reason
     manager.close()
+
+The Config is checked when the manager is built (one CheckpointConfigError listing every
+problem, each naming its field); messages name fields the library's way (``Config.interval``),
+which cairn's trainer turns into its flags (``--checkpoint.interval``).
+
+When a save comes due while the previous async save is still being written, ``when_busy``
+decides: ``wait`` (the default: training waits for it, so no due save is skipped or late),
+``coalesce`` (this step's state is staged into a second set of buffers and written next) or
+``defer`` (the save is taken at the first step after the previous one commits). The result
+of every ``save()`` says which, and how many steps a crash would lose at that moment.
 
 What a full checkpoint holds, as one flat DCP state dict: the model's FQNs at the top level
 (so ``dcp_to_torch`` of a step gives a plain ``{fqn: tensor}`` model dict), then one entry per
@@ -19,14 +28,14 @@ state: ``{<model FQNs>: tensors, "optimizer": {...}, "train_state": {...}, ...}`
 any ``Stateful``; one that implements ``reseed(seed)`` (``state.RNGState``) is restored only
 on the layout that saved it and re-seeded on any other.
 
-With ``--checkpoint.memory_interval K`` every K-th step is also snapshotted into host memory
+With ``Config.memory_interval = K`` every K-th step is also snapshotted into host memory
 that outlives the process (``memory.py``); a restart resumes from the newest snapshot every
 rank can get (its own, or a replica on the next node) when it is at least as new as the
 newest committed step, else from the folder.
 
 Load precedence (auto-resume): a memory snapshot as above; the newest committed step in the
-folder (or ``--checkpoint.load_step``, which never takes a snapshot) wins, and then every ``initial_*`` option is ignored by design;
-else ``--checkpoint.initial_load_path`` (or HF weights); else a fresh start.
+folder (or ``Config.load_step``, which never takes a snapshot) wins, and then every ``initial_*``
+option is ignored by design; else ``Config.initial_load_path`` (or HF weights); else a fresh start.
 
 Everything in the checkpoint folder goes through a store (``store.py``: a local or shared
 folder, or ``s3://``); HF files through ``hf.py`` and the model's adapter. This module knows
@@ -36,6 +45,8 @@ nothing, needs no process group and loads nothing.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import time
 from datetime import timedelta
@@ -45,11 +56,18 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.stateful import Stateful
 
-from cairn.checkpoint.api import BackgroundSaver, SaveHandle, save
-from cairn.checkpoint.errors import (CheckpointError, CorruptCheckpointError, WriterDiedError,
+from cairn.checkpoint.api import (
+    BackgroundSaver,
+    Hold,
+    SaveHandle,
+    mismatch_error,
+    mismatches,
+    save,
+    single_process_dcp,
+)
+from cairn.checkpoint.errors import (CheckpointConfigError, CheckpointError, CorruptCheckpointError, WriterDiedError,
                                     find_checkpoint_error, first_line)
 from cairn.checkpoint.hf import load_hf, save_hf
 from cairn.checkpoint.layout import FULL, HF, MODEL_ONLY, SEED, dtype_named
@@ -58,15 +76,19 @@ from cairn.checkpoint.memory import MemoryTier, restore
 from cairn.checkpoint.memory_slots import (default_dir, new_run_id, open_private_dir, read_run, remove_other_configs,
                                            run_identity)
 from cairn.checkpoint.mirror import UploadWorker
+from cairn.checkpoint.results import NOTHING_LOADED, LoadResult, SaveResult
 from cairn.checkpoint.retention import RetentionWorker
 from cairn.checkpoint.state import MODEL, ModelState, PerRankState, state_bytes
-from cairn.checkpoint.store import local_folder, open_step, open_store
+from cairn.checkpoint.store import is_object_uri, local_folder, open_step, open_store
 from cairn.config.job_config import CheckpointSection
 
 logger = logging.getLogger("cairn")
 
 # A replica exchange whose peer died fails after this long instead of holding the thread.
 MEMORY_GROUP_TIMEOUT_S = 300
+# when_busy wait: a wait for the previous save longer than this is a warning (shorter ones are
+# the tail of a save that was just finishing).
+WAIT_WARNING_S = 0.05
 
 CheckpointConfig = CheckpointSection
 
@@ -84,7 +106,7 @@ class CheckpointManager:
     parallel layout, default the world size), ``tokenizer_dir`` (copied into HF exports),
     ``hf_assets_path`` (HF weights for ``initial_load_in_hf``), ``on_commit(step, location)``
     (on the coordinator, once a step is committed), ``process_group`` (saves and loads; the
-    default group).
+    default group). Raises CheckpointConfigError listing every problem of ``config``.
     """
 
     Config = CheckpointSection
@@ -102,6 +124,9 @@ class CheckpointManager:
         self.states: dict[str, Stateful] = dict(states or {})
         if MODEL in self.states:
             raise ValueError("CheckpointManager: 'model' is not a state key (pass the model as model_parts)")
+        problems = config.problems(states=self.states)
+        if problems:
+            raise CheckpointConfigError(problems)
         self.sd_adapter = sd_adapter
         self.model_info = dict(model_info or {})
         self.run_info = dict(run_info or {})
@@ -114,12 +139,15 @@ class CheckpointManager:
         self.group = process_group
         self.checksums = True  # xxh3 of every file into the manifest (the benchmark turns it off for a pair)
         self.last_load: dict | None = None  # what load() restored (kind, path, bytes, seconds), for metrics
-        self.last_save: SaveHandle | None = None
+        self.last_save: SaveHandle | None = None  # the handle of the newest save taken
         self.load_phases: dict[str, float] = {}  # the last DCP load's parts, seconds (see _dcp_load)
         self.load_hash_wait_s: float | None = None  # the last verifying load's wait on its hashes
         self.async_saver: BackgroundSaver | None = None
         self._prepared = False
-        self._deferred_from: int | None = None  # the step whose save is waiting for the previous one
+        self._deferred_from: int | None = None  # when_busy defer: the step whose save waits for the previous one
+        self._spare: BackgroundSaver | None = None  # when_busy coalesce: a second saver, for the staged state
+        self._pending: tuple[int, Hold, SaveHandle] | None = None  # the staged state waiting to be written
+        self._newest_full: int | None = None  # the newest committed full step: what a crash now resumes from
         self._writing: set[int] = set()  # steps of saves in flight (retention never deletes them)
         self._lease: FolderLease | None = None
         self._retention: RetentionWorker | None = None
@@ -153,6 +181,9 @@ class CheckpointManager:
         if config.async_mode != "disabled" and not config.load_only:
             self.async_saver = BackgroundSaver(config.async_mode, writer=config.async_writer,
                                                device_snapshot=config.device_snapshot)
+            if config.when_busy == "coalesce":
+                self._spare = BackgroundSaver(config.async_mode, writer=config.async_writer,
+                                              device_snapshot=config.device_snapshot)
         if self.rank == 0 and config.keep_latest_k > 0 and not config.load_only:
             self._retention = RetentionWorker(self.store, config.keep_latest_k,
                                               protect=lambda: set(self._writing) | self._uploading(),
@@ -198,7 +229,7 @@ class CheckpointManager:
         except CheckpointError as e:
             raise CheckpointError(f"--checkpoint.memory_dir: {e}") from None
         except OSError as e:
-            raise CheckpointError(f"--checkpoint.memory_dir {directory}: {e.strerror or e}") from e
+            raise CheckpointError(f"Config.memory_dir {directory}: {e.strerror or e}") from e
 
     def _memory_run_id(self, found: dict | None, identity: dict, problem: str | None) -> str:
         """The memory tier's run id, the same on every rank: a restart (the folder existed at
@@ -269,6 +300,8 @@ class CheckpointManager:
             self.memory.prepare(state)
         elif self.async_saver is not None:  # with the memory tier, saves write its snapshots' copies
             self.async_saver.prepare(state)
+        if self._spare is not None:
+            self._spare.prepare(state)
 
     def _check_memory_room(self, local_bytes: int) -> None:
         """The snapshots need room for their slots on every node: stop before training on if not."""
@@ -279,8 +312,8 @@ class CheckpointManager:
             dist.all_gather_object(problems, problem, group=self._gloo_group())
         found = [p for p in problems if p]
         if found:
-            raise CheckpointError(f"--checkpoint.memory_dir: {found[0]}; lower --checkpoint.memory_replicas, point "
-                                  "--checkpoint.memory_dir at a larger tmpfs, or set --checkpoint.memory_interval 0")
+            raise CheckpointError(f"Config.memory_dir: {found[0]}; lower Config.memory_replicas, point "
+                                  "Config.memory_dir at a larger tmpfs, or set Config.memory_interval 0")
 
     def _check_room(self, local_bytes: int) -> None:
         """A step needs about the state's bytes (all ranks): refuse to train on if the folder has less."""
@@ -292,9 +325,9 @@ class CheckpointManager:
 
         def check() -> None:
             if free is not None and free < needed:
-                raise CheckpointError(f"--checkpoint.folder {self.folder} has {free / 1e9:.2f} GB free, but one "
+                raise CheckpointError(f"Config.folder {self.folder} has {free / 1e9:.2f} GB free, but one "
                                       f"checkpoint of this run needs about {needed / 1e9:.2f} GB: free space there "
-                                      "or point --checkpoint.folder elsewhere (stopped before any step was lost)")
+                                      "or point Config.folder elsewhere (stopped before any step was lost)")
 
         self._agree(check if self.rank == 0 else None)
 
@@ -312,31 +345,37 @@ class CheckpointManager:
             return True
         return step == 1 and self.config.enable_first_step_checkpoint
 
-    def save(self, step: int, last_step: bool = False, stopping: bool = False) -> dict | None:
-        """Save if the policy says so; returns what was saved (for logs/metrics) or None.
+    def save(self, step: int, last_step: bool = False, stopping: bool = False) -> SaveResult:
+        """Call after every step; saves when the policy says so and returns what it did.
 
-        Call it after every step: it also takes the memory tier's snapshot when one is due, and
-        reports it one step later (as ``kind`` "memory", or under ``"memory"`` beside a save):
-        its ``stall_s`` is how much longer the step after it took. See ``_save_to_store`` for
-        the folder's saves. A save whose writer process died is logged and listed under
-        ``lost_saves`` (and in ``saves_lost``); training goes on.
+        A full save every ``Config.interval`` steps (and after step 1 with
+        ``Config.enable_first_step_checkpoint``). ``last_step``: the run's last step, always saved
+        (model only, in ``Config.export_dtype``, unless ``Config.last_save_model_only`` is off) and
+        committed before this returns. ``stopping``: the run stops cleanly after this step; a save
+        that is due, deferred or staged is taken now and committed. When the previous async save
+        is still being written, ``Config.when_busy`` decides (see the module doc). The memory
+        tier's snapshot, when one is due, is taken too and reported with the next step as
+        ``result.memory`` (its ``stall_s`` is how much longer that step took). A save whose writer
+        process died is logged and listed in ``result.lost_saves`` (and ``saves_lost``);
+        training goes on.
         """
         if not self.enabled or self.config.load_only:
-            return None
+            return SaveResult(step, "skipped", "the manager is disabled (Config.enable)" if not self.enabled
+                              else "Config.load_only is set")
         reported = self._snapshot_cost(self._clock_step())
         lost_before = len(self.saves_lost)
         if self.memory is not None:
             self.memory.record_progress(step)  # first: before the slots are prepared (see record_progress)
-        info = self._save_to_store(step, last_step, stopping)
+        result = self._save_to_store(step, last_step, stopping)
         if self.memory is not None and not last_step:
             self._snapshot(step)
         if reported is not None:
-            info = reported if info is None else {**info, "memory": reported}
+            result = dataclasses.replace(result, memory=reported)
         if len(self.saves_lost) > lost_before:
-            info = {**(info or {"kind": FULL}), "lost_saves": self.saves_lost[lost_before:]}
+            result = dataclasses.replace(result, lost_saves=tuple(self.saves_lost[lost_before:]))
         if last_step:
             self._finished = True
-        return info
+        return result
 
     def _clock_step(self) -> float | None:
         """The loop's time since the previous call of ``save`` (one step, as the loop sees it)."""
@@ -395,52 +434,142 @@ class CheckpointManager:
         self._snapshot_info = info
         return staged
 
-    def _save_to_store(self, step: int, last_step: bool, stopping: bool) -> dict | None:
-        """The folder's save if the policy says so.
+    def _save_to_store(self, step: int, last_step: bool, stopping: bool) -> SaveResult:
+        """The folder's save of this step: due, or waiting (deferred or staged), or neither.
 
-        An async save that comes due while the previous one is still being written is deferred
-        (``--checkpoint.when_busy defer``: training goes on, nothing waits) and taken at the first
-        step after the previous one is committed; the returned dict says so (``deferred``, and
-        later ``deferred_steps``). ``stopping`` (the run stops cleanly after this step) takes a
-        due or deferred save now. The last step's save, a stopping one and every one under
-        ``when_busy wait`` wait for the previous one (``waited_s``).
+        Whether the previous async save is still being written is agreed by every rank, so
+        every rank takes the same branch: a busy saver and a due step go to ``when_busy``; a
+        free saver takes a deferred save now, or starts writing a staged one; the last step and
+        a stopping one wait for whatever is in flight and save this step.
         """
         self.prepare_async()
         due = self._should_save(step, last_step)
-        if not due and self._deferred_from is None:
-            return None
-        model_only = last_step and self.config.last_save_model_only
-        must = last_step or stopping or self.config.when_busy == "wait"
+        if not due and self._deferred_from is None and self._pending is None:
+            return self._skipped(step)
         running, lost = self._save_status()
         if lost:
             raise CheckpointError(lost)
-        if running and not must:
-            if self._deferred_from is None:
-                self._deferred_from = step
-                logger.warning("checkpoint step %d: the previous save is still being written; this save is deferred "
-                               "until it is committed (training goes on)", step)
-                return {"kind": FULL, "deferred": True, "due_step": step}
-            return None
-        deferred_steps = step - self._deferred_from if self._deferred_from is not None else 0
+        final = last_step or stopping
+        if running and not final:
+            if not due:
+                return self._skipped(step)
+            if self.config.when_busy == "defer":
+                return self._defer(step)
+            if self.config.when_busy == "coalesce":
+                return self._coalesce(step)
+        elif self._pending is not None and not due and not final:
+            return self._write_pending(step)
+        return self._save_now(step, last_step, final)
+
+    def _save_now(self, step: int, last_step: bool, final: bool) -> SaveResult:
+        """Save this step, after the save in flight (waited for); the last or a stopping step's is
+        committed before this returns."""
+        model_only = last_step and self.config.last_save_model_only
+        replaced = self._cancel_pending()  # this step's state is newer than the staged one
+        late_by = step - self._deferred_from if self._deferred_from is not None else 0
         self._deferred_from = None
+        previous = self.last_save.step if self.last_save is not None else None
         start = time.perf_counter()
-        waited = self._finish_in_flight() if (model_only or must) else 0.0
+        waited = self._finish_in_flight()
         if model_only:
             info = self._save_model_only(step, kind=HF if self.config.last_save_in_hf else MODEL_ONLY,
                                          dtype=self.config.export_dtype)
         else:
             info = self._save_full(step)
-        info["stall_s"] = round(time.perf_counter() - start, 4)
-        if waited:
-            info["waited_s"] = round(waited, 4)
-        if deferred_steps:
-            info["deferred_steps"] = deferred_steps
-        if last_step or stopping:
+        stall = time.perf_counter() - start
+        if final:
             self._finish_in_flight()
+        background = info["async"] and not final
         logger.info("checkpoint step %d: %s save of %.1f MB%s to %s, training stalled %.3f s%s", step, info["kind"],
-                    info["bytes"] / 1e6, self._per_rank(), self.store.step_url(step), info["stall_s"],
-                    "; writing in the background" if info.get("async") and not last_step else "")
-        return info
+                    info["bytes"] / 1e6, self._per_rank(), self.store.step_url(step), stall,
+                    "; writing in the background" if background else "")
+        if waited >= WAIT_WARNING_S and not final:
+            logger.warning("checkpoint step %d: training waited %.2f s for the save of step %s to be committed: a "
+                           "save takes longer than Config.interval (%d steps). Raise Config.interval, or set "
+                           "Config.when_busy to 'coalesce' or 'defer' to train on meanwhile (a crash may then lose "
+                           "more than the interval)", step, waited, previous, self.config.interval)
+        reason = ("the last step" if last_step else "stopping after this step" if final
+                  else f"deferred since step {step - late_by}; the previous save is committed" if late_by
+                  else f"due (every {self.config.interval} steps)" if step % self.config.interval == 0
+                  else "the first step (Config.enable_first_step_checkpoint)")
+        if waited >= WAIT_WARNING_S and not final:
+            reason += f"; waited {waited:.2f} s for the save of step {previous} (Config.when_busy 'wait')"
+        return SaveResult(step, "started" if background else "saved", reason, kind=info["kind"],
+                          location=self.store.step_url(step), stall_s=round(stall, 4), waited_s=round(waited, 4),
+                          late_by=late_by, replaced_step=replaced, steps_at_risk=self.steps_at_risk(step),
+                          bytes=info["bytes"], handle=self.last_save)
+
+    def _skipped(self, step: int) -> SaveResult:
+        if self._deferred_from is not None:
+            reason = (f"the save due at step {self._deferred_from} is deferred until the previous one is committed "
+                      "(Config.when_busy 'defer')")
+        elif self._pending is not None:
+            reason = (f"the state staged at step {self._pending[0]} is written once the previous save is committed "
+                      "(Config.when_busy 'coalesce')")
+        else:
+            reason = f"not due (every {self.config.interval} steps)"
+        return SaveResult(step, "skipped", reason, steps_at_risk=self.steps_at_risk(step))
+
+    def steps_at_risk(self, step: int) -> int:
+        """Steps a crash at ``step`` would lose: those since the newest committed full step."""
+        return step - (self._newest_full or 0)
+
+    def _risk_note(self, step: int) -> str:
+        at_risk = self.steps_at_risk(step)
+        beyond = f", more than Config.interval ({self.config.interval})" if at_risk > self.config.interval else ""
+        return f"a crash now would lose {at_risk} steps{beyond}"
+
+    def _defer(self, step: int) -> SaveResult:
+        """when_busy defer: no save now; the first step after the previous save commits takes one."""
+        first = self._deferred_from is None
+        if first:
+            self._deferred_from = step
+        writing = self.last_save.step if self.last_save is not None else None
+        reason = (f"the save of step {writing} is still being written; " + (
+            "deferred until it is committed" if first else f"still deferred, since step {self._deferred_from}"))
+        logger.warning("checkpoint step %d: %s (Config.when_busy 'defer'); %s", step, reason, self._risk_note(step))
+        return SaveResult(step, "deferred", reason, kind=FULL, steps_at_risk=self.steps_at_risk(step))
+
+    def _coalesce(self, step: int) -> SaveResult:
+        """when_busy coalesce: stage this step's state into the spare saver, held until the save in
+        flight commits; a state already staged (and not yet written) is replaced."""
+        replaced = self._cancel_pending()
+        writing = self.last_save.step if self.last_save is not None else None
+        start = time.perf_counter()
+        hold = Hold()
+        info = self._save_full(step, saver=self._spare, hold=hold)
+        self._pending = (step, hold, info["handle"])
+        stall = time.perf_counter() - start
+        reason = (f"staged while the save of step {writing} is still being written; written as soon as that one is "
+                  "committed" + (f", replacing the state staged at step {replaced}" if replaced is not None else ""))
+        logger.warning("checkpoint step %d: %s (Config.when_busy 'coalesce'); %s", step, reason, self._risk_note(step))
+        return SaveResult(step, "coalesced", reason, kind=FULL, location=self.store.step_url(step),
+                          stall_s=round(stall, 4), replaced_step=replaced, steps_at_risk=self.steps_at_risk(step),
+                          bytes=info["bytes"], handle=info["handle"])
+
+    def _write_pending(self, step: int) -> SaveResult:
+        """The save in flight is committed: start writing the staged state (its saver becomes the writing one)."""
+        pending_step, hold, handle = self._pending
+        self._pending = None
+        self._writing.add(pending_step)
+        hold.release()
+        self.async_saver, self._spare = self._spare, self.async_saver
+        self.last_save = handle
+        logger.info("checkpoint step %d: writing the state staged at step %d to %s now that the previous save is "
+                    "committed", step, pending_step, self.store.step_url(pending_step))
+        return SaveResult(pending_step, "started", f"staged at step {pending_step}; the previous save is committed",
+                          kind=FULL, location=self.store.step_url(pending_step), late_by=step - pending_step,
+                          steps_at_risk=self.steps_at_risk(step), handle=handle)
+
+    def _cancel_pending(self) -> int | None:
+        """Drop the staged state that waits to be written (on every rank alike); returns its step."""
+        if self._pending is None:
+            return None
+        step, hold, _ = self._pending
+        self._pending = None
+        hold.cancel()
+        self._spare.wait()  # its worker finishes the staging and returns without writing
+        return step
 
     def _save_status(self) -> tuple[bool, str | None]:
         """(whether the previous async save is still in flight on any rank, why the folder's lease
@@ -492,18 +621,23 @@ class CheckpointManager:
         """Steps the upload worker has yet to copy (retention keeps them until it has)."""
         return self._uploads.pending() if self._uploads is not None else set()
 
-    def _save_full(self, step: int) -> dict:
+    def _save_full(self, step: int, saver: BackgroundSaver | None = None, hold: Hold | None = None) -> dict:
+        """A full save of this step: sync, or staged into ``saver`` (default: the async saver) and
+        written in the background (with ``hold``: once it is released)."""
         state = self._full_state_dict()
         info = self._info(FULL, "mixed")
         nbytes = state_bytes(state)
-        self._writing.add(step)
-        if self.async_saver is None:
+        saver = saver or self.async_saver
+        if hold is None:
+            self._writing.add(step)
+        if saver is None:
             try:
                 self.last_save = save(state, self.store, step, info=info, checksums=self.checksums,
                                       process_group=self.group, thread_count=self.config.write_threads,
                                       on_commit=self._committed)
             finally:
                 self._writing.discard(step)
+            self._newest_full = step
             self._after_commit(step)
         else:
             started = time.perf_counter()
@@ -511,14 +645,21 @@ class CheckpointManager:
             def after_commit() -> None:
                 logger.info("checkpoint step %d: background write of %.1f MB to %s committed %.2f s after the save "
                             "began", step, nbytes / 1e6, self.store.step_url(step), time.perf_counter() - started)
+                self._newest_full = max(step, self._newest_full or 0)
                 self._after_commit(step)
 
-            staged_by = self._snapshot(step, hold=True) if self.memory is not None else None
-            self._collect_previous_save()
-            self.last_save = self.async_saver.save(state, self.store, step, info=info, checksums=self.checksums,
-                                                   on_commit=self._committed, after_commit=after_commit,
-                                                   thread_count=self.config.write_threads, staged_by=staged_by)
-        return {"kind": FULL, "bytes": nbytes, "async": self.async_saver is not None}
+            staged_by = None
+            if saver is self.async_saver and hold is None:
+                if self.memory is not None:  # the snapshot of this step: one copy of the state to host
+                    staged_by = self._snapshot(step, hold=True)
+                self._collect_previous_save()
+            handle = saver.save(state, self.store, step, info=info, checksums=self.checksums,
+                                on_commit=self._committed, after_commit=after_commit,
+                                thread_count=self.config.write_threads, hold=hold, staged_by=staged_by)
+            if hold is None:
+                self.last_save = handle
+        return {"kind": FULL, "bytes": nbytes, "async": saver is not None,
+                "handle": self.last_save if hold is None else handle}
 
     def _save_model_only(self, step: int, *, kind: str, dtype: str) -> dict:
         self._finish_in_flight()
@@ -528,7 +669,7 @@ class CheckpointManager:
         info = self._info(kind, dtype)
         if kind == HF:
             if self.sd_adapter is None:
-                raise CheckpointError("--checkpoint.last_save_in_hf needs a state dict adapter (sd_adapter=...) to "
+                raise CheckpointError("Config.last_save_in_hf needs a state dict adapter (sd_adapter=...) to "
                                       "name the weights the Hugging Face way")
             save_hf(state, None, self.sd_adapter, dtype=torch_dtype, tokenizer_dir=self.tokenizer_dir, info=info,
                     storage=self.store, step=step)
@@ -541,8 +682,9 @@ class CheckpointManager:
 
     def maybe_wait_for_staging(self) -> None:
         """Call before the optimizer step: the staged copy must be taken first."""
-        if self.async_saver is not None:
-            self.async_saver.wait_for_staging()
+        for saver in (self.async_saver, self._spare):
+            if saver is not None:
+                saver.wait_for_staging()
         if self.memory is not None:
             self.memory.wait_for_staging()
 
@@ -573,11 +715,18 @@ class CheckpointManager:
 
     def close(self) -> None:
         """Finish the save in flight, stop the background workers, give the folder's lease back.
-        A run whose last step was saved removes its memory snapshots; any other keeps them."""
+        A run whose last step was saved removes its memory snapshots; any other keeps them. A
+        state staged by ``when_busy="coalesce"`` and not yet being written is dropped (a
+        ``stopping`` or last step's save takes it first)."""
+        if self._pending is not None:
+            self._pending[1].cancel()
+            self._pending = None
+        savers = [saver for saver in (self.async_saver, self._spare) if saver is not None]
+        self.async_saver = self._spare = None
         try:
-            if self.async_saver is not None:
-                self.async_saver.close()
-                self.async_saver = None
+            with contextlib.ExitStack() as stack:
+                for saver in savers:
+                    stack.callback(saver.close)
         finally:
             if self.memory is not None:
                 self.memory.close(remove=self._finished)
@@ -601,19 +750,32 @@ class CheckpointManager:
 
     # --- loading ------------------------------------------------------------------------------
 
-    def load(self, step: int | None = None) -> bool:
-        """Restore the newest (or ``step``, or ``--checkpoint.load_step``) checkpoint; True if anything was loaded."""
-        if not self.enabled:
-            return False
+    def load(self, step: int | None = None) -> LoadResult:
+        """Restore the newest committed step (or ``step``, or ``Config.load_step``); returns what was
+        loaded: a ``LoadResult`` (``step``, ``tier``, ``source``, ``kind``, ``steps_lost``), false
+        when nothing was (a fresh start). Precedence: see the module doc."""
+        if not self.enabled or not self._load(step):
+            return NOTHING_LOADED
+        record = dict(self.last_load)
+        result = LoadResult(step=record.pop("from_step", None), tier=record.pop("tier"), source=record.pop("path", None),
+                            kind=record.pop("kind", None), steps_lost=record.pop("steps_lost", None),
+                            seconds=record.pop("seconds", 0.0), bytes=record.pop("bytes", 0),
+                            explicit=record.pop("explicit", False), details=record)
+        if result.kind == FULL:  # a crash from now on resumes from the folder's newest full step
+            self._newest_full = record.get("disk_step") if result.tier in ("memory", "replica") else result.step
+        return result
+
+    def _load(self, step: int | None = None) -> bool:
         config = self.config
         steps = self._committed_anywhere()
         wanted = step if step is not None else (config.load_step if config.load_step != -1 else None)
         if wanted is not None:
             if wanted not in steps:
                 places = self.folder + (f" and {self.mirror.url}" if self.mirror is not None else "")
-                where = (f"checkpoint.folder {self.folder} does not exist" if not steps and not self.store.exists()
+                where = (f"Config.folder {self.folder} does not exist" if not steps and not self.store.exists()
                          else f"committed steps in {places}: {steps or 'none'}")
-                raise CheckpointError(f"--checkpoint.load_step={wanted} not found: {where}")
+                asked = f"load(step={wanted})" if step is not None else f"Config.load_step={wanted}"
+                raise CheckpointError(f"{asked} not found: {where}")
             return self._load_step(wanted, explicit=True)
         if self.memory is not None and self._restore_from_memory(steps):
             return True
@@ -627,7 +789,7 @@ class CheckpointManager:
         return False
 
     def _load_newest(self, steps: list[int]) -> bool:
-        """Auto-resume. A corrupt newest step stops the job unless --checkpoint.fallback_on_corrupt."""
+        """Auto-resume. A corrupt newest step stops the job unless Config.fallback_on_corrupt."""
         candidates = list(reversed(steps))
         newest_kind = self._kind_if_readable(candidates[0])
         if newest_kind in (MODEL_ONLY, HF) and (self.total_steps is None or candidates[0] < self.total_steps):
@@ -645,15 +807,15 @@ class CheckpointManager:
                     logger.error("step-%d is corrupt (%s); falling back to step-%d", step,
                                  "; ".join(getattr(e, "problems", None) or [" ".join(str(e).split())]), older)
                     continue
-                hint = (f"; to resume from the previous step pass --checkpoint.load_step {older} "
-                        "(or --checkpoint.fallback_on_corrupt)" if older is not None else "")
+                hint = (f"; to resume from the previous step set Config.load_step={older} "
+                        "(or Config.fallback_on_corrupt)" if older is not None else "")
                 raise CorruptCheckpointError(f"{e}{hint}", getattr(e, "problems", [])) from e
         return False
 
     def _restore_from_memory(self, steps: list[int]) -> bool:
         """Resume from the memory tier when it holds a step at least as new as the folder's newest."""
         if self.config.exclude_from_loading:
-            logger.info("--checkpoint.exclude_from_loading is set: resuming from the folder, not from memory")
+            logger.info("Config.exclude_from_loading is set: resuming from the folder, not from memory")
             return False
         disk = steps[-1] if steps else None
         restored = restore(self.memory, disk, self._full_state_dict, self._apply_full,
@@ -698,7 +860,7 @@ class CheckpointManager:
             stateful.load_state_dict(state[key])
 
     def _committed_anywhere(self) -> list[int]:
-        """Committed steps of the folder and, with --checkpoint.upload_to, of the mirror."""
+        """Committed steps of the folder and, with Config.upload_to, of the mirror."""
         self._mirror_steps = set(self.mirror.committed_steps()) if self.mirror is not None else set()
         return sorted(set(self.store.committed_steps()) | self._mirror_steps)
 
@@ -745,14 +907,13 @@ class CheckpointManager:
         logger.info("loaded %s checkpoint %s: %.1f MB%s in %.2f s", kind, location, nbytes / 1e6, self._per_rank(),
                     seconds)
         self.last_load = {"kind": kind, "from_step": step, "path": location, "bytes": nbytes,
-                          "seconds": round(seconds, 4), "tier": "disk" if store.scheme == "file" else "object",
-                          "explicit": explicit}
+                          "seconds": round(seconds, 4), "tier": _tier(store), "explicit": explicit}
         if kind != HF:
             self.last_load["phases"] = self.load_phases
         return True
 
     def _load_initial(self, path: str) -> bool:
-        store, step = open_step(path, "--checkpoint.initial_load_path")
+        store, step = open_step(path, "Config.initial_load_path")
         states = () if self.config.initial_load_model_only else [
             k for k in self.states if k not in self.config.exclude_from_loading]
         start = time.perf_counter()
@@ -761,11 +922,12 @@ class CheckpointManager:
         logger.info("loaded initial checkpoint %s (%s): %.1f MB%s in %.2f s", path,
                     "model only" if not states else "model, " + ", ".join(states), nbytes / 1e6, self._per_rank(),
                     seconds)
-        self.last_load = {"kind": "initial", "path": str(path), "bytes": nbytes, "seconds": round(seconds, 4)}
+        self.last_load = {"kind": "initial", "path": str(path), "bytes": nbytes, "seconds": round(seconds, 4),
+                          "tier": _tier(store)}
         return True
 
     def _load_hf(self, path: str) -> bool:
-        flag = "--checkpoint.initial_load_path" if self.config.initial_load_path else "--model.hf_assets_path"
+        flag = "Config.initial_load_path" if self.config.initial_load_path else "hf_assets_path"
         start = time.perf_counter()
         with local_folder(path, flag) as local:
             if not local.is_dir():
@@ -773,7 +935,8 @@ class CheckpointManager:
             nbytes = self._read_hf(local)
         seconds = time.perf_counter() - start
         logger.info("loaded Hugging Face weights from %s: %.1f MB in %.2f s", path, nbytes / 1e6, seconds)
-        self.last_load = {"kind": "hf", "path": str(path), "bytes": nbytes, "seconds": round(seconds, 4)}
+        self.last_load = {"kind": "hf", "path": str(path), "bytes": nbytes, "seconds": round(seconds, 4),
+                          "tier": "object" if is_object_uri(path) else "disk"}
         return True
 
     def _read_hf(self, path: Path) -> int:
@@ -810,8 +973,9 @@ class CheckpointManager:
         self._check_against_metadata(where, store.reader(step), state)
         lap("check")
         # store.load re-raises a corrupt file as CorruptCheckpointError on every rank.
-        reader = store.load(state, step, verify=self.config.verify, process_group=self.group,
-                            no_dist=self.world_size == 1 and not dist.is_initialized())
+        single = self.world_size == 1 and not dist.is_initialized()
+        with single_process_dcp() if single else contextlib.nullcontext():
+            reader = store.load(state, step, verify=self.config.verify, process_group=self.group, no_dist=single)
         lap("read")
         self.load_hash_wait_s = getattr(reader, "hash_wait_s", None)
         nbytes = state_bytes({k: v for k, v in state.items() if k not in self.states})
@@ -828,21 +992,15 @@ class CheckpointManager:
 
     def _check_against_metadata(self, where: str, reader, state: dict) -> None:
         """Name every missing key and shape mismatch before DCP reads a byte."""
-        saved = reader.read_metadata().state_dict_metadata
-        problems = []
-        for key, value in state.items():
-            if key in self.states:
-                if not any(k == key or k.startswith(key + ".") for k in saved):
-                    problems.append(f"{key!r} is not in the checkpoint (saved model-only?); "
-                                    f"add it to --checkpoint.exclude_from_loading to skip it")
-                continue
-            if key not in saved:
-                problems.append(f"model key {key!r} is missing")
-            elif isinstance(saved[key], TensorStorageMetadata) and tuple(saved[key].size) != tuple(value.shape):
-                problems.append(f"{key}: checkpoint shape {tuple(saved[key].size)} != model shape "
-                                f"{tuple(value.shape)}")
+        model_keys = {key: value for key, value in state.items() if key not in self.states}
+        problems, missing = mismatches(reader.read_metadata(), model_keys, [key for key in state if key in self.states])
+        problems += [f"{key!r} is not in the checkpoint (saved model-only?); add it to Config.exclude_from_loading to "
+                     "skip it" for key in missing]
         if problems:
-            shown = problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else [])
-            flavor = self.model_info.get("flavor")
-            which = f" (--model.flavor {flavor})" if flavor else ""
-            raise CheckpointError(f"{where} does not match this model{which}:\n  - " + "\n  - ".join(shown))
+            described = ", ".join(f"{key} {value}" for key, value in self.model_info.items())
+            raise mismatch_error(where, f"this model ({described})" if described else "this model", problems)
+
+
+def _tier(store) -> str:
+    """The LoadResult tier of a store: a local or shared folder, or object storage."""
+    return "disk" if store.scheme == "file" else "object"

@@ -16,7 +16,6 @@ import math
 import pickle
 import re
 import sys
-import warnings
 import zipfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from tqdm import tqdm
 
+from cairn.checkpoint.api import single_process_dcp
 from cairn.checkpoint.errors import (
     CheckFailed,
     CheckpointError,
@@ -172,7 +172,7 @@ class DcpCheckpoint:
             else:
                 state[key] = torch.empty(entry.shape, dtype=entry.dtype) if entry.is_tensor else None
         try:
-            with quiet_dcp():
+            with single_process_dcp():
                 dcp.load(state, storage_reader=self.reader, planner=SafeLoadPlanner(), no_dist=True)
         except BaseException as e:
             reraise_user_error(e, self.reader)
@@ -294,15 +294,6 @@ def open_checkpoint(path: Path, *, tolerate_corrupt: bool = False):
 def file_order(name: str):
     """``__2_0.distcp`` before ``__10_0.distcp``."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
-
-
-@contextlib.contextmanager
-def quiet_dcp():
-    with warnings.catch_warnings():
-        # no_dist=True is the intent: one process reads the whole checkpoint.
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        warnings.filterwarnings("ignore", message=".*no_dist.*")
-        yield
 
 
 def read_batches(keys: list[str], entries: dict[str, Entry], budget: int | None = None) -> Iterator[list[str]]:

@@ -53,7 +53,7 @@ class RetentionWorker:
     def __init__(self, store, keep_latest_k: int, *, protect: Callable[[], set[int]] = set,
                  busy: Callable[[], bool] | None = None, pacer: Pacer | None = None):
         if keep_latest_k < 1:
-            raise ValueError(f"--checkpoint.keep_latest_k must be >= 1 for a retention worker (got {keep_latest_k})")
+            raise ValueError(f"Config.keep_latest_k must be >= 1 for a retention worker (got {keep_latest_k})")
         self.store = store
         self.keep_latest_k = keep_latest_k
         self._protect = protect
@@ -134,8 +134,8 @@ class RetentionWorker:
             if interval is not None and seconds > interval:
                 logger.warning("retention: deleting step %d (%.2f GB) took %.1f s, longer than the %.1f s between "
                                "saves: this disk cannot delete old steps as fast as they are written. Steps pile "
-                               "up until it catches up (training is not slowed); raise --checkpoint.interval or "
-                               "--checkpoint.keep_latest_k", step, gigabytes, seconds, interval)
+                               "up until it catches up (training is not slowed); raise Config.interval or "
+                               "Config.keep_latest_k", step, gigabytes, seconds, interval)
         cleanup = getattr(self.store, "remove_trash", None)
         if cleanup is not None:
             cleanup(self.pacer)

@@ -363,7 +363,7 @@ class HostStager:
             free, total_memory = torch.cuda.mem_get_info(device)
             fits = self._device.holds(leaves) or snapshot_fits(needed, free, total_memory)
             self.snapshot_mode = "on" if fits else "off"
-            logger.info("%s %s a device snapshot (--checkpoint.device_snapshot auto): %.1f GB needed, "
+            logger.info("%s %s a device snapshot (Config.device_snapshot auto): %.1f GB needed, "
                         "%.1f GB of %.1f GB free on %s", "memory snapshots" if self.arena_path else "async saves",
                         "take" if self.device_snapshot else "skip", needed / 1e9, free / 1e9, total_memory / 1e9,
                         device)
@@ -622,7 +622,7 @@ class AsyncSaver:
                 self.writer_process = writer_process.WriterProcess()
                 self.stager.on_release = lambda arena: self.writer_process.release(arena.id)
             else:
-                logger.warning("--checkpoint.async_writer process needs Linux (memfd); writing from a thread")
+                logger.warning("Config.async_writer process needs Linux (memfd); writing from a thread")
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cairn-ckpt")
         self._queued = threading.Event()
         self._queued.set()

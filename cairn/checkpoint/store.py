@@ -104,7 +104,7 @@ def open_store(location: str | os.PathLike, *, base_folder: str | os.PathLike | 
 
 
 def open_step(location: str | os.PathLike, what: str) -> tuple[CheckpointStore, Any]:
-    """(store, step) for one DCP checkpoint named by a path or URI (``--checkpoint.initial_load_path``):
+    """(store, step) for one DCP checkpoint named by a path or URI (``Config.initial_load_path``):
     a local step folder, a committed cairn step in object storage, or a plain DCP prefix there.
     ``step`` is what the store's ``reader``/``load`` take. ``what`` names the flag in messages."""
     text = os.fspath(location)
@@ -115,7 +115,7 @@ def open_step(location: str | os.PathLike, what: str) -> tuple[CheckpointStore, 
         raise CheckpointError(f"{what} {path}: no such directory")
     if not path.is_dir():
         raise CheckpointError(f"{what} {path} is a file; it must be a DCP checkpoint folder (a step-N folder), or "
-                              "with --checkpoint.initial_load_in_hf a Hugging Face folder")
+                              "with Config.initial_load_in_hf a Hugging Face folder")
     return LocalStore(path.parent), path
 
 

@@ -6,22 +6,51 @@ beside it. This module imports no torch so that ``--help`` and config checks are
 
 Each section offers ``problems()``: a list of messages, each naming the flag it is
 about. ``ConfigManager`` collects the problems of every section (and the
-cross-section ones) and raises them together, once.
+cross-section ones) and raises them together, once. The checkpoint section is also the
+checkpoint library's ``CheckpointManager.Config``: its messages name fields the library's
+way (``Config.interval``), and ``as_flags`` turns them into the trainer's flags.
 """
 
 from __future__ import annotations
 
+import re
+import types
+import typing
 from dataclasses import dataclass, field
+from typing import Any
 
 DTYPES = ("float32", "bfloat16", "float16")
 ASYNC_MODES = ("disabled", "async", "async_with_pinned_mem")
 ASYNC_WRITERS = ("process", "thread")
 DEVICE_SNAPSHOT = ("auto", "on", "off")
-WHEN_BUSY = ("defer", "wait")
+WHEN_BUSY = ("wait", "coalesce", "defer")
 # What a full checkpoint holds besides the model; keys a user may exclude from loading.
 EXCLUDABLE_STATES = ("optimizer", "lr_scheduler", "dataloader", "train_state", "rng")
 # Spellings users paste from torchtitan's docs, mapped to cairn's state keys.
 STATE_KEY_ALIASES = {"data_loader": "dataloader", "lr_schedulers": "lr_scheduler", "optimizers": "optimizer"}
+
+
+def type_matches(value: Any, annotation: Any) -> bool:
+    """Whether ``value`` is of the (resolved) annotation of a config field."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(type_matches(value, arg) for arg in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if origin is list:
+        (item,) = typing.get_args(annotation) or (Any,)
+        return isinstance(value, list) and all(type_matches(v, item) for v in value)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is Any:
+        return True
+    return isinstance(value, annotation)
+
+
+def _type_name(annotation: Any) -> str:
+    return annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("NoneType", "None")
 
 
 def _split_commas(values: list[str]) -> list[str]:
@@ -199,7 +228,8 @@ class CheckpointSection:
     enable: bool = False
     """Save checkpoints (and resume from them). Off: nothing is saved or loaded."""
     folder: str = "checkpoint"
-    """Where step-N folders go: relative to --job.dump_folder, an absolute path, or object storage
+    """Where step-N folders go: relative to --job.dump_folder (a CheckpointManager's base_folder), an
+    absolute path, or object storage
     (s3://bucket/prefix; credentials and endpoint as for every AWS tool, AWS_ENDPOINT_URL for
     S3-compatible stores)."""
     upload_to: str | None = None
@@ -213,7 +243,8 @@ class CheckpointSection:
     load_step: int = -1
     """Step to resume from; -1 = the newest committed step. A missing step is an error."""
     last_save_model_only: bool = True
-    """At the last step save the model only (no optimizer/data/RNG), cast to export_dtype."""
+    """At the last step save the model only (no optimizer/data/RNG), cast to export_dtype: an
+    export of the final weights, not a point to resume training from."""
     export_dtype: str = "float32"
     """Dtype of the model-only last save: float32, bfloat16 or float16."""
     exclude_from_loading: list[str] = field(default_factory=list)
@@ -236,11 +267,16 @@ class CheckpointSection:
     """Load checkpoints but never save any."""
     async_mode: str = "disabled"
     """disabled, async (background write), or async_with_pinned_mem (reused pinned staging buffers)."""
-    when_busy: str = "defer"
-    """An async save that comes due while the previous one is still being written: defer (training
-    goes on; the save is taken at the first step after the previous one is committed, logged as a
-    checkpoint_deferred event, and a clean stop saves first) or wait (training waits for the
-    previous save, as torchtitan does; the time is logged as waited_s)."""
+    when_busy: str = "wait"
+    """An async save that comes due while the previous one is still being written: wait (training
+    waits until the previous save is committed, then saves: a crash loses at most the interval
+    plus the steps of the one save being written; each wait is a warning and waited_s),
+    coalesce (training goes on; this step's state is staged into a second set of host buffers,
+    twice the host memory, and written as soon as the previous save commits, a newer due state
+    replacing it while it waits) or defer (training goes on; the save is taken at the first
+    step after the previous one commits). coalesce and defer never stall training, but a crash
+    may then lose more than the interval: each such save says so (a warning and its result's
+    steps_at_risk). Figures: benchmarks/RESULTS.md, "when a save is due while one is written"."""
     async_writer: str = "process"
     """Who writes an async save's files: process (a child process, so the writes never take
     the training loop's GIL; Linux) or thread (a thread of the training process)."""
@@ -279,65 +315,82 @@ class CheckpointSection:
         keys = _split_commas(self.exclude_from_loading)
         self.exclude_from_loading = [STATE_KEY_ALIASES.get(k, k) for k in keys]
 
-    def problems(self) -> list[str]:
+    def problems(self, states: typing.Iterable[str] | None = None) -> list[str]:
+        """Every problem of this config, each naming its field the library's way (``Config.interval``;
+        ``as_flags`` gives the trainer's flags). ``states``: the state keys ``exclude_from_loading``
+        may name (default: the trainer's)."""
+        hints = typing.get_type_hints(CheckpointSection)
+        wrong = [f"Config.{name} must be of type {_type_name(hints[name])} (got {getattr(self, name)!r})"
+                 for name in CheckpointSection.__dataclass_fields__ if not type_matches(getattr(self, name), hints[name])]
+        if wrong:
+            return wrong  # the checks below compare values; a value of the wrong type cannot be compared
+        excludable = tuple(EXCLUDABLE_STATES if states is None else states)
         out = []
         if self.interval < 1:
-            out.append(f"--checkpoint.interval must be >= 1 (got {self.interval})")
+            out.append(f"Config.interval must be >= 1 (got {self.interval})")
         if self.keep_latest_k < 0:
-            out.append(f"--checkpoint.keep_latest_k must be >= 0, 0 keeps all (got {self.keep_latest_k})")
+            out.append(f"Config.keep_latest_k must be >= 0, 0 keeps all (got {self.keep_latest_k})")
         if self.load_step < -1:
-            out.append(f"--checkpoint.load_step must be -1 (latest) or a step >= 0 (got {self.load_step})")
+            out.append(f"Config.load_step must be -1 (latest) or a step >= 0 (got {self.load_step})")
         if self.export_dtype not in DTYPES:
-            out.append(f"--checkpoint.export_dtype must be one of {', '.join(DTYPES)} (got {self.export_dtype!r})")
+            out.append(f"Config.export_dtype must be one of {', '.join(DTYPES)} (got {self.export_dtype!r})")
         if self.async_mode not in ASYNC_MODES:
-            out.append(f"--checkpoint.async_mode must be one of {', '.join(ASYNC_MODES)} (got {self.async_mode!r})")
+            out.append(f"Config.async_mode must be one of {', '.join(ASYNC_MODES)} (got {self.async_mode!r})")
         if not self.folder:
-            out.append("--checkpoint.folder must not be empty")
+            out.append("Config.folder must not be empty")
         elif "://" in self.folder and not self.folder.lower().startswith("s3://"):
-            out.append(f"--checkpoint.folder {self.folder}: unsupported storage scheme "
+            out.append(f"Config.folder {self.folder}: unsupported storage scheme "
                        f"{self.folder.split('://')[0]}://; use a local or shared folder, or s3://bucket/prefix")
         if self.upload_to is not None:
             if not self.upload_to.lower().startswith("s3://"):
-                out.append(f"--checkpoint.upload_to {self.upload_to}: expected s3://bucket/prefix")
+                out.append(f"Config.upload_to {self.upload_to}: expected s3://bucket/prefix")
             elif self.folder.lower().startswith("s3://"):
-                out.append("--checkpoint.upload_to mirrors a local --checkpoint.folder; the folder is already "
-                           f"{self.folder}")
+                out.append(f"Config.upload_to mirrors a local Config.folder; the folder is already {self.folder}")
         if self.device_snapshot not in DEVICE_SNAPSHOT:
-            out.append(f"--checkpoint.device_snapshot must be one of {', '.join(DEVICE_SNAPSHOT)} "
+            out.append(f"Config.device_snapshot must be one of {', '.join(DEVICE_SNAPSHOT)} "
                        f"(got {self.device_snapshot!r})")
         if self.when_busy not in WHEN_BUSY:
-            out.append(f"--checkpoint.when_busy must be one of {', '.join(WHEN_BUSY)} (got {self.when_busy!r})")
+            out.append(f"Config.when_busy must be one of {', '.join(WHEN_BUSY)} (got {self.when_busy!r})")
         if self.async_writer not in ASYNC_WRITERS:
-            out.append(f"--checkpoint.async_writer must be one of {', '.join(ASYNC_WRITERS)} "
-                       f"(got {self.async_writer!r})")
+            out.append(f"Config.async_writer must be one of {', '.join(ASYNC_WRITERS)} (got {self.async_writer!r})")
         if self.write_threads < 1:
-            out.append(f"--checkpoint.write_threads must be >= 1 (got {self.write_threads})")
+            out.append(f"Config.write_threads must be >= 1 (got {self.write_threads})")
         if self.memory_interval < 0:
-            out.append(f"--checkpoint.memory_interval must be >= 0, 0 is off (got {self.memory_interval})")
+            out.append(f"Config.memory_interval must be >= 0, 0 is off (got {self.memory_interval})")
         if self.memory_replicas not in (0, 1):
-            out.append(f"--checkpoint.memory_replicas must be 0 or 1 (got {self.memory_replicas})")
+            out.append(f"Config.memory_replicas must be 0 or 1 (got {self.memory_replicas})")
         elif self.memory_replicas and not self.memory_interval:
-            out.append("--checkpoint.memory_replicas needs --checkpoint.memory_interval > 0")
+            out.append("Config.memory_replicas needs Config.memory_interval > 0")
         if self.memory_interval and self.load_only:
-            out.append("--checkpoint.memory_interval takes snapshots; --checkpoint.load_only takes none")
+            out.append("Config.memory_interval takes snapshots; Config.load_only takes none")
         if self.memory_dir is not None and ("://" in self.memory_dir or not self.memory_dir):
-            out.append(f"--checkpoint.memory_dir {self.memory_dir!r}: expected a local folder (e.g. under /dev/shm)")
+            out.append(f"Config.memory_dir {self.memory_dir!r}: expected a local folder (e.g. under /dev/shm)")
         for key in self.exclude_from_loading:
             if key == "model":
-                out.append("--checkpoint.exclude_from_loading cannot exclude 'model': a checkpoint "
-                           "load always restores the model (use a fresh --checkpoint.folder to start anew)")
-            elif key not in EXCLUDABLE_STATES:
-                out.append(f"--checkpoint.exclude_from_loading: unknown key {key!r}; "
-                           f"choose from {', '.join(EXCLUDABLE_STATES)}")
-        if "optimizer" in self.exclude_from_loading and "lr_scheduler" not in self.exclude_from_loading:
-            out.append("--checkpoint.exclude_from_loading: excluding 'optimizer' also needs 'lr_scheduler' "
+                out.append("Config.exclude_from_loading cannot exclude 'model': a checkpoint load always restores "
+                           "the model (use a fresh Config.folder to start anew)")
+            elif key not in excludable:
+                out.append(f"Config.exclude_from_loading: unknown key {key!r}; "
+                           f"choose from {', '.join(excludable) or 'nothing (no states were passed)'}")
+        if ("optimizer" in self.exclude_from_loading and "lr_scheduler" in excludable
+                and "lr_scheduler" not in self.exclude_from_loading):
+            out.append("Config.exclude_from_loading: excluding 'optimizer' also needs 'lr_scheduler' "
                        "(the schedule's step count belongs to the optimizer state it drives)")
         if self.last_save_in_hf and not self.last_save_model_only:
-            out.append("--checkpoint.last_save_in_hf needs --checkpoint.last_save_model_only "
-                       "(HF checkpoints hold model weights only)")
+            out.append("Config.last_save_in_hf needs Config.last_save_model_only (HF checkpoints hold model weights "
+                       "only)")
         if self.create_seed_checkpoint and self.load_only:
-            out.append("--checkpoint.create_seed_checkpoint cannot be combined with --checkpoint.load_only")
+            out.append("Config.create_seed_checkpoint cannot be combined with Config.load_only")
         return out
+
+
+_CONFIG_FIELD = re.compile(r"\bConfig\.([A-Za-z_]+)")
+
+
+def as_flags(message: str) -> str:
+    """A checkpoint library message in the trainer's words: ``Config.interval`` -> ``--checkpoint.interval``."""
+    fields = CheckpointSection.__dataclass_fields__
+    return _CONFIG_FIELD.sub(lambda m: f"--checkpoint.{m.group(1)}" if m.group(1) in fields else m.group(0), message)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -431,7 +484,7 @@ class JobConfig:
     def problems(self) -> list[str]:
         out = []
         for section in self.sections().values():
-            out.extend(section.problems())
+            out.extend(as_flags(problem) for problem in section.problems())
         ckpt = self.checkpoint
         if ckpt.initial_load_in_hf and not (ckpt.initial_load_path or self.model.hf_assets_path):
             out.append("--checkpoint.initial_load_in_hf needs --checkpoint.initial_load_path or "

@@ -26,7 +26,7 @@ if sys.version_info >= (3, 11):
 else:  # Python 3.10: the same parser, as a package (pyproject.toml installs it there)
     import tomli as tomllib
 
-from cairn.config.job_config import JobConfig
+from cairn.config.job_config import JobConfig, type_matches
 
 # Top-level flags from torchtitan's docs, rewritten to cairn's sections.
 FLAG_ALIASES = {"--hf_assets_path": "--model.hf_assets_path"}
@@ -65,24 +65,6 @@ def run_config(module: str, name: str) -> JobConfig:
     return config
 
 
-def _type_matches(value: Any, annotation: Any) -> bool:
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        return any(_type_matches(value, arg) for arg in typing.get_args(annotation))
-    if annotation is type(None):
-        return value is None
-    if origin is list:
-        (item,) = typing.get_args(annotation) or (Any,)
-        return isinstance(value, list) and all(_type_matches(v, item) for v in value)
-    if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if annotation is Any:
-        return True
-    return isinstance(value, annotation)
-
-
 def apply_toml(config: JobConfig, path: str | Path) -> list[str]:
     """Set the fields named in a TOML file on ``config``; returns the problems found."""
     path = Path(path)
@@ -106,7 +88,7 @@ def apply_toml(config: JobConfig, path: str | Path) -> list[str]:
         for key, value in table.items():
             if key not in hints:
                 problems.append(f"{path}: [{section_name}] unknown key {key!r}")
-            elif not _type_matches(value, hints[key]):
+            elif not type_matches(value, hints[key]):
                 problems.append(f"{path}: [{section_name}] {key} = {value!r} is not of type {hints[key]}")
             else:
                 setattr(section, key, float(value) if hints[key] is float else value)

@@ -161,25 +161,54 @@ def test_copy_probe_smoke(tmp_path):
     assert bad.returncode == 2 and "--buffers" in bad.stderr
 
 
-def test_run_stall_reads_the_runs_own_metrics(tmp_path):
-    """benchmarks/run_stall.py: every variant's window, extra time per save and save records, from
-    the metrics.jsonl of real run_train.sh runs (figures unchecked: a CPU under test load)."""
+def run_stall(tmp_path, *variants: str) -> tuple[str, dict]:
+    """benchmarks/run_stall.py on the tiny config, 12 steps: (its table, its figures by variant)."""
     out = tmp_path / "stall.json"
     command = [sys.executable, str(REPO / "benchmarks" / "run_stall.py"), "--out", str(out), "--folder",
-               str(tmp_path / "runs"), "--window", "3:10", "--interval", "4", "--only", "pinned_keep1,sync_keep1",
-               "--", "--config", "llama3_tiny", "--training.steps", "12"]
+               str(tmp_path / "runs"), "--window", "3:10", *variants, "--", "--config", "llama3_tiny",
+               "--training.steps", "12"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    assert "extra/ckpt" in proc.stdout
-    report = json.loads(out.read_text())
-    assert set(report["figures"]) == {"none", "pinned_keep1", "sync_keep1"}
-    for name in ("pinned_keep1", "sync_keep1"):
-        figures = report["figures"][name]
-        assert figures["window_s"] > 0 and figures["extra_s"] is not None
-        assert [save["step"] for save in figures["saves"]] + [d["step"] for d in figures["deferred"]]
-        assert all(save["stall_s"] is not None for save in figures["saves"])
     assert not (tmp_path / "runs").exists()
+    return proc.stdout, json.loads(out.read_text())["figures"]
+
+
+def test_run_stall_reads_the_runs_own_metrics(tmp_path):
+    """benchmarks/run_stall.py: every variant's window, extra time per save and save records, from
+    the metrics.jsonl of real run_train.sh runs (figures unchecked: a CPU under test load)."""
+    table, figures = run_stall(tmp_path, "--interval", "4", "--only", "pinned_keep1,sync_keep1")
+    assert "extra/ckpt" in table
+    assert set(figures) == {"none", "pinned_keep1", "sync_keep1"}
+    for name in ("pinned_keep1", "sync_keep1"):
+        assert figures[name]["window_s"] > 0 and figures[name]["extra_s"] is not None
+        assert [save["step"] for save in figures[name]["saves"]] + [d["step"] for d in figures[name]["deferred"]]
+        assert all(save["stall_s"] is not None for save in figures[name]["saves"])
+
+
+def test_run_stall_when_busy_sweep(tmp_path):
+    """run_stall.py --when-busy: one run per mode, each with the steps a crash would lose."""
+    table, figures = run_stall(tmp_path, "--interval", "2", "--when-busy", "coalesce")
+    assert "at risk max" in table
+    assert set(figures) == {"none", "when_busy_coalesce"}
+    assert figures["when_busy_coalesce"]["at_risk_max"] >= 1 and figures["when_busy_coalesce"]["extra_s"] is not None
+    assert all(save["action"] in ("started", "saved") for save in figures["when_busy_coalesce"]["saves"])
+    assert figures["none"]["at_risk_max"] is None
+
+
+def test_when_busy_bench_smoke(tmp_path):
+    """benchmarks/when_busy_bench.py on a tiny MLP: every mode's throughput and steps at risk."""
+    out = tmp_path / "when_busy.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "when_busy_bench.py"), "--out", str(out),
+                           "--width", "64", "--layers", "2", "--steps", "8", "--warmup", "2", "--repeats", "1",
+                           "--commit-delay", "0.2", "--folder", str(tmp_path / "runs")],
+                          cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    summary = json.loads(out.read_text())["summary"]
+    assert set(summary) == {"wait", "coalesce", "defer"}
+    for row in summary.values():
+        assert row["throughput"] > 0 and row["at_risk_max"] >= 1 and row["committed"]
 
 
 def test_s3_bench_smoke(tmp_path):

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -48,6 +49,37 @@ def test_run_train_sh_without_arguments_trains_and_loss_falls(tmp_path):
     record = result.records[-1]
     for key in ("loss", "tokens_per_second", "step_time_ms", "memory_gib", "lr", "grad_norm"):
         assert key in record
+
+
+def run_train_sh(tmp_path, *flags: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    return subprocess.run([str(REPO / "run_train.sh"), "--job.dump_folder", str(tmp_path), *flags], cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, capture_output=True, text=True,
+                          timeout=900)
+
+
+def test_run_train_sh_ends_a_failed_run_with_cairn_s_line(tmp_path):
+    """A user error is the last thing on screen, torchrun's report in a file it names; a crash
+    (a rank killed) keeps torchrun's whole report on screen."""
+    missing = run_train_sh(tmp_path, "--checkpoint.enable", "--checkpoint.load_step", "7", "--training.steps", "2")
+    assert missing.returncode == 2, missing.stderr[-3000:]
+    lines = missing.stderr.rstrip().splitlines()
+    assert lines[-1] == f"cairn.train: --checkpoint.load_step=7 not found: committed steps in {tmp_path}/checkpoint: none"
+    assert "ChildFailedError" not in missing.stderr and "Traceback" not in missing.stderr
+    report = lines[-2].split("torchrun's report: ")[1].split()[0]
+    assert lines[-2].startswith("torchrun: rank 0 stopped with exit code 2")
+    assert "exitcode  : 2" in Path(report).read_text() and "cairn.train FAILED" in Path(report).read_text()
+
+    bad_flag = run_train_sh(tmp_path, "--checkpoint.interval", "0")
+    assert bad_flag.returncode == 2
+    assert bad_flag.stderr.rstrip().splitlines()[-2:] == [
+        "cairn.train: invalid configuration (1 problem):", "  - --checkpoint.interval must be >= 1 (got 0)"]
+
+    crashed = run_train_sh(tmp_path / "crash", "--checkpoint.enable", "--checkpoint.interval", "2",
+                           "--training.steps", "3", env={"CAIRN_FAULT": "mid_data"})
+    assert crashed.returncode == 1
+    assert "ChildFailedError" in crashed.stderr and "Signal 9 (SIGKILL)" in crashed.stderr
+    assert "torchrun: rank" not in crashed.stderr
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))

@@ -304,7 +304,7 @@ def test_default_dirs_of_two_working_directories_do_not_share(tmp_path, monkeypa
             monkeypatch.chdir(tmp_path / cwd)
             run = Run(Path("outputs"), None)
             dirs.append(run.manager.memory.dir)
-            assert run.manager.load() is False
+            assert run.manager.load().tier == "none"
             run.train(2)
             run.manager.close()
         assert dirs[0] != dirs[1] and all(stat.S_IMODE(d.stat().st_mode) == 0o700 for d in dirs)
@@ -374,7 +374,7 @@ CHILD = textwrap.dedent("""
     ls_s = time.perf_counter() - start
     run = Run(base, base / "shm")  # a restart: what is not a regular file in a slot is removed, never read
     start = time.perf_counter()
-    loaded = run.manager.load()
+    loaded = bool(run.manager.load())
     load_s = time.perf_counter() - start
     print(json.dumps({{"loaded": loaded, "step": run.train_state.step, "load_s": load_s, "ls_s": ls_s,
                       "code": code, "unusable": [r["unusable"] for r in rows],

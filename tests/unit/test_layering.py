@@ -21,7 +21,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "cairn"
 # Lowest first. A module may import modules of strictly lower layers only.
 LAYERS: list[set[str]] = [
     {"errors"},
-    {"layout", "faults", "adapter", "state"},
+    {"layout", "faults", "adapter", "state", "results"},
     {"fsio", "lease"},
     {"manifest", "torchzip", "planner"},
     {"dcp_metadata", "commit", "writer_process"},

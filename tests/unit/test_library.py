@@ -104,8 +104,10 @@ def test_manager_of_tiny_statefuls_resumes_bit_exact(group, tmp_path, async_mode
     model2, optimizer2 = tiny()
     counter2 = Counter()
     resumed = manager_for(tmp_path, model2, optimizer2, counter2)
-    assert resumed.load(step=4) and counter2.step == 4 and counter2.tokens == 64
-    assert resumed.last_load["from_step"] == 4 and resumed.last_load["kind"] == "full"
+    loaded = resumed.load(step=4)
+    assert loaded and counter2.step == 4 and counter2.tokens == 64
+    assert loaded.step == 4 and loaded.kind == "full" and loaded.tier == "disk" and loaded.explicit
+    assert loaded.source == str(tmp_path / "checkpoint" / "step-4")
     for step in range(5, 7):
         assert train_step(model2, optimizer2, resumed) == reference[step - 1]  # bitwise
         resumed.save(step)
@@ -120,7 +122,8 @@ def test_a_disabled_manager_touches_nothing(tmp_path):
     manager = CheckpointManager(CheckpointManager.Config(enable=False), model_parts=model,
                                 states={"optimizer": OptimizerState(model, optimizer)}, base_folder=tmp_path / "x")
     assert not dist.is_initialized()  # it needed no process group
-    assert manager.save(2) is None and manager.load() is False
+    assert not manager.save(2) and manager.save(2).action == "skipped" and not manager.load()
+    assert manager.load().tier == "none" and manager.load().step is None
     manager.maybe_wait_for_staging()
     manager.close()
     assert not (tmp_path / "x").exists()
@@ -136,7 +139,8 @@ def test_manager_without_a_process_group(tmp_path):
     manager.async_saver.wait()  # ... and a save due before they are ready would be deferred
     counter.step = 2
     info = manager.save(2)
-    assert info["kind"] == "full" and info["async"]
+    assert info.kind == "full" and info.action == "started" and info.is_async
+    assert info.handle.result(timeout=60) == str(tmp_path / "checkpoint" / "step-2")
     manager.close()
     assert not dist.is_initialized()
     model2, optimizer2 = tiny()
@@ -196,7 +200,8 @@ def test_plain_functions_round_trip(group, tmp_path):
 
     model2, optimizer2 = tiny()
     target = {"model": model2, "optimizer": OptimizerState(model2, optimizer2), "note": {"epoch": 0}}
-    assert load(target, folder) == 11
+    loaded = load(target, folder)
+    assert loaded.step == 11 and loaded.tier == "disk" and loaded.source == str(folder / "step-11")
     assert target["note"] == {"epoch": 3}
     for key, value in model2.state_dict().items():
         assert torch.equal(value, model.state_dict()[key]), key
@@ -256,21 +261,24 @@ def test_deferred_save_never_waits_and_is_taken_later(tmp_path, monkeypatch):
     counter = Counter()
     monkeypatch.setenv("CAIRN_FAULT", "after_data_before_commit:sleep=1.5")  # a slow commit
     manager = manager_for(tmp_path, model, optimizer, counter, async_mode="async_with_pinned_mem",
-                          async_writer="thread")
+                          async_writer="thread", when_busy="defer")
     train_step(model, optimizer, manager)
     manager.prepare_async()
     manager.async_saver.wait()
     first = manager.save(2)
-    assert first["kind"] == "full" and "deferred" not in first
+    assert first.kind == "full" and first.action == "started"
     start = time.perf_counter()
     deferred = manager.save(4)
     assert time.perf_counter() - start < 0.5
-    assert deferred == {"kind": "full", "deferred": True, "due_step": 4}
-    assert manager.save(5) is None  # still being written: nothing, silently
+    assert deferred.action == "deferred" and not deferred and deferred.record()["due_step"] == 4
+    assert deferred.steps_at_risk == 4  # nothing is committed yet: a crash now loses every step
+    still = manager.save(5)  # still being written: nothing taken, and it says why
+    assert still.action == "skipped" and "deferred" in still.reason
     manager.async_saver.wait()
     monkeypatch.delenv("CAIRN_FAULT")
     taken = manager.save(6 + 1)  # the next step after the commit takes it
-    assert taken["deferred_steps"] == 3 and taken["kind"] == "full"
+    assert taken.late_by == 3 and taken.kind == "full" and taken.action == "started"
+    assert taken.steps_at_risk == 5  # step 2 is committed
     manager.close()
     assert list_steps(tmp_path / "checkpoint") == [2, 7]
 
@@ -283,7 +291,7 @@ def test_when_busy_wait_waits_for_the_previous_save(tmp_path, monkeypatch):
     train_step(model, optimizer, manager)
     manager.save(2)
     waited = manager.save(4)
-    assert waited["waited_s"] > 0.3 and "deferred_steps" not in waited
+    assert waited.waited_s > 0.3 and waited.late_by == 0 and "waited" in waited.reason
     manager.close()
     assert list_steps(tmp_path / "checkpoint") == [2, 4]
 
@@ -292,14 +300,14 @@ def test_a_stopping_step_takes_the_deferred_save(tmp_path, monkeypatch):
     model, optimizer = tiny()
     monkeypatch.setenv("CAIRN_FAULT", "after_data_before_commit:sleep=1.0")
     manager = manager_for(tmp_path, model, optimizer, Counter(), async_mode="async_with_pinned_mem",
-                          async_writer="thread")
+                          async_writer="thread", when_busy="defer")
     train_step(model, optimizer, manager)
     manager.prepare_async()
     manager.async_saver.wait()
     manager.save(2)
-    assert manager.save(4)["deferred"]
+    assert manager.save(4).action == "deferred"
     stopped = manager.save(5, stopping=True)
-    assert stopped["deferred_steps"] == 1
+    assert stopped.late_by == 1 and stopped.action == "saved"  # committed before it returns
     manager.close()
     assert list_steps(tmp_path / "checkpoint") == [2, 5]
 

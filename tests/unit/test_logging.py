@@ -54,3 +54,13 @@ def test_stderr_torchrun_does_not_capture_is_prefixed(where, tmp_path, monkeypat
             monkeypatch.setattr(sys, "stderr", other)
         setup_logging(3, "info")
     assert re.fullmatch(r"\[rank3\] \d\d:\d\d:\d\d INFO hello", _line(root_logging))
+
+
+def test_the_checkpoint_librarys_field_names_read_as_flags(tmp_path, monkeypatch, root_logging):
+    """The library logs ``Config.interval``; a trainer's user typed ``--checkpoint.interval``."""
+    with open(tmp_path / "stderr.log", "w") as stderr:
+        monkeypatch.setattr(sys, "stderr", stderr)
+        setup_logging(0, "info")
+        logging.getLogger("cairn").warning("raise Config.interval (%d steps), not Config.%s", 2, "nonsense")
+    assert (tmp_path / "stderr.log").read_text().rstrip().endswith(
+        "raise --checkpoint.interval (2 steps), not Config.nonsense")

@@ -111,7 +111,7 @@ def test_too_little_room_is_one_line_naming_the_flag(tmp_path, small_tmpfs):
     before a snapshot could fill it mid-copy; nothing saved is touched."""
     shm = small_tmpfs(tmp_path / "small", "1m")
     model, optimizer, counter, manager = build(tmp_path, width=16384, memory_dir=shm / "cairn")
-    with pytest.raises(CheckpointError, match="--checkpoint.memory_dir") as raised:
+    with pytest.raises(CheckpointError, match="Config.memory_dir") as raised:
         train(model, optimizer, counter, manager, 1)
     assert "GB free" in str(raised.value) and str(shm) in str(raised.value)
     manager.close()

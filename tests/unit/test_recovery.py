@@ -72,8 +72,7 @@ def test_a_disk_save_writes_the_memory_snapshot_of_its_step(tmp_path):
     assert len(manager.memory.own) == 3
     expected, reports = {}, []
     for _ in range(7):
-        info = step_once(model, optimizer, counter, manager)
-        reports.append(info or {})
+        reports.append(step_once(model, optimizer, counter, manager))
         expected[counter.step] = model_state(model)
         manager.memory.wait()
     manager.close()
@@ -81,13 +80,13 @@ def test_a_disk_save_writes_the_memory_snapshot_of_its_step(tmp_path):
     snapshots = {row["step"] for row in list_snapshots(tmp_path / "shm") if row["committed"]}
     assert 6 in snapshots and snapshots <= {2, 3, 4, 6}
     # the snapshot of a save's step is reported one step later, as taken with the save
-    memory_records = [r.get("memory", r) for r in reports if r.get("kind") == "memory" or "memory" in r]
+    memory_records = [result.memory for result in reports if result.memory is not None]
     assert any(r["step"] == 3 and r.get("with_save") for r in memory_records), memory_records
     store = LocalStore(tmp_path / "checkpoint")
     assert store.committed_steps() == [3, 6]
     for step in (3, 6):
         state = {key: torch.zeros_like(value) for key, value in expected[step].items()}
-        assert load(state, store, step) == step
+        assert load(state, store, step).step == step
         for key, value in expected[step].items():
             assert torch.equal(state[key], value), (step, key)
 
@@ -108,8 +107,8 @@ def test_a_dead_writer_process_loses_one_save_and_training_goes_on(tmp_path, mon
     os.kill(writer.pid, signal.SIGKILL)
     step_once(model, optimizer, counter, manager)
     info = step_once(model, optimizer, counter, manager)  # step 4: collects step 2's loss, then saves
-    assert info["lost_saves"] == [{"step": 2, "why": info["lost_saves"][0]["why"]}]
-    assert "killed by signal 9" in info["lost_saves"][0]["why"]
+    assert [lost["step"] for lost in info.lost_saves] == [2]
+    assert "killed by signal 9" in info.lost_saves[0]["why"]
     manager.close()
     assert manager.saves_lost[0]["step"] == 2 and len(manager.saves_lost) == 1
     assert writer.starts == 2
@@ -123,9 +122,9 @@ def test_a_snapshots_reported_cost_is_what_the_next_step_shows(tmp_path):
     records = []
     for _ in range(9):
         slow = counter.step in (4, 8)  # the step after each snapshot is 0.3 s slower
-        info = step_once(model, optimizer, counter, manager, pause_s=0.35 if slow else 0.05)
-        if info:
-            records.append(info)
+        result = step_once(model, optimizer, counter, manager, pause_s=0.35 if slow else 0.05)
+        if result.memory is not None:
+            records.append(result.memory)
         manager.memory.wait()
     manager.close()
     assert [r["step"] for r in records] == [4, 8]

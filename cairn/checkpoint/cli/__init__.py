@@ -183,7 +183,7 @@ def _guarded(name: str, run: str) -> Callable[[argparse.Namespace], int]:
 
     def guarded(args: argparse.Namespace) -> int:
         from cairn.checkpoint import errors
-        from cairn.checkpoint.readers import quiet_dcp
+        from cairn.checkpoint.api import single_process_dcp
 
         module, function = run.split(".")
         command = getattr(importlib.import_module(f"cairn.checkpoint.cli.{module}"), function)
@@ -195,7 +195,7 @@ def _guarded(name: str, run: str) -> Callable[[argparse.Namespace], int]:
         if handler is not None:
             cairn_logger.addHandler(handler)
         try:
-            with quiet_dcp():
+            with single_process_dcp():
                 return command(args)
         except errors.UsageError as e:
             return _fail(prefix, e.what, e.path, [], EXIT_USAGE)
