@@ -192,7 +192,7 @@ def open_private_dir(path: str | os.PathLike) -> Path:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0))
     except OSError as e:
         what = "a symbolic link" if e.errno == errno.ELOOP or os.path.islink(path) else "not a directory" \
-            if e.errno == errno.ENOTDIR else e.strerror
+            if e.errno == errno.ENOTDIR else f"not usable ({e.strerror})"
         raise MemoryDirError(f"{path} is {what}; a memory directory must be a real directory of this user's "
                              "(remove it, or choose another --checkpoint.memory_dir)") from None
     try:
@@ -205,8 +205,8 @@ def open_private_dir(path: str | os.PathLike) -> Path:
             os.fchmod(fd, 0o700)  # whatever the umask
         elif stat.S_IMODE(info.st_mode) != 0o700:
             raise MemoryDirError(f"{path} has mode {stat.S_IMODE(info.st_mode):o}, not 700: other users could read "
-                                 f"or change its snapshots (`chmod 700 {path}` if only you ever wrote there, else "
-                                 "remove it)")
+                                 "or change its snapshots (give --checkpoint.memory_dir a directory of its own, e.g. "
+                                 f"{path / 'cairn'}, or remove this one)")
     finally:
         os.close(fd)
     return path
