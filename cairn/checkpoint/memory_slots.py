@@ -357,6 +357,7 @@ class Slot:
 
     def commit(self, record: dict) -> None:
         write_file_durably(self.folder / COMMITTED, json.dumps(record).encode(), mode=0o600)
+        self.record()  # read back and checked here, by the committing thread: the training thread finds it known
 
     def read_state(self, record: dict) -> bytes:
         """state.pt, read only when it is a regular file of the recorded size, and checked
