@@ -21,7 +21,8 @@ held by another rank, sent to it over gloo) that is newer than the newest commit
 of this run (``memory_slots.foreign``), on the same layout, and no later than the rank trained;
 each rank checks its copy's checksums and that its states are at that step (``state_problems``),
 and any failure makes every rank fall back to the next candidate (one line naming the file and
-why), then to disk. Restores are bitwise what was snapshotted. A run that ends normally (its last step saved) removes its snapshots.
+why), then to disk. Restores are bitwise what was snapshotted. A run that ends normally (its
+last step saved) removes its snapshots.
 
 What it costs: host memory of four times the rank's state (two slots of its own, two of the
 replica it keeps; two with replicas off), and per snapshot one copy of the state to host
@@ -501,7 +502,7 @@ def _restore_step(tier: MemoryTier, step: int, plan: dict, template_of, apply, g
         lap("copy")
         try:
             apply(filled)
-        except Exception as e:  # noqa: BLE001 - a state that refuses its values: the next candidate (or disk) loads over it
+        except Exception as e:  # noqa: BLE001 - a state refusing its values: the next candidate (or disk) loads over it
             problems = [f"{where}: the states refused its values ({type(e).__name__}: {_first_line(e)})"]
         if _anyone(problems, tier, group):
             return problems or [f"step {step}: another rank's states refused its values"], 0

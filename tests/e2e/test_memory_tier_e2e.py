@@ -104,8 +104,9 @@ def test_killed_everywhere_then_a_node_lost(tmp_path):
 def test_a_new_run_given_the_same_memory_dir_starts_fresh(tmp_path):
     """The sweep's careless user: a run stopped after step 5 (snapshots of steps 2 and 4 kept),
     then a new run with another seed, an empty dump folder and the same --checkpoint.memory_dir:
-    it trains from its own fresh weights (as the same command without the memory tier does),
-    saying why each snapshot is not its own; a restart of that new run resumes its own."""
+    it trains from its own fresh weights from step 1, saying why each snapshot is not its own
+    (tests/unit/test_hardening_memory.py checks those weights bitwise); a restart of that new
+    run resumes its own."""
     memory = tmp_path / "shm"
     flags = ["--checkpoint.enable", "--training.steps", "8", "--checkpoint.memory_interval", "2",
              "--checkpoint.memory_dir", str(memory)]
@@ -117,8 +118,6 @@ def test_a_new_run_given_the_same_memory_dir_starts_fresh(tmp_path):
     unusable = [line for line in other.output.splitlines() if "is unusable: another run's" in line]
     assert theirs and len(unusable) == len(theirs) and "restored step" not in other.output, other.output[-3000:]
     assert str(tmp_path / "first" / "checkpoint") in unusable[0]  # names the folder it belongs to
-    alone = train(tmp_path / "alone", "--checkpoint.enable", "--training.steps", "8", "--debug.seed", "7",
-                  "--debug.exit_after_step", "3")
-    assert other.losses == alone.losses  # its own fresh start, bit for bit
+    assert "starting from freshly initialized weights" in other.output and min(other.losses) == 1
     resumed = train(tmp_path / "second", *flags, "--debug.seed", "7")
     assert "restored step 2 from host memory" in resumed.output and "is unusable" not in resumed.output
