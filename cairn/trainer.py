@@ -59,8 +59,9 @@ class TrainState(Stateful):
 
 def resume_config(job_config: JobConfig) -> dict:
     """The part of the run config a resume depends on (what the state means and which data comes
-    next): a memory snapshot of a run that differs in it is refused. Not the number of steps, the
-    learning rate or the checkpoint, logging and debug settings: a restart may change those."""
+    next, from which seed): a memory snapshot of a run that differs in it is refused. Not the
+    number of steps, the learning rate, or the checkpoint and logging settings: a restart may
+    change those."""
     config = to_dict(job_config)
     training = config["training"]
     return {"model": {key: config["model"][key] for key in ("name", "flavor", "tokenizer_path")},
@@ -245,9 +246,9 @@ class Trainer:
             base_folder=job_config.job.dump_folder,
             sd_adapter=self.model_spec.state_dict_adapter(self.model_args),
             model_info={"name": self.model_spec.name, "flavor": job_config.model.flavor},
-            run_info={"config": to_dict(job_config), "resume_config": resume_config(job_config)}, total_steps=training.steps, seed=job_config.debug.seed,
-            layout=self.parallel_dims.degrees, tokenizer_dir=self.tokenizer.path.parent,
-            hf_assets_path=job_config.model.hf_assets_path)
+            run_info={"config": to_dict(job_config), "resume_config": resume_config(job_config)},
+            total_steps=training.steps, seed=job_config.debug.seed, layout=self.parallel_dims.degrees,
+            tokenizer_dir=self.tokenizer.path.parent, hf_assets_path=job_config.model.hf_assets_path)
         self.clock.lap("checkpointer")
         self.metrics = None
 

@@ -101,12 +101,13 @@ class CheckpointManager:
     Everything a trainer knows comes in as optional arguments: ``sd_adapter`` (HF export/import),
     ``model_info`` (name/flavor, for the manifest and messages), ``run_info`` (JSON-able, into
     every manifest; its ``"resume_config"``, kept out of the manifest, is the part of the run
-    config a resume depends on: the memory tier restores no snapshot of another), ``total_steps`` (a model-only step at the end is a finished run, not a
-    resume point), ``seed`` (re-seeding per-rank states on another layout), ``layout`` (the
-    parallel layout, default the world size), ``tokenizer_dir`` (copied into HF exports),
-    ``hf_assets_path`` (HF weights for ``initial_load_in_hf``), ``on_commit(step, location)``
-    (on the coordinator, once a step is committed), ``process_group`` (saves and loads; the
-    default group). Raises CheckpointConfigError listing every problem of ``config``.
+    config a resume depends on: the memory tier restores no snapshot of another run's),
+    ``total_steps`` (a model-only step at the end is a finished run, not a resume point),
+    ``seed`` (re-seeding per-rank states on another layout), ``layout`` (the parallel layout,
+    default the world size), ``tokenizer_dir`` (copied into HF exports), ``hf_assets_path`` (HF
+    weights for ``initial_load_in_hf``), ``on_commit(step, location)`` (on the coordinator, once
+    a step is committed), ``process_group`` (saves and loads; the default group). Raises
+    CheckpointConfigError listing every problem of ``config``.
     """
 
     Config = CheckpointSection
@@ -239,9 +240,8 @@ class CheckpointManager:
         mine = found["id"] if found and all(found.get(key) == value for key, value in identity.items()) else None
         proposals = [(mine, self._new_folder, new_run_id(), problem)]
         if self.world_size > 1:
-            proposals = [None] * self.world_size
-            dist.all_gather_object(proposals, (mine, self._new_folder, new_run_id(), problem),
-                                   group=self._gloo_group())
+            proposal, proposals = proposals[0], [None] * self.world_size
+            dist.all_gather_object(proposals, proposal, group=self._gloo_group())
         problems = [proposal[3] for proposal in proposals if proposal[3]]
         if problems:
             raise CheckpointError(f"--checkpoint.memory_dir: {problems[0]}")

@@ -3,9 +3,10 @@ outlives the training process (``/dev/shm``), and a replica of it on another nod
 
     --checkpoint.memory_interval K    snapshot every K steps (0: off)
     --checkpoint.memory_replicas 1    also keep a copy on the next node's host (same local rank)
-    --checkpoint.memory_dir DIR       where (default /dev/shm/cairn-<hash of the checkpoint folder>)
+    --checkpoint.memory_dir DIR       where (default /dev/shm/cairn-<uid>-<hash of the folder>-<of the config>)
 
-The files, per node under ``memory_dir``, are ``memory_slots.py``'s.
+The files, per node under ``memory_dir``, are ``memory_slots.py``'s, and so is what is trusted
+of them (nothing: a private directory, no link followed, bounded reads, records checked whole).
 
 A snapshot is staged into the slot that does not hold the newest snapshot, by the same
 background staging as ``async_with_pinned_mem`` (a side stream straight into the slot's
@@ -17,9 +18,11 @@ one skipped (all ranks agree), never waited for.
 
 On restart all ranks agree on the newest step every rank can get (its own slot, or a replica
 held by another rank, sent to it over gloo) that is newer than the newest committed disk step,
-on the same layout; each rank checks its copy's checksums, and any failure makes every rank
-fall back to the next candidate (logged, naming the file), then to disk. Restores are bitwise
-what was snapshotted. A run that ends normally (its last step saved) removes its snapshots.
+of this run (``memory_slots.foreign``), on the same layout, and no later than the rank trained;
+each rank checks its copy's checksums and that its states are at that step (``state_problems``),
+and any failure makes every rank fall back to the next candidate (one line naming the file and
+why), then to disk. Restores are bitwise what was snapshotted. A run that ends normally (its
+last step saved) removes its snapshots.
 
 What it costs: host memory of four times the rank's state (two slots of its own, two of the
 replica it keeps; two with replicas off), and per snapshot one copy of the state to host
@@ -46,6 +49,7 @@ import torch
 import torch.distributed as dist
 import xxhash
 
+from cairn.checkpoint.errors import CheckpointError
 from cairn.checkpoint.faults import fault_point
 from cairn.checkpoint import memory_slots
 from cairn.checkpoint.memory_slots import (RUN, Mapped, Slot, UnusableSnapshotError, check_record, chunk_hashes,
@@ -309,8 +313,14 @@ class MemoryTier:
         nothing, and its peer keeps its previous replica."""
         newest = self.newest(self.held)
         target = self.held[1 - newest if newest is not None else 0]
+        state = b""
+        if record:
+            try:
+                state = slot.read_state(record)
+            except (OSError, CheckpointError) as e:  # nothing to send: the peer keeps its previous replica
+                logger.warning("memory snapshot replica not sent: %s", e)
+                record = None
         meta = json.dumps(record).encode() if record else b""
-        state = slot.read_state(record) if record else b""
         data_bytes = record["data_bytes"] if record else 0
         incoming = torch.zeros(3, dtype=torch.int64)
         self._sendrecv(torch.tensor([len(meta), len(state), data_bytes], dtype=torch.int64), incoming)
@@ -546,7 +556,7 @@ def _restore_step(tier: MemoryTier, step: int, plan: dict, template_of, apply, g
     if not problems:
         template = template_of()
         leaves = list(tensor_leaves(template))
-        problems = [f"{where}: {problem}" for problem in _mismatches(step, record, leaves)]
+        problems = [f"{where}: {problem}" for problem in _mismatches(record, leaves)]
     if not problems:
         try:  # anything in a crafted state.pt (weights_only runs none of it) is a reason, never a traceback
             plain = torch.load(io.BytesIO(state), weights_only=True)
@@ -569,7 +579,7 @@ def _restore_step(tier: MemoryTier, step: int, plan: dict, template_of, apply, g
                     for problem in problems], 0
         try:
             apply(filled)
-        except Exception as e:  # noqa: BLE001 - a state that refuses its values: the next candidate (or disk) loads over it
+        except Exception as e:  # noqa: BLE001 - a state refusing its values: the next candidate (or disk) loads over it
             problems = [f"{where}: the states refused its values ({type(e).__name__}: {_first_line(e)})"]
         if _anyone(problems, tier, group):
             return problems or [f"step {step}: another rank's states refused its values"], 0
@@ -720,7 +730,7 @@ def _first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [""])[0][:300]
 
 
-def _mismatches(step: int, record: dict, leaves: list[tuple[str, torch.Tensor]]) -> list[str]:
+def _mismatches(record: dict, leaves: list[tuple[str, torch.Tensor]]) -> list[str]:
     """How this run's tensors differ from the snapshot's (paths, shapes, dtypes)."""
     saved = record.get("leaves") or []
     if [leaf["path"] for leaf in saved] != [path for path, _ in leaves]:

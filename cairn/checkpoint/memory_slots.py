@@ -192,7 +192,7 @@ def open_private_dir(path: str | os.PathLike) -> Path:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0))
     except OSError as e:
         what = "a symbolic link" if e.errno == errno.ELOOP or os.path.islink(path) else "not a directory" \
-            if e.errno == errno.ENOTDIR else e.strerror
+            if e.errno == errno.ENOTDIR else f"not usable ({e.strerror})"
         raise MemoryDirError(f"{path} is {what}; a memory directory must be a real directory of this user's "
                              "(remove it, or choose another --checkpoint.memory_dir)") from None
     try:
@@ -205,8 +205,8 @@ def open_private_dir(path: str | os.PathLike) -> Path:
             os.fchmod(fd, 0o700)  # whatever the umask
         elif stat.S_IMODE(info.st_mode) != 0o700:
             raise MemoryDirError(f"{path} has mode {stat.S_IMODE(info.st_mode):o}, not 700: other users could read "
-                                 f"or change its snapshots (`chmod 700 {path}` if only you ever wrote there, else "
-                                 "remove it)")
+                                 "or change its snapshots (give --checkpoint.memory_dir a directory of its own, e.g. "
+                                 f"{path / 'cairn'}, or remove this one)")
     finally:
         os.close(fd)
     return path
@@ -315,6 +315,7 @@ class Slot:
 
     def __init__(self, folder: Path):
         self.folder = folder
+        self._known: tuple[tuple, dict | None] | None = None  # (COMMITTED's identity, its record)
 
     @property
     def data(self) -> Path:
@@ -336,17 +337,27 @@ class Slot:
             raise UnusableSnapshotError(f"{path}: {e}") from None
 
     def record(self) -> dict | None:
-        """The slot's record, or None when it holds no usable one."""
+        """The slot's record, or None when it holds no usable one. Read again only when COMMITTED
+        changed (its inode, size or times): choosing a slot, on the training thread, reads and
+        checks each record once."""
         try:
-            return self.read_record()
-        except UnusableSnapshotError:
+            info = os.lstat(self.folder / COMMITTED)
+        except OSError:
             return None
+        key = (info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+        if self._known is None or self._known[0] != key:
+            try:
+                self._known = (key, self.read_record())
+            except UnusableSnapshotError:
+                self._known = (key, None)
+        return self._known[1]
 
     def invalidate(self) -> None:
         (self.folder / COMMITTED).unlink(missing_ok=True)
 
     def commit(self, record: dict) -> None:
         write_file_durably(self.folder / COMMITTED, json.dumps(record).encode(), mode=0o600)
+        self.record()  # read back and checked here, by the committing thread: the training thread finds it known
 
     def read_state(self, record: dict) -> bytes:
         """state.pt, read only when it is a regular file of the recorded size, and checked
@@ -492,31 +503,41 @@ def check_record(record: Any) -> dict:
 
 
 def _check_leaf(leaf: Any, index: int, data_bytes: int) -> list[tuple[int, int, str]]:
-    """A leaf's (start, stop, path) in data.bin ([] when it holds no bytes); ValueError naming what is wrong."""
+    """A leaf's (start, stop, path) in data.bin ([] when it holds no bytes); ValueError naming
+    what is wrong. (Messages are made only on failure: a snapshot's choice of slot reads its
+    records on the training thread.)"""
     if not isinstance(leaf, dict) or not isinstance(leaf.get("path"), str):
         raise ValueError(f"leaf {index} is not an object with a path")
-    path, shape = leaf["path"], leaf.get("shape")
-    if not isinstance(shape, list) or len(shape) > MAX_DIMS:
-        raise ValueError(f"leaf {path!r}: shape is not a list of at most {MAX_DIMS} sizes")
-    for size in shape:
-        _natural(size, f"leaf {path!r}: a dimension")
-    try:
-        dtype = dtype_named(leaf.get("dtype")) if isinstance(leaf.get("dtype"), str) else None
-    except ValueError:
-        dtype = None
-    if dtype is None:
-        raise ValueError(f"leaf {path!r}: dtype {leaf.get('dtype')!r} is not a torch dtype")
-    nbytes = _natural(leaf.get("nbytes"), f"leaf {path!r}: nbytes")
-    if nbytes != math.prod(shape) * dtype.itemsize:
-        raise ValueError(f"leaf {path!r}: nbytes {nbytes}, its shape {shape} of {leaf['dtype']} is "
-                         f"{math.prod(shape) * dtype.itemsize} bytes")
-    offset = leaf.get("offset")
+    path, shape, nbytes, offset = leaf["path"], leaf.get("shape"), leaf.get("nbytes"), leaf.get("offset")
+    if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(type(n) is int and n >= 0 for n in shape):
+        raise ValueError(f"leaf {path!r}: shape {str(shape)[:80]} is not a list of at most {MAX_DIMS} sizes")
+    itemsize = _itemsize(leaf.get("dtype"))
+    if itemsize is None:
+        raise ValueError(f"leaf {path!r}: dtype {str(leaf.get('dtype'))[:40]!r} is not a torch dtype")
+    if type(nbytes) is not int or nbytes != math.prod(shape) * itemsize:  # noqa: E721 - a bool is not a size
+        raise ValueError(f"leaf {path!r}: nbytes {str(nbytes)[:40]!r}, its shape {shape} of {leaf['dtype']} is "
+                         f"{math.prod(shape) * itemsize} bytes")
     if offset is None and nbytes == 0:
         return []
-    _natural(offset, f"leaf {path!r}: offset")
+    if type(offset) is not int or offset < 0:  # noqa: E721
+        raise ValueError(f"leaf {path!r}: offset is {str(offset)[:40]!r}, not an integer >= 0")
     if offset + nbytes > data_bytes:
         raise ValueError(f"leaf {path!r}: bytes {offset}..{offset + nbytes} lie past data_bytes {data_bytes}")
     return [(offset, offset + nbytes, path)] if nbytes else []
+
+
+_ITEMSIZES: dict[str, int] = {}  # dtype name -> bytes per element, learnt on first sight
+
+
+def _itemsize(name: Any) -> int | None:
+    if not isinstance(name, str):
+        return None
+    if name not in _ITEMSIZES:
+        try:
+            _ITEMSIZES[name] = dtype_named(name).itemsize
+        except ValueError:
+            return None
+    return _ITEMSIZES[name]
 
 
 def _check_run(run: Any) -> dict:

@@ -57,6 +57,21 @@ def test_fallback_on_corrupt_resumes_from_the_previous_step(six_steps, tmp_path)
         assert result.losses[step] == reference.losses[step], step  # bit-exact from step 3
 
 
+def test_fallback_on_corrupt_passes_a_damaged_manifest(six_steps, tmp_path):
+    """A byte flipped in the newest step's manifest: one logged line naming it, then step 3."""
+    run = _copy(six_steps[0], tmp_path / "run")
+    manifest = run / "checkpoint" / "step-6" / "cairn_manifest.json"
+    data = bytearray(manifest.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    manifest.write_bytes(bytes(data))
+    result = train(run, *COMMON, "--checkpoint.fallback_on_corrupt")
+    lines = [line for line in result.output.splitlines() if "falling back to step-3" in line]
+    assert len(lines) == 1 and str(manifest) in lines[0] and "Traceback" not in result.output
+    reference = six_steps[1]
+    for step in range(4, 10):
+        assert result.losses[step] == reference.losses[step], step
+
+
 def test_verify_catches_a_flipped_byte(six_steps, tmp_path):
     run = _copy(six_steps[0], tmp_path / "run")
     victim = _data_file(run / "checkpoint" / "step-6")

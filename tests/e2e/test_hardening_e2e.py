@@ -103,6 +103,27 @@ def test_a_full_disk_in_training_is_one_line(tmp_path, mode):
     assert "CheckpointException" not in result.output
 
 
+@pytest.mark.parametrize("mode", ["disabled", "async"])
+def test_a_read_only_folder_is_one_line_at_start(tmp_path, mode):
+    """The checkpoint folder on a read-only filesystem (root cannot write there either): one line
+    naming the flag before training, not a traceback from the lease's first write."""
+    from tmpfs import small_tmpfs_mounter
+
+    mounts = small_tmpfs_mounter()
+    mount = next(mounts)
+    try:
+        mount(tmp_path / "checkpoint", "1m", read_only=True)
+        result = train(tmp_path, "--checkpoint.enable", "--training.steps", "2", "--checkpoint.async_mode", mode,
+                       check=False)
+    finally:
+        next(mounts, None)
+    assert result.returncode != 0
+    lines = [line for line in result.output.splitlines() if "cairn.train:" in line]
+    assert len(lines) == 1 and "OSError" not in result.output and "[Errno" not in result.output, result.output[-3000:]
+    assert f"--checkpoint.folder {tmp_path / 'checkpoint'} is not writable" in lines[0]
+    assert "read-only filesystem" in lines[0]
+
+
 def test_bad_paths_are_one_line(tmp_path):
     a_file = tmp_path / "weights.pt"
     a_file.write_bytes(b"not a folder")

@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, RunResult
+from conftest import REPO, RunResult, train
 
 pytestmark = pytest.mark.slow
 
@@ -99,3 +99,25 @@ def test_killed_everywhere_then_a_node_lost(tmp_path):
         assert losses[step] == expected[step], step
     assert not any(memory.glob("node*/rank-*"))  # finished: removed
     assert json.loads((dump / "checkpoint" / "step-12" / "cairn_manifest.json").read_text())["step"] == 12
+
+
+def test_a_new_run_given_the_same_memory_dir_starts_fresh(tmp_path):
+    """The sweep's careless user: a run stopped after step 5 (snapshots of steps 2 and 4 kept),
+    then a new run with another seed, an empty dump folder and the same --checkpoint.memory_dir:
+    it trains from its own fresh weights from step 1, saying why each snapshot is not its own
+    (tests/unit/test_hardening_memory.py checks those weights bitwise); a restart of that new
+    run resumes its own."""
+    memory = tmp_path / "shm"
+    flags = ["--checkpoint.enable", "--training.steps", "8", "--checkpoint.memory_interval", "2",
+             "--checkpoint.memory_dir", str(memory)]
+    from cairn.checkpoint.memory_slots import list_snapshots
+
+    train(tmp_path / "first", *flags, "--debug.exit_after_step", "5")
+    theirs = [row["path"] for row in list_snapshots(memory) if row["committed"]]  # 2 and 4 (one if skipped)
+    other = train(tmp_path / "second", *flags, "--debug.seed", "7", "--debug.exit_after_step", "3")
+    unusable = [line for line in other.output.splitlines() if "is unusable: another run's" in line]
+    assert theirs and len(unusable) == len(theirs) and "restored step" not in other.output, other.output[-3000:]
+    assert str(tmp_path / "first" / "checkpoint") in unusable[0]  # names the folder it belongs to
+    assert "starting from freshly initialized weights" in other.output and min(other.losses) == 1
+    resumed = train(tmp_path / "second", *flags, "--debug.seed", "7")
+    assert "restored step 2 from host memory" in resumed.output and "is unusable" not in resumed.output

@@ -79,6 +79,29 @@ def test_the_cli_names_a_huge_declared_length(storage, capsys):
         assert code == 1 and "claims bytes" in text and name in text and "MemoryError" not in text, text
 
 
+@pytest.mark.parametrize("crafted", ["the tensor's shape", "its chunk's shape too"])
+def test_convert_names_a_crafted_huge_shape(storage, capsys, crafted):
+    """A tensor declared 2^60 elements in .metadata (the manifest re-signed): `convert --to torch`
+    says which and why in one message, before torch's zip writer could fail on it."""
+    from cairn.cli import main
+
+    save(storage, 1)
+    step_dir = storage.step_dir(1)
+    metadata = load_metadata_file(step_dir / ".metadata")
+    item = metadata.state_dict_metadata["tok_embeddings.weight"]
+    item.size = torch.Size([1 << 40, 1 << 20])
+    if crafted == "its chunk's shape too":
+        for chunk in item.chunks:
+            chunk.sizes = torch.Size([1 << 40, 1 << 20])
+    (step_dir / ".metadata").write_bytes(pickle.dumps(metadata))
+    _resign_manifest(step_dir)
+    out = storage.folder.parent / "out.pt"
+    code = main(["checkpoint", "convert", str(step_dir), str(out), "--to", "torch"])
+    text = " ".join("".join(capsys.readouterr()).split())
+    assert code == 1 and "'tok_embeddings.weight' declares" in text and "damaged or crafted" in text, text
+    assert "inline_container" not in text and "Traceback" not in text and not out.exists()
+
+
 def test_a_crafted_record_cannot_make_torch_load_allocate(storage):
     """A record whose zip entry declares more bytes than it holds is refused, naming file and key."""
     save(storage, 1)

@@ -201,6 +201,22 @@ def test_links_planted_in_the_slots_are_never_written_through(left, tmp_path, ca
     assert read_progress(shm / "progress-0") == 8 and not (shm / "progress-0").is_symlink()
 
 
+@pytest.mark.parametrize("planted", ["a link", "a hard link", "a FIFO"])
+def test_the_staging_never_maps_a_planted_data_bin(tmp_path, planted):
+    """Planted after the tier opened its slots (so not cleaned away): the staging that writes
+    data.bin in place refuses it, and the file it leads to keeps its bytes."""
+    from cairn.checkpoint.fsio import NotRegularFileError
+    from cairn.checkpoint.staging import HostArena
+
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious" * 512)
+    data = tmp_path / "data.bin"
+    {"a link": data.symlink_to, "a hard link": data.hardlink_to}.get(planted, lambda _: os.mkfifo(data))(victim)
+    with pytest.raises(NotRegularFileError, match=str(data)):
+        HostArena(1 << 16, pin=False, path=str(data))
+    assert victim.read_bytes() == b"precious" * 512
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="making a directory another user owns needs root")
 def test_a_directory_another_user_made_first_is_refused_untouched(tmp_path):
     """Another local user creates the (predictable) default directory first, mode 777, with a
