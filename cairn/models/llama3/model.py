@@ -13,13 +13,14 @@ half-split layout. The rotary tables are non-persistent buffers: checkpoints hol
 from __future__ import annotations
 
 import math
-import zlib
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
+
+from cairn.models.common import FeedForward, RMSNorm, init_weights  # noqa: F401  (init_weights: re-exported)
 
 
 @dataclass(kw_only=True)
@@ -113,16 +114,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return out.flatten(-2).type_as(x)
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).type_as(x)
-
-
 class Attention(nn.Module):
     def __init__(self, args: TransformerModelArgs):
         super().__init__()
@@ -146,17 +137,6 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                              is_causal=True)
         return self.wo(out.transpose(1, 2).reshape(bs, seqlen, -1))
-
-
-class FeedForward(nn.Module):
-    def __init__(self, dim: int, hidden_dim: int):
-        super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
-        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class TransformerBlock(nn.Module):
@@ -242,41 +222,3 @@ class Transformer(nn.Module):
         if name.endswith(("attention.wo", "feed_forward.w2", "feed_forward.w3")):
             return "trunc_normal", depth_std
         return "trunc_normal", 0.02
-
-
-def _fill(tensor: torch.Tensor, kind: str, std: float, generator: torch.Generator) -> None:
-    if kind == "ones":
-        tensor.fill_(1.0)
-    elif kind == "normal":
-        tensor.normal_(0.0, std, generator=generator)
-    else:
-        nn.init.trunc_normal_(tensor, mean=0.0, std=std, a=-3 * std, b=3 * std, generator=generator)
-
-
-@torch.no_grad()
-def init_weights(model: Transformer, seed: int, device: torch.device | str) -> None:
-    """Initialize every parameter from a generator seeded by (seed, FQN).
-
-    Each full tensor is drawn on ``device`` and only this rank's shard is kept, so every
-    parallel layout (FSDP, TP, PP, one process) starts from bit-identical weights on the
-    same device type.
-    """
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    device = torch.device(device)
-    model.init_buffers(device)
-    seen: set[int] = set()
-    for fqn, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in seen:
-            continue  # tied weights: initialized once, through the first name
-        seen.add(id(param))
-        kind, std = model.init_spec(fqn)
-        generator = torch.Generator(device=device)
-        generator.manual_seed((seed * 1_000_003 + zlib.crc32(fqn.encode())) % (2**63))
-        full = torch.empty(param.shape, dtype=torch.float32, device=device)
-        _fill(full, kind, std, generator)
-        if isinstance(param, DTensor):
-            local = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
-            param.to_local().copy_(local)
-        else:
-            param.copy_(full)
