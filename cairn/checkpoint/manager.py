@@ -641,6 +641,9 @@ class CheckpointManager:
         state = self.model.state_dict()
         result = load_hf(state, path, self.sd_adapter)
         self.model.load_state_dict(state)
+        if result["dropped"] and self.rank == 0:
+            logger.warning("%s has no place for %s: they start at zero", path,
+                           ", ".join(result["dropped"]))
         return result["bytes"]
 
     def _dcp_load(self, store, step, include_states) -> int:
