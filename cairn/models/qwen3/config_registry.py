@@ -31,7 +31,7 @@ def qwen3_moe_debugmodel() -> JobConfig:
     config.training.steps = 20
     config.training.local_batch_size = 4
     config.training.seq_len = 32
-    config.optimizer.lr = 3e-3
+    config.optimizer.lr = 1e-2
     config.metrics.enable_tensorboard = False
     return config
 
