@@ -29,6 +29,8 @@ class StateDictAdapter(Protocol):
     stores one slice along dim 0 at a time (an MoE layer's grouped experts: one key per expert),
     in slice order, else None; ``hf_dropped(fqn)``, why a model tensor has no place in a Hugging
     Face checkpoint (exports name it as dropped, imports set it to zeros and name it), else None.
+    A third, ``tensor_group(fqn)``, is the checkpoint's: ``(group, members)`` for a tensor whose dim 0
+    indexes members of a group (``("experts", 8)``), counted on every save and load (``groups.py``).
     """
 
     def hf_key(self, fqn: str) -> str | None: ...  # None: not saved (e.g. a tied output)

@@ -45,11 +45,11 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.stateful import Stateful
 
 from cairn.checkpoint.api import BackgroundSaver, SaveHandle, save
 from cairn.checkpoint.errors import CheckpointError, CorruptCheckpointError
+from cairn.checkpoint.groups import describe, flat_tensors, grouped_tensors, load_problems
 from cairn.checkpoint.hf import load_hf, save_hf
 from cairn.checkpoint.layout import FULL, HF, MODEL_ONLY, SEED, dtype_named
 from cairn.checkpoint.lease import FolderLease
@@ -341,9 +341,10 @@ class CheckpointManager:
             info["deferred_steps"] = deferred_steps
         if last_step or stopping:
             self._finish_in_flight()
-        logger.info("checkpoint step %d: %s save of %.1f MB%s to %s, training stalled %.3f s%s", step, info["kind"],
+        logger.info("checkpoint step %d: %s save of %.1f MB%s to %s, training stalled %.3f s%s%s", step, info["kind"],
                     info["bytes"] / 1e6, self._per_rank(), self.store.step_url(step), info["stall_s"],
-                    "; writing in the background" if info.get("async") and not last_step else "")
+                    "; writing in the background" if info.get("async") and not last_step else "",
+                    f"; {info['grouped']} counted" if info.get("grouped") else "")
         return info
 
     def _save_status(self) -> tuple[bool, str | None]:
@@ -368,10 +369,15 @@ class CheckpointManager:
         info = self._save_model_only(0, kind=SEED, dtype="float32")
         logger.info("seed checkpoint written to %s (%.1f MB)", self.store.step_url(0), info["bytes"] / 1e6)
 
-    def _info(self, kind: str, dtype: str) -> dict:
+    def _info(self, kind: str, dtype: str, state: dict[str, Any] | None = None) -> dict:
+        """The manifest's description of a save; with ``state``, its grouped tensors counted (``groups.py``)."""
         info = {"kind": kind, "dtype": dtype, "layout": self.layout}
         if self.model_info:
             info["model"] = self.model_info
+        grouped = grouped_tensors(flat_tensors(state), getattr(self.sd_adapter, "tensor_group", None)) \
+            if state is not None else {}
+        if grouped:
+            info["grouped"] = grouped
         return {**self.run_info, **info}
 
     def _full_state_dict(self) -> dict[str, Any]:
@@ -398,7 +404,7 @@ class CheckpointManager:
 
     def _save_full(self, step: int) -> dict:
         state = self._full_state_dict()
-        info = self._info(FULL, "mixed")
+        info = self._info(FULL, "mixed", state)
         nbytes = state_bytes(state)
         self._writing.add(step)
         if self.async_saver is None:
@@ -420,14 +426,17 @@ class CheckpointManager:
             self.last_save = self.async_saver.save(state, self.store, step, info=info, checksums=self.checksums,
                                                    on_commit=self._committed, after_commit=after_commit,
                                                    thread_count=self.config.write_threads)
-        return {"kind": FULL, "bytes": nbytes, "async": self.async_saver is not None}
+        out = {"kind": FULL, "bytes": nbytes, "async": self.async_saver is not None}
+        if info.get("grouped"):
+            out["grouped"] = describe(info["grouped"])
+        return out
 
     def _save_model_only(self, step: int, *, kind: str, dtype: str) -> dict:
         self._finish_in_flight()
         torch_dtype = dtype_named(dtype)
         state = {k: v.to(torch_dtype) if torch.is_floating_point(v) else v
                  for k, v in self.model.state_dict().items()}
-        info = self._info(kind, dtype)
+        info = self._info(kind, dtype, state if kind != HF else None)
         if kind == HF:
             if self.sd_adapter is None:
                 raise CheckpointError("--checkpoint.last_save_in_hf needs a state dict adapter (sd_adapter=...) to "
@@ -667,7 +676,8 @@ class CheckpointManager:
             state[key] = self.states[key].state_dict()
         lap("state_dict")
         where = store.step_url(step) if isinstance(step, int) else getattr(step, "where", str(step))
-        self._check_against_metadata(where, store.reader(step), state)
+        manifest = store.read_manifest(step) if isinstance(step, int) else None
+        self._check_against_metadata(where, store.reader(step), state, manifest)
         lap("check")
         # store.load re-raises a corrupt file as CorruptCheckpointError on every rank.
         reader = store.load(state, step, verify=self.config.verify, process_group=self.group,
@@ -686,23 +696,24 @@ class CheckpointManager:
         self.load_phases = phases
         return nbytes
 
-    def _check_against_metadata(self, where: str, reader, state: dict) -> None:
-        """Name every missing key and shape mismatch before DCP reads a byte."""
-        saved = reader.read_metadata().state_dict_metadata
-        problems = []
-        for key, value in state.items():
-            if key in self.states:
-                if not any(k == key or k.startswith(key + ".") for k in saved):
-                    problems.append(f"{key!r} is not in the checkpoint (saved model-only?); "
-                                    f"add it to --checkpoint.exclude_from_loading to skip it")
-                continue
-            if key not in saved:
-                problems.append(f"model key {key!r} is missing")
-            elif isinstance(saved[key], TensorStorageMetadata) and tuple(saved[key].size) != tuple(value.shape):
-                problems.append(f"{key}: checkpoint shape {tuple(saved[key].size)} != model shape "
-                                f"{tuple(value.shape)}")
+    def _check_against_metadata(self, where: str, reader, state: dict, manifest: dict | None = None) -> None:
+        """Name every key a load cannot fill whole (missing, another shape, a chunk never stored)
+        before DCP reads a byte, and count the grouped tensors (experts) it fills."""
+        metadata = reader.read_metadata()
+        saved = metadata.state_dict_metadata
+        problems = [f"{key!r} is not in the checkpoint (saved model-only?); add it to "
+                    "--checkpoint.exclude_from_loading to skip it"
+                    for key in state if key in self.states and not any(k == key or k.startswith(key + ".")
+                                                                       for k in saved)]
+        present = {key: value for key, value in state.items() if key not in self.states or
+                   any(k.startswith(key + ".") for k in saved)}
+        flat = flat_tensors(present)
+        problems += load_problems(flat, metadata, manifest, self.states)
         if problems:
             shown = problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else [])
             flavor = self.model_info.get("flavor")
             which = f" (--model.flavor {flavor})" if flavor else ""
             raise CheckpointError(f"{where} does not match this model{which}:\n  - " + "\n  - ".join(shown))
+        grouped = grouped_tensors(flat, getattr(self.sd_adapter, "tensor_group", None))
+        if grouped and self.rank == 0:
+            logger.info("%s: every one of %s is in the checkpoint, whole", where, describe(grouped))

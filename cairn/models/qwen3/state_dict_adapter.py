@@ -99,6 +99,11 @@ class Qwen3StateDictAdapter:
         layer, name = match.group(1), _EXPERT_KEYS[match.group(2)]
         return [f"model.layers.{layer}.mlp.experts.{e}.{name}" for e in range(self.model_args.moe.num_experts)]
 
+    def tensor_group(self, fqn: str) -> tuple[str, int] | None:
+        """("experts", E) for a grouped expert tensor: checkpoints count its experts on save and load."""
+        keys = self.hf_split_keys(fqn)
+        return ("experts", len(keys)) if keys is not None else None
+
     def hf_dropped(self, fqn: str) -> str | None:
         """Why ``fqn`` has no place in a Hugging Face checkpoint, or None."""
         if fqn.endswith("." + _BIAS):
