@@ -41,7 +41,7 @@ from cairn.checkpoint.adapter import hf_sources
 from cairn.checkpoint.layout import GROUPS, MANIFEST_NAME, METADATA_NAME, staging_step, step_of
 from cairn.checkpoint.manifest import read_manifest
 from cairn.checkpoint.reader import CachedMetadataReader, SafeLoadPlanner, weights_only_refusal
-from cairn.checkpoint.dcp_metadata import check_dcp_structure, load_metadata_file
+from cairn.checkpoint.dcp_metadata import check_dcp_structure, load_metadata_file, tensor_problems
 from cairn.models import get_model_spec
 
 # Bytes of tensors read per side in one DCP read during diff/convert: bounds memory, keeps reads few.
@@ -131,6 +131,9 @@ class DcpCheckpoint:
             self.metadata = load_metadata_file(path / METADATA_NAME)  # still never unpickles code
         # items that lie outside their files (crafted or damaged metadata), before anything is read
         self.problems += [p for p in check_dcp_structure(path) if p not in self.problems and "claims bytes" in p]
+        # tensors with chunks never stored, grouped tensors (experts) lost since the manifest counted them
+        self.problems += [p for p in tensor_problems(self.metadata, path / METADATA_NAME, self.manifest)
+                          if p not in self.problems]
         if self.problems and not tolerate_corrupt:
             raise CorruptCheckpointError(f"checkpoint {path} is corrupt: {self.problems[0]}", self.problems)
         self._entries: dict[str, Entry] | None = None
@@ -141,6 +144,7 @@ class DcpCheckpoint:
         ckpt = cls.__new__(cls)
         ckpt.path, ckpt.reader, ckpt.manifest, ckpt.problems = label, reader, manifest, list(problems)
         ckpt.metadata = reader.read_metadata()
+        ckpt.problems += tensor_problems(ckpt.metadata, f"{label}/{METADATA_NAME}", manifest)
         ckpt._entries = None
         return ckpt
 
