@@ -191,7 +191,11 @@ def tensor_problems(metadata: Metadata, where: str | os.PathLike, manifest: dict
     for key, item in saved.items():
         if not isinstance(item, TensorStorageMetadata):
             continue
-        missing, rows = coverage_gap(item)
+        try:
+            missing, rows = coverage_gap(item)
+        except (AttributeError, TypeError, ValueError, IndexError):  # a damaged or crafted chunk table
+            problems.append(f"{where}: {key!r}: its chunk table is unreadable (the metadata was damaged or crafted)")
+            continue
         if missing:
             name = groups.get(key, ("rows",))[0]
             problems.append(f"{where}: {key!r}: {missing} of {math.prod(item.size)} elements are in no stored chunk "
@@ -201,7 +205,7 @@ def tensor_problems(metadata: Metadata, where: str | os.PathLike, manifest: dict
         if not isinstance(item, TensorStorageMetadata):
             problems.append(f"{where}: {key!r} is missing: the manifest records it as one of {len(groups)} tensors "
                             f"of {members} {name}")
-        elif not item.size or item.size[0] != members:
+        elif not getattr(item, "size", None) or item.size[0] != members:
             problems.append(f"{where}: {key!r} holds {item.size[0] if item.size else 0} {name} where {members} "
                             "were saved")
     return problems

@@ -65,11 +65,15 @@ def load_problems(flat: dict[str, torch.Tensor], metadata, manifest: dict | None
     """Every tensor of a load's target that the checkpoint (DCP metadata) cannot fill whole, named."""
     saved = metadata.state_dict_metadata
     recorded = grouped_record(manifest)
+    counts = {name: sum(1 for group, _ in recorded.values() if group == name) for name, _ in recorded.values()}
     problems = []
     for key, tensor in flat.items():
         item = saved.get(key)
         what = "key" if key.split(".", 1)[0] in state_keys else "model key"
-        member = f" (one of {recorded[key][1]} {recorded[key][0]} tensors)" if key in recorded else ""
+        member = ""
+        if key in recorded:
+            name, size = recorded[key]
+            member = f" (one of the {counts[name]} tensors of {size} {name} the step's manifest counts)"
         if item is None:
             problems.append(f"{what} {key!r} is missing{member}")
         elif not isinstance(item, TensorStorageMetadata):
