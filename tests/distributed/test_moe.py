@@ -1,19 +1,24 @@
 """Qwen3-MoE (``qwen3_moe_debugmodel``) on 4 gloo ranks, through the real Trainer and checkpointer.
 
-One process group runs every check, in-process, so the whole matrix costs one start-up:
+One process group runs every check, in-process, so the whole set costs one start-up:
 
 - sources: each layout trains 2 steps and saves step 2 (sync, async, async_with_pinned_mem, and a
   memory-tier snapshot); its full state (model, balancing bias, optimizer moments) is gathered
-  then, and the loss of step 3 recorded; EP 1, 2 and 4 train on to step 6 (the loss falls);
+  then, and the loss of step 3 recorded; EP 1, 2 and 4 train on to step 4 (the loss falls);
 - targets: each loads a source's step 2 on another layout (EP 1 <-> 2 <-> 4, with FSDP, TP 2,
   PP 2, HSDP) or the same one, and must hold bitwise the saved state; its step 3 loss must
-  match the source's (bitwise on the same layout, within LOSS_TOLERANCE on another).
+  match the source's (bitwise on the same layout, within LOSS_TOLERANCE on another);
+- the seeds' seed-checkpoint command's step 0 starts an EP 2 run; an EP 4 model exported to
+  Hugging Face loads back at EP 4 reading only each rank's experts; a tiny random Qwen3-MoE
+  from transformers converts in, trains at EP 2, converts out and loads back in transformers.
 
 Each rank gathers the full tensors of the keys it holds; rank 0 merges and compares.
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -23,8 +28,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _launch import run_distributed  # noqa: E402
 
-pytestmark = [pytest.mark.distributed]
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
+REPO = Path(__file__).resolve().parents[2]
 # Another layout sums in another order (FSDP reductions, TP matmul splits, EP row grouping):
 # the first loss after a resharded load agrees with the uninterrupted run's to about 1e-6.
 LOSS_TOLERANCE = 1e-4
@@ -43,25 +49,31 @@ LAYOUTS = {
     "ep2_hsdp": ["--training.local_batch_size", "2", "--parallelism.data_parallel_replicate_degree", "2",
                  "--parallelism.expert_parallel_degree", "2"],
 }
+MEMORY = ["--checkpoint.memory_interval", "2"]
 # source -> (extra flags of its save, steps it trains)
 SOURCES = {
-    "ep1": ([], 6),
-    "ep2": (["--checkpoint.async_mode", "async_with_pinned_mem", "--checkpoint.when_busy", "wait"], 6),
-    "ep4": (["--checkpoint.async_mode", "async", "--checkpoint.when_busy", "wait"], 6),
+    "ep1": ([], 4),
+    # async saves (written by a thread: a writer process would start torch again on 2 cores), and a
+    # memory-tier snapshot of the same step
+    "ep2": (["--checkpoint.async_mode", "async_with_pinned_mem", "--checkpoint.async_writer", "thread",
+             "--checkpoint.when_busy", "wait", *MEMORY], 4),
+    "ep4": (["--checkpoint.async_mode", "async", "--checkpoint.async_writer", "thread", "--checkpoint.when_busy",
+             "wait"], 4),
     "ep2_tp2": ([], 3),
     "ep4_tp2": ([], 3),
     "ep1_pp2": ([], 3),
     "ep2_pp2": ([], 3),
-    "ep2_memory": (["--checkpoint.memory_interval", "2"], 3),
 }
-# (source, target layout): EP 1 -> 2 -> 4 -> 2 -> 1 -> 4 -> 1 across FSDP, TP 2, PP 2 and HSDP,
-# resumes on the same layout (from disk, and from the memory tier).
-PAIRS = [("ep1", "ep2_tp2"), ("ep2_tp2", "ep4_tp2"), ("ep4_tp2", "ep2_pp2"), ("ep2_pp2", "ep1_pp2"),
-         ("ep1_pp2", "ep4"), ("ep4", "ep1"), ("ep2", "ep2_hsdp"), ("ep2", "ep2"), ("ep2_memory", "ep2")]
-
-
-def _layout(name: str) -> list[str]:
-    return LAYOUTS[name.removesuffix("_memory")]
+# (source, target layout, extra flags of the target): EP 1 -> 2 -> 4 -> 2 -> 1 -> 4 -> 2 across FSDP,
+# TP 2, PP 2 and HSDP; resumes on the same layout, from disk and from the memory tier.
+PAIRS = [("ep1", "ep2_tp2", []), ("ep2_tp2", "ep4_tp2", []), ("ep4_tp2", "ep2_pp2", []), ("ep2_pp2", "ep1_pp2", []),
+         ("ep1_pp2", "ep4", []), ("ep4", "ep2_hsdp", []), ("ep2", "ep2", []), ("ep2", "ep2", MEMORY)]
+# The seeds' command (docs/checkpoint.md, section 6), for the MoE model.
+SEED_COMMAND = ["-m", "cairn.train", "--module", "qwen3", "--config", "qwen3_moe_debugmodel",
+                "--checkpoint.create_seed_checkpoint", "--parallelism.data_parallel_replicate_degree", "1",
+                "--parallelism.data_parallel_shard_degree", "1", "--parallelism.tensor_parallel_degree", "1",
+                "--parallelism.pipeline_parallel_degree", "1", "--parallelism.context_parallel_degree", "1",
+                "--parallelism.expert_parallel_degree", "1"]
 
 
 def _trainer(folder: str, layout: str, *extra: str):
@@ -71,7 +83,7 @@ def _trainer(folder: str, layout: str, *extra: str):
     return Trainer(parse_args([
         "--module", "qwen3", "--config", "qwen3_moe_debugmodel", "--job.dump_folder", folder, "--checkpoint.enable",
         "--checkpoint.interval", "2", "--training.steps", "6", "--checkpoint.keep_latest_k", "0",
-        "--checkpoint.memory_dir", f"{folder}/memory", *_layout(layout), *extra]))
+        "--checkpoint.memory_dir", f"{folder}/memory", *LAYOUTS[layout], *extra]))
 
 
 def _step(trainer) -> float:
@@ -104,10 +116,17 @@ def _gathered(trainer) -> dict[str, torch.Tensor] | None:
     return merged
 
 
-def _matrix(rank, world_size, root):
+def _differences(expected: dict, state: dict, keys=None) -> tuple[list[str], list[str]]:
+    """(keys on one side only, keys whose tensors differ in a bit)."""
+    keys = set(expected) if keys is None else keys
+    return (sorted((set(expected) ^ set(state)) & keys),
+            sorted(key for key in keys if key in state and not torch.equal(expected[key], state[key])))
+
+
+def _matrix(rank, world_size, root, seed_folder, hf_dcp):
     import time
 
-    out = {"losses": {}, "loaded": {}, "tier": {}, "bias_moved": {}, "seconds": {}}
+    out = {"losses": {}, "loaded": {}, "tier": {}, "seconds": {}}
     saved = {}
     for name, (extra, steps) in SOURCES.items():
         start = time.perf_counter()
@@ -119,50 +138,168 @@ def _matrix(rank, world_size, root):
         out["losses"][name] = losses
         trainer.checkpointer.close()  # waits for an async save's commit
         out["seconds"][name] = time.perf_counter() - start
-    for source, target in PAIRS:
+    for source, target, extra in PAIRS:
+        pair = (source, target, bool(extra))
         start = time.perf_counter()
-        trainer = _trainer(f"{root}/{source}", target, *SOURCES[source][0][-2:] if "memory" in source else ())
+        trainer = _trainer(f"{root}/{source}", target, *extra)
         assert trainer.checkpointer.load()
-        out["tier"][(source, target)] = trainer.checkpointer.last_load.get("tier")
+        out["tier"][pair] = trainer.checkpointer.last_load.get("tier")
         state = _gathered(trainer)
-        steps = SOURCES[source][1] if target == source.removesuffix("_memory") else 3
-        out["losses"][(source, target)] = [_step(trainer) for _ in range(steps - 2)]
+        if target == "ep4":
+            out["hf"] = _hf_export_and_load_at_ep4(rank, root, trainer, state)
+        steps = SOURCES[source][1] if target == source else 3
+        out["losses"][pair] = [_step(trainer) for _ in range(steps - 2)]
         trainer.checkpointer.close()
-        out["seconds"][(source, target)] = time.perf_counter() - start
+        out["seconds"][pair] = time.perf_counter() - start
         if rank == 0:
             expected = saved[source]
-            out["loaded"][(source, target)] = (
-                sorted(set(expected) ^ set(state)),
-                [key for key in expected if key in state and not torch.equal(expected[key], state[key])],
-                len([key for key, value in expected.items() if ".moe.experts." in key and value.dim() > 0]))
+            experts = [key for key, value in expected.items() if ".moe.experts." in key and value.dim() > 0]
+            out["loaded"][pair] = (*_differences(expected, state), len(experts))
     if rank == 0:
         out["bias_moved"] = {name: all(state[key].abs().sum() > 0 for key in state if key.endswith("expert_bias"))
                              for name, state in saved.items()}
+    out["seed"] = _ep2_run_from_seed(rank, seed_folder)
+    out["hf_train"] = _train_from_hf_at_ep2(rank, root, hf_dcp)
     return out if rank == 0 else None
 
 
-@pytest.mark.slow
+def _hf_export_and_load_at_ep4(rank, root, exporter, exported):
+    """The exporter's model (loaded at EP 4) to HF, then loaded back at EP 4 with
+    --checkpoint.initial_load_in_hf: each rank reads only its own experts' keys."""
+    import torch.distributed as dist
+
+    from cairn.checkpoint import hf
+
+    hf.save_hf(exporter.checkpointer.model.state_dict(), f"{root}/hf", exporter.checkpointer.sd_adapter,
+               dtype="float32")
+    read, real_read = [], hf.HFWeights.read
+
+    def spy(weights, key):
+        read.append(key)
+        return real_read(weights, key)
+
+    hf.HFWeights.read = spy
+    try:
+        loader = _trainer(f"{root}/hf_load", "ep4", "--checkpoint.initial_load_in_hf",
+                          "--checkpoint.initial_load_path", f"{root}/hf")
+        assert loader.checkpointer.load()
+    finally:
+        hf.HFWeights.read = real_read
+    loaded = _gathered(loader)
+    loader.checkpointer.close()
+    experts_read = sorted({int(key.split(".")[5]) for key in read if ".mlp.experts." in key})
+    every_rank = [None] * dist.get_world_size()
+    dist.all_gather_object(every_rank, experts_read)
+    if rank != 0:
+        return None
+    weights = {key for key in exported if not key.startswith("optimizer.") and not key.endswith("expert_bias")}
+    return {"experts_read": every_rank, "differences": _differences(exported, loaded, weights),
+            "bias_zero": all(loaded[key].abs().sum() == 0 for key in loaded if key.endswith("expert_bias"))}
+
+
+def _ep2_run_from_seed(rank, seed_folder):
+    """An EP 2 run whose checkpoint folder holds only the seed: it starts from step 0, bitwise."""
+    from cairn.checkpoint.readers import DcpCheckpoint
+
+    trainer = _trainer(seed_folder, "ep2")
+    assert trainer.checkpointer.load()
+    last = dict(trainer.checkpointer.last_load)
+    state = _gathered(trainer)
+    loss = _step(trainer)
+    trainer.checkpointer.close()
+    if rank != 0:
+        return None
+    seed = DcpCheckpoint(Path(seed_folder) / "checkpoint" / "step-0")
+    tensors = seed.read([key for key, entry in seed.entries().items() if entry.is_tensor])
+    return {"kind": last["kind"], "from_step": last["from_step"], "loss": loss,
+            "differences": _differences(tensors, state, set(tensors)), "grouped": seed.manifest.get("grouped")}
+
+
+def _train_from_hf_at_ep2(rank, root, hf_dcp):
+    """Start at EP 2 from a converted HF checkpoint, train 2 steps, save the model for export."""
+    trainer = _trainer(f"{root}/from_hf", "ep2", "--checkpoint.initial_load_path", hf_dcp,
+                       "--training.steps", "2")
+    assert trainer.checkpointer.load()
+    losses = [_step(trainer), _step(trainer)]
+    trainer.checkpointer.save(2, last_step=True)  # model only, float32
+    trainer.checkpointer.close()
+    return {"losses": losses, "step": f"{root}/from_hf/checkpoint/step-2"} if rank == 0 else None
+
+
+def _tiny_hf_qwen3_moe(out_dir: Path) -> None:
+    """A random Qwen3-MoE from transformers with qwen3_moe_debugmodel's shapes."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=2048, hidden_size=64, intermediate_size=192, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+        norm_topk_prob=True, rope_theta=1_000_000.0, tie_word_embeddings=False)
+    transformers.Qwen3MoeForCausalLM(config).save_pretrained(out_dir)
+
+
+def _run(*args) -> None:
+    run = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=300, cwd=REPO,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+
 def test_moe_trains_and_reshards_bitwise_across_expert_parallel_degrees(tmp_path):
-    out = run_distributed(_matrix, 4, str(tmp_path), init_process_group=False, timeout_s=900)[0]
+    transformers = pytest.importorskip("transformers")
+    _run(*SEED_COMMAND, "--job.dump_folder", tmp_path / "seed")
+    _tiny_hf_qwen3_moe(tmp_path / "hf_in")
+    scripts = REPO / "scripts" / "checkpoint_conversion"
+    _run(scripts / "convert_from_hf.py", tmp_path / "hf_in", tmp_path / "hf_dcp", "--model_name", "qwen3",
+         "--model_flavor", "moe_debugmodel", "--quiet")
+
+    out = run_distributed(_matrix, 4, str(tmp_path), str(tmp_path / "seed"), str(tmp_path / "hf_dcp"),
+                          init_process_group=False, timeout_s=900)[0]
     print({key: round(value, 1) for key, value in out["seconds"].items()})
     losses = out["losses"]
 
     # EP 1, 2 and 4 train the same model on the same data: the loss falls, the same way.
     for name in ("ep1", "ep2", "ep4"):
-        assert losses[name][-1] < losses[name][0] - 0.25, (name, losses[name])
+        assert losses[name][-1] < losses[name][0] - 0.2, (name, losses[name])
         assert losses[name] == pytest.approx(losses["ep1"], abs=LOSS_TOLERANCE), name
     assert all(out["bias_moved"].values()), out["bias_moved"]
 
-    for (source, target), (only_one_side, different, num_experts) in out["loaded"].items():
+    for (source, target, memory), (only_one_side, different, num_experts) in out["loaded"].items():
         # Every key (experts, router, balancing bias, optimizer moments) loads bitwise.
         assert not only_one_side, (source, target, only_one_side)
         assert not different, (source, target, different)
         assert num_experts == 4 * 3 * 3, (source, target)  # 4 layers x w1/w2/w3 x (weight, 2 moments)
-        resumed = losses[(source, target)]
+        resumed = losses[(source, target, memory)]
         uninterrupted = losses[source][2:2 + len(resumed)]
-        if target == source.removesuffix("_memory"):
+        if target == source:
             assert resumed == uninterrupted, (source, target)  # same layout: bit for bit
         else:
             assert resumed == pytest.approx(uninterrupted, abs=LOSS_TOLERANCE), (source, target)
-    assert out["tier"][("ep2_memory", "ep2")] == "memory"
-    assert out["tier"][("ep2", "ep2")] == "disk"
+    assert out["tier"][("ep2", "ep2", True)] == "memory"
+    assert out["tier"][("ep2", "ep2", False)] == "disk"
+
+    # An HF load at EP 4 reads only each rank's two experts, and loads every weight bitwise.
+    assert out["hf"]["experts_read"] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert out["hf"]["differences"] == ([], [])
+    assert out["hf"]["bias_zero"]  # HF has no place for it: an import starts it at zero
+
+    # The seed (one CPU process, EP 1) starts the EP 2 run: step 0, every tensor as seeded.
+    seed = out["seed"]
+    assert (seed["kind"], seed["from_step"]) == ("seed", 0)
+    assert seed["differences"] == ([], [])
+    assert seed["grouped"]["experts"]["size"] == 8 and len(seed["grouped"]["experts"]["keys"]) == 12
+
+    # A tiny random transformers Qwen3-MoE: converted in, trained at EP 2, converted out, loaded back.
+    trained = out["hf_train"]
+    assert all(loss == loss for loss in trained["losses"])
+    _run(scripts / "convert_to_hf.py", trained["step"], tmp_path / "hf_out", "--model_name", "qwen3",
+         "--model_flavor", "moe_debugmodel", "--hf_assets_path", tmp_path / "hf_in", "--quiet")
+    from safetensors.torch import load_file
+
+    before, now = (load_file(tmp_path / name / "model.safetensors") for name in ("hf_in", "hf_out"))
+    assert before.keys() == now.keys()  # every expert's key, and no balancing bias
+    assert not torch.equal(before["model.layers.0.mlp.experts.5.gate_proj.weight"],
+                           now["model.layers.0.mlp.experts.5.gate_proj.weight"])
+    after = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf_out")
+    assert type(after).__name__ == "Qwen3MoeForCausalLM"
+    tokens = torch.randint(0, 2048, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.isfinite(after(tokens).logits).all()
