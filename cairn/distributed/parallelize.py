@@ -25,6 +25,60 @@ from cairn.distributed.pipeline import (PipelineParts, build_schedule, num_micro
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def apply_root_tensor_parallel(model: nn.Module, tp_mesh) -> None:
+    """TP on a decoder's ends, with sequence parallelism between blocks: the embedding is
+    vocab-sharded and hands each rank its slice of the sequence (dim 1), the final norm runs on
+    that slice, and the output projection is vocab-sharded with its logits gathered, so any loss
+    function works unchanged. Tied embeddings are re-tied (both sides shard the (vocab, dim)
+    matrix on dim 0)."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel, SequenceParallel,
+                                                   parallelize_module)
+
+    plan = {}
+    if model.tok_embeddings is not None:
+        plan["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1))
+    if model.norm is not None:
+        plan["norm"] = SequenceParallel()
+    if model.output is not None:
+        plan["output"] = ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate())
+    if plan:
+        parallelize_module(model, tp_mesh, plan)
+    if model.args.tie_word_embeddings and model.tok_embeddings is not None and model.output is not None:
+        model.output.weight = model.tok_embeddings.weight
+
+
+def block_tensor_parallel_plan(feed_forward: bool = True) -> dict:
+    """The TP plan of a decoder block (``attention.{wq,wk,wv,wo}``, ``feed_forward.{w1,w2,w3}``,
+    ``{attention,ffn}_norm``), Megatron-style with sequence parallelism: norms run on the rank's
+    sequence slice, attention and the feed-forward gather the whole sequence, shard heads /
+    hidden units column-wise and reduce-scatter back to a sequence slice after ``wo`` / ``w2``.
+    ``feed_forward=False`` leaves the feed-forward out (a block with a mixture of experts)."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
+                                                   SequenceParallel)
+
+    plan = {
+        "attention_norm": SequenceParallel(),
+        "attention": PrepareModuleInput(input_layouts=(Shard(1), None, None),
+                                        desired_input_layouts=(Replicate(), None, None), use_local_output=True),
+        "attention.wq": ColwiseParallel(),
+        "attention.wk": ColwiseParallel(),
+        "attention.wv": ColwiseParallel(),
+        "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
+        "ffn_norm": SequenceParallel(),
+    }
+    if feed_forward:
+        plan.update({
+            "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
+                                               use_local_output=True),
+            "feed_forward.w1": ColwiseParallel(),
+            "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+            "feed_forward.w3": ColwiseParallel(),
+        })
+    return plan
+
+
 def apply_activation_checkpointing(model: nn.Module) -> None:
     """Recompute each transformer block in the backward pass (``--activation_checkpoint.mode full``)."""
     for block in model.layers.values():

@@ -16,11 +16,9 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import nn
 
-from cairn.models.common import FeedForward, RMSNorm, init_weights  # noqa: F401  (init_weights: re-exported)
+from cairn.models.common import Decoder, DecoderBlock, FeedForward, RMSNorm, causal_attention, init_weights  # noqa: F401  (re-exported)
 
 
 @dataclass(kw_only=True)
@@ -118,7 +116,6 @@ class Attention(nn.Module):
     def __init__(self, args: TransformerModelArgs):
         super().__init__()
         self.head_dim = args.head_dim
-        self.n_rep = args.n_heads // args.num_kv_heads
         self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(args.dim, args.num_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.num_kv_heads * self.head_dim, bias=False)
@@ -131,78 +128,27 @@ class Attention(nn.Module):
         k = self.wk(x).view(bs, seqlen, -1, self.head_dim)
         v = self.wv(x).view(bs, seqlen, -1, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if self.n_rep > 1:
-            k = k.repeat_interleave(self.n_rep, dim=2)
-            v = v.repeat_interleave(self.n_rep, dim=2)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             is_causal=True)
-        return self.wo(out.transpose(1, 2).reshape(bs, seqlen, -1))
+        return self.wo(causal_attention(q, k, v))
 
 
-class TransformerBlock(nn.Module):
+class TransformerBlock(DecoderBlock):
     def __init__(self, layer_id: int, args: TransformerModelArgs):
-        super().__init__()
-        self.layer_id = layer_id
+        super().__init__(layer_id)
         self.attention = Attention(args)
         self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
-        # Set by parallelize_llama for --activation_checkpoint.mode full. A flag rather than
-        # checkpoint_wrapper, which would add `_checkpoint_wrapped_module` to every FQN.
-        self.activation_checkpoint = False
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        if self.activation_checkpoint and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(self._forward, x, cos, sin, use_reentrant=False)
-        return self._forward(x, cos, sin)
 
     def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), cos, sin)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
-class Transformer(nn.Module):
+class Transformer(Decoder):
     """The whole model, or one pipeline stage of it (tok_embeddings/norm/output set to None)."""
 
     def __init__(self, args: TransformerModelArgs):
-        super().__init__()
-        problems = args.problems()
-        if problems:
-            raise ValueError("invalid llama3 model args: " + "; ".join(problems))
-        self.args = args
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleDict({str(i): TransformerBlock(i, args) for i in range(args.n_layers)})
-        self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
-        if args.tie_word_embeddings:
-            self.output.weight = self.tok_embeddings.weight
-        cos, sin = rope_tables(args)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens: (batch, seq) int ids, or (batch, seq, dim) activations for a later pipeline stage."""
-        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
-        for layer in self.layers.values():
-            h = layer(h, self.rope_cos, self.rope_sin)
-        h = self.norm(h) if self.norm is not None else h
-        return self.output(h) if self.output is not None else h
-
-    def _apply(self, fn, recurse=True):
-        # Module._apply gives each module a fresh Parameter where it cannot convert in place
-        # (meta -> cpu in to_empty, for one), which would untie output from tok_embeddings.
-        out = super()._apply(fn, recurse)
-        tied = self.args.tie_word_embeddings and self.tok_embeddings is not None and self.output is not None
-        if tied and self.output.weight is not self.tok_embeddings.weight:
-            self.output.weight = self.tok_embeddings.weight
-        return out
-
-    @torch.no_grad()
-    def init_buffers(self, device: torch.device | str | None = None) -> None:
-        """Recompute the rotary tables (after ``to_empty`` from the meta device)."""
-        device = device or self.rope_cos.device
-        cos, sin = rope_tables(self.args, device=device)
-        self.rope_cos, self.rope_sin = cos, sin
+        super().__init__(args, TransformerBlock, rope_tables, "llama3")
 
     def init_spec(self, fqn: str) -> tuple[str, float]:
         """How a parameter is initialized: ("ones", 0) or ("normal"|"trunc_normal", std)."""

@@ -28,7 +28,8 @@ import torch
 
 from cairn.config.manager import ConfigError
 from cairn.distributed.parallelize import (apply_activation_checkpointing, apply_compile, apply_fsdp,
-                                           data_parallel_mesh, mixed_precision_policy, pipeline_model)
+                                           apply_root_tensor_parallel, block_tensor_parallel_plan, data_parallel_mesh,
+                                           mixed_precision_policy, pipeline_model)
 from cairn.distributed.pipeline import PipelineParts
 from cairn.models.llama3.model import Transformer
 
@@ -91,38 +92,10 @@ def apply_tensor_parallel(model: Transformer, tp_mesh) -> None:
     vocab-sharded too and its logits are gathered, so any loss function works unchanged.
     Pipeline stages ship sequence slices between them.
     """
-    from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
-                                                   SequenceParallel, parallelize_module)
+    from torch.distributed.tensor.parallel import parallelize_module
 
-    root_plan = {}
-    if model.tok_embeddings is not None:
-        root_plan["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1))
-    if model.norm is not None:
-        root_plan["norm"] = SequenceParallel()
-    if model.output is not None:
-        root_plan["output"] = ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate())
-    if root_plan:
-        parallelize_module(model, tp_mesh, root_plan)
-    if model.args.tie_word_embeddings and model.tok_embeddings is not None and model.output is not None:
-        # Both sides shard the (vocab, dim) matrix on dim 0; re-tie the two DTensors TP made.
-        model.output.weight = model.tok_embeddings.weight
-
-    block_plan = {
-        "attention_norm": SequenceParallel(),
-        "attention": PrepareModuleInput(input_layouts=(Shard(1), None, None),
-                                        desired_input_layouts=(Replicate(), None, None), use_local_output=True),
-        "attention.wq": ColwiseParallel(),
-        "attention.wk": ColwiseParallel(),
-        "attention.wv": ColwiseParallel(),
-        "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
-        "ffn_norm": SequenceParallel(),
-        "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
-                                           use_local_output=True),
-        "feed_forward.w1": ColwiseParallel(),
-        "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
-        "feed_forward.w3": ColwiseParallel(),
-    }
+    apply_root_tensor_parallel(model, tp_mesh)
+    block_plan = block_tensor_parallel_plan()
     for block in model.layers.values():
         parallelize_module(block, tp_mesh, block_plan)
 

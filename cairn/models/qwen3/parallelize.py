@@ -23,7 +23,8 @@ import torch
 from cairn.config.manager import ConfigError
 from cairn.distributed.expert_parallel import apply_expert_parallel
 from cairn.distributed.parallelize import (apply_activation_checkpointing, apply_compile, apply_fsdp,
-                                           data_parallel_mesh, mixed_precision_policy, pipeline_model)
+                                           apply_root_tensor_parallel, block_tensor_parallel_plan, data_parallel_mesh,
+                                           mixed_precision_policy, pipeline_model)
 from cairn.distributed.pipeline import PipelineParts
 from cairn.models.qwen3.model import Transformer
 
@@ -87,47 +88,19 @@ def model_problems(model: Transformer, parallel_dims, job_config) -> list[str]:
 
 def apply_tensor_parallel(model: Transformer, tp_mesh) -> None:
     """Megatron-style TP with sequence parallelism on attention and dense feed-forwards (see Llama 3's)."""
-    from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
-                                                   SequenceParallel, parallelize_module)
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import PrepareModuleInput, SequenceParallel, parallelize_module
 
-    root_plan = {}
-    if model.tok_embeddings is not None:
-        root_plan["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1))
-    if model.norm is not None:
-        root_plan["norm"] = SequenceParallel()
-    if model.output is not None:
-        root_plan["output"] = ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate())
-    if root_plan:
-        parallelize_module(model, tp_mesh, root_plan)
-    if model.args.tie_word_embeddings and model.tok_embeddings is not None and model.output is not None:
-        model.output.weight = model.tok_embeddings.weight  # re-tie the two DTensors TP made
-
+    apply_root_tensor_parallel(model, tp_mesh)
     for block in model.layers.values():
-        plan = {
-            "attention_norm": SequenceParallel(),
-            "attention": PrepareModuleInput(input_layouts=(Shard(1), None, None),
-                                            desired_input_layouts=(Replicate(), None, None), use_local_output=True),
-            "attention.wq": ColwiseParallel(),
-            "attention.wk": ColwiseParallel(),
-            "attention.wv": ColwiseParallel(),
-            # (batch, seq, heads, head_dim): each rank normalizes its own heads with the shared weight.
-            "attention.q_norm": SequenceParallel(sequence_dim=2, use_local_output=True),
-            "attention.k_norm": SequenceParallel(sequence_dim=2, use_local_output=True),
-            "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
-            "ffn_norm": SequenceParallel(),
-        }
-        if block.moe is None:
-            plan.update({
-                "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
-                                                   use_local_output=True),
-                "feed_forward.w1": ColwiseParallel(),
-                "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
-                "feed_forward.w3": ColwiseParallel(),
-            })
-        else:
-            # The router sees this rank's tokens, flattened to (tokens, dim): replicated weight,
-            # tokens sharded on dim 0, so its gradient is summed over the tensor-parallel ranks.
+        plan = block_tensor_parallel_plan(feed_forward=block.moe is None)
+        # (batch, seq, heads, head_dim): each rank normalizes its own heads with the shared weight.
+        plan["attention.q_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
+        plan["attention.k_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
+        if block.moe is not None:
+            # The MoE takes its rank's sequence slice as it is; the router sees those tokens flattened
+            # to (tokens, dim): replicated weight, tokens sharded on dim 0, so its gradient is summed
+            # over the tensor-parallel ranks.
             plan["moe"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Shard(1),),
                                              use_local_output=True)
             plan["moe.router.gate"] = SequenceParallel(sequence_dim=0, use_local_output=True)

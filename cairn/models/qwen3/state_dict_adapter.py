@@ -15,13 +15,13 @@ Tensors keep their layout (both rotate the two halves of each head); only names 
 
 from __future__ import annotations
 
-import copy
 import logging
 import re
 
 import torch
 
 from cairn.checkpoint.errors import HFCheckpointError
+from cairn.models.hf_names import LAYER_FQN, TOP_LEVEL_KEYS, DecoderHFNames
 from cairn.models.moe import MoEArgs
 from cairn.models.qwen3.flavors import qwen3_flavors
 from cairn.models.qwen3.model import Qwen3ModelArgs
@@ -33,11 +33,6 @@ _MOE = ("Qwen3MoeForCausalLM", "qwen3_moe")
 _DEFAULT_MAX_POSITIONS = 40960  # what the Qwen3 release's config.json files say
 _DEFAULT_MAX_SEQ_LEN = 4096
 
-_TOP_LEVEL_KEYS = {
-    "tok_embeddings.weight": "model.embed_tokens.weight",
-    "norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
 _LAYER_KEYS = {
     "attention.wq.weight": "self_attn.q_proj.weight",
     "attention.wk.weight": "self_attn.k_proj.weight",
@@ -55,45 +50,35 @@ _LAYER_KEYS = {
 _EXPERT_KEYS = {"moe.experts.w1": "gate_proj.weight", "moe.experts.w2": "down_proj.weight",
                 "moe.experts.w3": "up_proj.weight"}
 _BIAS = "moe.expert_bias"
-_FROM_HF_TOP_LEVEL = {hf: fqn for fqn, hf in _TOP_LEVEL_KEYS.items()}
-_FROM_HF_LAYER = {hf: fqn for fqn, hf in _LAYER_KEYS.items()}
 _FROM_HF_EXPERT = {hf: fqn for fqn, hf in _EXPERT_KEYS.items()}
-_LAYER_FQN = re.compile(r"layers\.(\d+)\.(.+)")
-_LAYER_HF_KEY = re.compile(r"model\.layers\.(\d+)\.(.+)")
-_EXPERT_HF_KEY = re.compile(r"mlp\.experts\.(\d+)\.(.+)")
-_IGNORED_HF_KEY = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+_EXPERT_HF_NAME = re.compile(r"mlp\.experts\.(\d+)\.(.+)")
 # Model args that decide a tensor shape: a config.json differing in one of them cannot load.
 _SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "num_kv_heads", "head_dim", "hidden_dim", "vocab_size",
                  "tie_word_embeddings")
 _MOE_SHAPE_FIELDS = ("num_experts", "hidden_dim")
 
 
-class Qwen3StateDictAdapter:
+class Qwen3StateDictAdapter(DecoderHFNames):
     """cairn Qwen3 FQNs <-> Hugging Face Qwen3 / Qwen3-MoE keys, for one model size."""
 
-    def __init__(self, model_args: Qwen3ModelArgs):
-        self.model_args = model_args
+    LAYER_KEYS = _LAYER_KEYS
 
-    # --- names ------------------------------------------------------------------------
+    @property
+    def architecture(self) -> str:
+        return (_MOE if self.model_args.moe is not None else _DENSE)[0]
+
+    # --- names (the rest: DecoderHFNames) ----------------------------------------------
 
     def hf_key(self, fqn: str) -> str | None:
         """The HF key ``fqn`` is saved under; None when it is not saved whole (tied output, a bias HF
         has no place for, grouped experts: see ``hf_split_keys``)."""
-        if fqn == "output.weight" and self.model_args.tie_word_embeddings:
-            return None
         if self.hf_dropped(fqn) or self.hf_split_keys(fqn) is not None:
             return None
-        return self._hf_name(fqn)
-
-    def hf_source_key(self, fqn: str) -> str:
-        """The HF key ``fqn`` is loaded from (tied ``output.weight`` reads the embedding)."""
-        if fqn == "output.weight" and self.model_args.tie_word_embeddings:
-            return _TOP_LEVEL_KEYS["tok_embeddings.weight"]
-        return self._hf_name(fqn)
+        return super().hf_key(fqn)
 
     def hf_split_keys(self, fqn: str) -> list[str] | None:
         """For a grouped expert tensor, the HF key of each expert's slice (dim 0), in order."""
-        match = _LAYER_FQN.fullmatch(fqn)
+        match = LAYER_FQN.fullmatch(fqn)
         if not match or match.group(2) not in _EXPERT_KEYS or self.model_args.moe is None:
             return None
         layer, name = match.group(1), _EXPERT_KEYS[match.group(2)]
@@ -111,32 +96,17 @@ class Qwen3StateDictAdapter:
                     "(an import starts it at zero)")
         return None
 
-    def fqn(self, hf_key: str) -> str | None:
-        """The cairn FQN an HF key fills (an expert's key: the grouped tensor); None for keys no
-        parameter reads."""
-        if self.is_ignored_hf_key(hf_key):
-            return None
-        if hf_key in _FROM_HF_TOP_LEVEL:
-            return _FROM_HF_TOP_LEVEL[hf_key]
-        match = _LAYER_HF_KEY.fullmatch(hf_key)
-        if match:
-            layer, rest = match.groups()
-            if rest in _FROM_HF_LAYER:
-                return f"layers.{layer}.{_FROM_HF_LAYER[rest]}"
-            expert = _EXPERT_HF_KEY.fullmatch(rest)
-            if expert and expert.group(2) in _FROM_HF_EXPERT:
-                return f"layers.{layer}.{_FROM_HF_EXPERT[expert.group(2)]}"
-        raise HFCheckpointError(f"{hf_key!r} is not a key of a Hugging Face {self._architecture()} checkpoint")
-
-    def is_ignored_hf_key(self, hf_key: str) -> bool:
-        """Keys a checkpoint may carry that no parameter reads (stale buffers, a tied lm_head copy)."""
-        tied_head = hf_key == "lm_head.weight" and self.model_args.tie_word_embeddings
-        return tied_head or bool(_IGNORED_HF_KEY.fullmatch(hf_key))
+    def layer_fqn(self, hf_name: str) -> str | None:
+        """A layer's cairn name for its HF name; an expert's key names the grouped tensor."""
+        expert = _EXPERT_HF_NAME.fullmatch(hf_name)
+        if expert:
+            return _FROM_HF_EXPERT.get(expert.group(2))
+        return super().layer_fqn(hf_name)
 
     def hf_keys(self) -> list[str]:
         """Every key a full export of this model size writes, in file order."""
         args = self.model_args
-        keys = [_TOP_LEVEL_KEYS["tok_embeddings.weight"]]
+        keys = [TOP_LEVEL_KEYS["tok_embeddings.weight"]]
         for layer in range(args.n_layers):
             for fqn in _LAYER_KEYS:
                 if fqn.startswith("feed_forward." if args.moe is not None else "moe."):
@@ -144,29 +114,10 @@ class Qwen3StateDictAdapter:
                 keys.append(f"model.layers.{layer}.{_LAYER_KEYS[fqn]}")
             for fqn in _EXPERT_KEYS if args.moe is not None else ():
                 keys += self.hf_split_keys(f"layers.{layer}.{fqn}")
-        keys.append(_TOP_LEVEL_KEYS["norm.weight"])
+        keys.append(TOP_LEVEL_KEYS["norm.weight"])
         if not args.tie_word_embeddings:
-            keys.append(_TOP_LEVEL_KEYS["output.weight"])
+            keys.append(TOP_LEVEL_KEYS["output.weight"])
         return keys
-
-    def _hf_name(self, fqn: str) -> str:
-        if fqn in _TOP_LEVEL_KEYS:
-            return _TOP_LEVEL_KEYS[fqn]
-        match = _LAYER_FQN.fullmatch(fqn)
-        if match and match.group(2) in _LAYER_KEYS:
-            return f"model.layers.{match.group(1)}.{_LAYER_KEYS[match.group(2)]}"
-        raise HFCheckpointError(f"{fqn!r} is not a Qwen3 parameter with a Hugging Face name")
-
-    def _architecture(self) -> str:
-        return (_MOE if self.model_args.moe is not None else _DENSE)[0]
-
-    # --- tensors ----------------------------------------------------------------------
-
-    def tensor_to_hf(self, fqn: str, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor
-
-    def tensor_from_hf(self, fqn: str, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor
 
     # --- config.json ------------------------------------------------------------------
 
@@ -258,18 +209,6 @@ class Qwen3StateDictAdapter:
             logger.warning("%s: rope_theta/rms_norm_eps differ from the model's (%s, %s vs %s, %s); loading the "
                            "weights anyway", source, theirs.rope_theta, theirs.norm_eps, ours.rope_theta,
                            ours.norm_eps)
-
-    @classmethod
-    def fit_to_checkpoint(cls, model_args: Qwen3ModelArgs,
-                          shapes: dict[str, tuple[int, ...]]) -> Qwen3ModelArgs:
-        """``model_args`` with the vocabulary size of a checkpoint's embedding (cairn sizes the
-        vocabulary by the tokenizer, so a trained debug model's differs from its flavor's)."""
-        embedding = shapes.get("tok_embeddings.weight") or shapes.get("output.weight")
-        if embedding is None or embedding[0] == model_args.vocab_size:
-            return model_args
-        fitted = copy.deepcopy(model_args)
-        fitted.vocab_size = int(embedding[0])
-        return fitted
 
 
 def _shape_differences(theirs: Qwen3ModelArgs, ours: Qwen3ModelArgs) -> list[str]:
