@@ -302,7 +302,8 @@ def load_hf(model_state_dict: dict[str, torch.Tensor], hf_dir: str | Path,
     copies only its own shard) or one pipeline stage's subset of the keys. A tensor stored one
     slice per key (grouped experts) is read only for the slices this rank holds. Every name and
     shape is checked before a tensor changes; tensors Hugging Face has no place for are set to
-    zeros (their value in a model that never trained with them) and listed under "dropped". No collectives: ranks may call it independently.
+    zeros (their value in a model that never trained with them) and listed under "dropped". No
+    collectives: ranks may call it independently.
     Returns {"tensors", "keys", "bytes", "seconds", "dropped"} read by this rank.
     """
     start = time.perf_counter()
@@ -327,8 +328,9 @@ def load_hf(model_state_dict: dict[str, torch.Tensor], hf_dir: str | Path,
         data = weights.read_fqn(adapter, fqn, rows)
         num_keys += rows[1] - rows[0] if split else 1
         num_bytes += data.numel() * data.element_size()
-        if split:
-            _local(target).copy_(data[(slice(None),) + tuple(slice(o, o + n) for o, n in zip(offsets[1:], sizes[1:]))])
+        if split:  # the rows read are this rank's; its block of the other dims is cut from them
+            block = (slice(None),) + tuple(slice(o, o + n) for o, n in zip(offsets[1:], sizes[1:]))
+            _local(target).copy_(data[block])
         else:
             _copy_full_into(target, data)
         del data

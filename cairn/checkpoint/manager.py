@@ -596,7 +596,7 @@ class CheckpointManager:
             with store.local_copy(step) as local:
                 nbytes = self._read_hf(local)
         elif kind in (MODEL_ONLY, SEED):
-            nbytes = self._dcp_load(store, step, include_states=())
+            nbytes = self._dcp_load(store, step, include_states=(), manifest=manifest)
         else:
             keys = [k for k in self.states if k not in self.config.exclude_from_loading]
             saved_layout = manifest.get("layout")
@@ -606,7 +606,7 @@ class CheckpointManager:
                                    "instead of restored", step, saved_layout, self.layout, key)
                     keys.remove(key)
                     self.states[key].reseed(self.seed if self.seed is not None else 0)
-            nbytes = self._dcp_load(store, step, include_states=keys)
+            nbytes = self._dcp_load(store, step, include_states=keys, manifest=manifest)
         seconds = time.perf_counter() - start
         logger.info("loaded %s checkpoint %s: %.1f MB%s in %.2f s", kind, location, nbytes / 1e6, self._per_rank(),
                     seconds)
@@ -655,7 +655,7 @@ class CheckpointManager:
                            ", ".join(result["dropped"]))
         return result["bytes"]
 
-    def _dcp_load(self, store, step, include_states) -> int:
+    def _dcp_load(self, store, step, include_states, manifest: dict | None = None) -> int:
         """Load the model (and ``include_states``) from a DCP step; returns the tensor bytes this rank loaded.
 
         ``self.load_phases`` gets the seconds of each part: ``state_dict`` (the state to load
@@ -676,7 +676,6 @@ class CheckpointManager:
             state[key] = self.states[key].state_dict()
         lap("state_dict")
         where = store.step_url(step) if isinstance(step, int) else getattr(step, "where", str(step))
-        manifest = store.read_manifest(step) if isinstance(step, int) else None
         self._check_against_metadata(where, store.reader(step), state, manifest)
         lap("check")
         # store.load re-raises a corrupt file as CorruptCheckpointError on every rank.

@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from cairn.models.common import Decoder, DecoderBlock, FeedForward, RMSNorm, causal_attention, init_weights  # noqa: F401  (re-exported)
+# init_weights: re-exported (cairn.models.llama3.init_weights)
+from cairn.models.common import (Decoder, DecoderBlock, FeedForward, RMSNorm, causal_attention,  # noqa: F401
+                                 init_weights)
 
 
 @dataclass(kw_only=True)
