@@ -42,7 +42,7 @@ def grouped_tensors(flat: dict[str, torch.Tensor], group_of: Callable[[str], tup
         return {}
     out: dict[str, dict[str, Any]] = {}
     for key, tensor in flat.items():
-        owner = key if key in owners else next((fqn for fqn in owners if f".{fqn}." in f".{key}."), None)
+        owner = _owner(key, owners)
         if owner is None:
             continue
         name, size = owners[owner]
@@ -54,6 +54,20 @@ def grouped_tensors(flat: dict[str, torch.Tensor], group_of: Callable[[str], tup
         group = out.setdefault(name, {"size": size, "keys": []})
         group["keys"].append(key)
     return out
+
+
+def _owner(key: str, owners: dict) -> str | None:
+    """The grouped tensor ``key`` names (itself, or as a run of its dotted parts:
+    ``optimizer.state.<fqn>.exp_avg``), or None."""
+    if key in owners:
+        return key
+    parts = key.split(".")
+    for start in range(len(parts)):
+        for stop in range(len(parts), start, -1):
+            candidate = ".".join(parts[start:stop])
+            if candidate in owners:
+                return candidate
+    return None
 
 
 def describe(groups: dict[str, dict[str, Any]]) -> str:

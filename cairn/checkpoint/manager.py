@@ -374,8 +374,8 @@ class CheckpointManager:
         info = {"kind": kind, "dtype": dtype, "layout": self.layout}
         if self.model_info:
             info["model"] = self.model_info
-        grouped = grouped_tensors(flat_tensors(state), getattr(self.sd_adapter, "tensor_group", None)) \
-            if state is not None else {}
+        group_of = getattr(self.sd_adapter, "tensor_group", None)
+        grouped = grouped_tensors(flat_tensors(state), group_of) if state is not None and group_of else {}
         if grouped:
             info["grouped"] = grouped
         return {**self.run_info, **info}
@@ -713,6 +713,7 @@ class CheckpointManager:
             flavor = self.model_info.get("flavor")
             which = f" (--model.flavor {flavor})" if flavor else ""
             raise CheckpointError(f"{where} does not match this model{which}:\n  - " + "\n  - ".join(shown))
-        grouped = grouped_tensors(flat, getattr(self.sd_adapter, "tensor_group", None))
+        group_of = getattr(self.sd_adapter, "tensor_group", None)
+        grouped = grouped_tensors(flat, group_of) if group_of else {}
         if grouped and self.rank == 0:
             logger.info("%s: every one of %s is in the checkpoint, whole", where, describe(grouped))

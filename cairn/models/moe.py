@@ -133,7 +133,8 @@ class MoE(nn.Module):
         weights = probs.gather(1, chosen)
         if self.args.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        counts = torch.bincount(chosen.flatten(), minlength=num_experts)
+        # A comparison, not bincount: CUDA's bincount refuses --debug.deterministic.
+        counts = (chosen.flatten().unsqueeze(1) == torch.arange(num_experts, device=chosen.device)).sum(dim=0)
         if self.training:
             with torch.no_grad():
                 # Under full activation checkpointing the recompute counts again: every layer's

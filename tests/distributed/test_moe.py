@@ -26,7 +26,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1] / "unit"))
 from _launch import run_distributed  # noqa: E402
+from test_qwen3 import conversion_script  # noqa: E402
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -247,9 +249,9 @@ def test_moe_trains_and_reshards_bitwise_across_expert_parallel_degrees(tmp_path
     transformers = pytest.importorskip("transformers")
     _run(*SEED_COMMAND, "--job.dump_folder", tmp_path / "seed")
     _tiny_hf_qwen3_moe(tmp_path / "hf_in")
-    scripts = REPO / "scripts" / "checkpoint_conversion"
-    _run(scripts / "convert_from_hf.py", tmp_path / "hf_in", tmp_path / "hf_dcp", "--model_name", "qwen3",
-         "--model_flavor", "moe_debugmodel", "--quiet")
+    assert conversion_script("convert_from_hf")(
+        [str(tmp_path / "hf_in"), str(tmp_path / "hf_dcp"), "--model_name", "qwen3", "--model_flavor",
+         "moe_debugmodel", "--quiet"]) == 0
 
     out = run_distributed(_matrix, 4, str(tmp_path), str(tmp_path / "seed"), str(tmp_path / "hf_dcp"),
                           init_process_group=False, timeout_s=900)[0]
@@ -290,8 +292,9 @@ def test_moe_trains_and_reshards_bitwise_across_expert_parallel_degrees(tmp_path
     # A tiny random transformers Qwen3-MoE: converted in, trained at EP 2, converted out, loaded back.
     trained = out["hf_train"]
     assert all(loss == loss for loss in trained["losses"])
-    _run(scripts / "convert_to_hf.py", trained["step"], tmp_path / "hf_out", "--model_name", "qwen3",
-         "--model_flavor", "moe_debugmodel", "--hf_assets_path", tmp_path / "hf_in", "--quiet")
+    assert conversion_script("convert_to_hf")(
+        [trained["step"], str(tmp_path / "hf_out"), "--model_name", "qwen3", "--model_flavor", "moe_debugmodel",
+         "--hf_assets_path", str(tmp_path / "hf_in"), "--quiet"]) == 0
     from safetensors.torch import load_file
 
     before, now = (load_file(tmp_path / name / "model.safetensors") for name in ("hf_in", "hf_out"))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import json
 import pickle
-import subprocess
 import sys
 from pathlib import Path
 
@@ -162,17 +161,25 @@ def test_hugging_face_import_export_matches_transformers(tmp_path, moe):
         assert torch.equal(loaded(tokens).logits, expected)
 
 
+def conversion_script(name: str):
+    """``main(argv)`` of scripts/checkpoint_conversion/<name>.py, run in this process."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / "checkpoint_conversion" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
 def test_hf_to_cairn_to_hf_is_bitwise(tmp_path):
     from safetensors.torch import load_file
 
     _hf_model(moe=True).save_pretrained(tmp_path / "hf")
-    scripts = REPO / "scripts" / "checkpoint_conversion"
-    for command in ([scripts / "convert_from_hf.py", tmp_path / "hf", tmp_path / "dcp", "--model_name", "qwen3"],
-                    [scripts / "convert_to_hf.py", tmp_path / "dcp", tmp_path / "back", "--model_name", "qwen3",
-                     "--hf_assets_path", tmp_path / "hf"]):
-        run = subprocess.run([sys.executable, *map(str, command), "--quiet"], capture_output=True, text=True,
-                             timeout=300, cwd=REPO)
-        assert run.returncode == 0, run.stderr
+    assert conversion_script("convert_from_hf")(
+        [str(tmp_path / "hf"), str(tmp_path / "dcp"), "--model_name", "qwen3", "--quiet"]) == 0
+    assert conversion_script("convert_to_hf")(
+        [str(tmp_path / "dcp"), str(tmp_path / "back"), "--model_name", "qwen3", "--hf_assets_path",
+         str(tmp_path / "hf"), "--quiet"]) == 0
     before, after = load_file(tmp_path / "hf" / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
     assert before.keys() == after.keys()
     assert all(torch.equal(before[key], after[key]) for key in before)
