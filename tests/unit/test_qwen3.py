@@ -27,6 +27,7 @@ from cairn.models.qwen3.parallelize import model_problems
 from cairn.models.qwen3.state_dict_adapter import Qwen3StateDictAdapter
 
 sys.path.insert(0, str(Path(__file__).parent))
+from s3_server import s3  # noqa: E402, F401 - a fixture
 from test_storage import _resign_manifest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -214,9 +215,9 @@ def _trained_moe(seed: int = 0):
     return model, optimizer
 
 
-def _manager(model, optimizer, folder: Path) -> CheckpointManager:
-    return CheckpointManager(CheckpointManager.Config(enable=True, folder=str(folder), interval=1), model_parts=[model],
-                             states={"optimizer": OptimizerState(model, optimizer)},
+def _manager(model, optimizer, folder) -> CheckpointManager:
+    return CheckpointManager(CheckpointManager.Config(enable=True, folder=str(folder), interval=1),
+                             model_parts=[model], states={"optimizer": OptimizerState(model, optimizer)},
                              sd_adapter=Qwen3StateDictAdapter(model.args))
 
 
@@ -281,15 +282,16 @@ def test_a_checkpoint_with_an_expert_tensor_lost_is_refused_naming_it(tmp_path, 
     assert key in capsys.readouterr().out
 
 
-def test_the_balancing_bias_is_saved_and_loaded_as_trained(tmp_path):
+@pytest.mark.parametrize("where", ["folder", "s3"])
+def test_the_balancing_bias_and_experts_are_saved_and_loaded_as_trained(tmp_path, request, where):
+    folder = tmp_path / "ckpt" if where == "folder" else request.getfixturevalue("s3").uri
     model, optimizer = _trained_moe()
     assert all(moe.expert_bias.abs().sum() > 0 for moe in model.moe_layers())
-    saver = _manager(model, optimizer, tmp_path / "ckpt")
-    saver.save(1, last_step=False)
+    saver = _manager(model, optimizer, folder)
+    assert saver.save(1, last_step=False)["grouped"] == "36 tensors of 8 experts"
     saver.close()
     fresh, fresh_optimizer = _trained_moe(seed=1)
-    loader = _manager(fresh, fresh_optimizer, tmp_path / "ckpt")
+    loader = _manager(fresh, fresh_optimizer, folder)
     assert loader.load()
     loader.close()
-    for mine, theirs in zip(model.moe_layers(), fresh.moe_layers()):
-        assert torch.equal(mine.expert_bias, theirs.expert_bias)
+    assert all(torch.equal(value, fresh.state_dict()[key]) for key, value in model.state_dict().items())
