@@ -8,6 +8,7 @@ One process group runs every check, in-process, so the whole set costs one start
 - targets: each loads a source's step 2 on another layout (EP 1 <-> 2 <-> 4, with FSDP, TP 2,
   PP 2, HSDP) or the same one, and must hold bitwise the saved state; its step 3 loss must
   match the source's (bitwise on the same layout, within LOSS_TOLERANCE on another);
+- with TP 2 and with HSDP, EP computes one process's gradients (the load-balancing loss's too);
 - the seeds' seed-checkpoint command's step 0 starts an EP 2 run; an EP 4 model exported to
   Hugging Face loads back at EP 4 reading only each rank's experts; a tiny random Qwen3-MoE
   from transformers converts in, trains at EP 2, converts out and loads back in transformers.
@@ -125,10 +126,64 @@ def _differences(expected: dict, state: dict, keys=None) -> tuple[list[str], lis
             sorted(key for key in keys if key in state and not torch.equal(expected[key], state[key])))
 
 
+GRADIENT_LAYOUTS = {"ep2_tp2": dict(dp_shard=2, tp=2, ep=2), "ep2_hsdp": dict(dp_replicate=2, dp_shard=2, ep=2)}
+
+
+def _gradient_errors(rank) -> dict[str, float]:
+    """The largest relative difference between a layout's gradients (load-balancing loss included)
+    and those of one process on the whole batch, per layout."""
+    import copy
+
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from cairn.config import parse_args
+    from cairn.distributed.parallel_dims import ParallelDims
+    from cairn.models.common import init_weights
+    from cairn.models.qwen3.flavors import qwen3_flavors
+    from cairn.models.qwen3.model import Transformer
+    from cairn.models.qwen3.parallelize import parallelize_qwen3
+
+    args = copy.deepcopy(qwen3_flavors["moe_debugmodel"])
+    args.vocab_size, args.max_seq_len = 256, 32
+    tokens = torch.randint(0, 256, (8, 33), generator=torch.Generator().manual_seed(0))
+
+    def grads(model, inputs, labels, tokens_per_step):
+        model.train()
+        model.set_tokens_per_step(tokens_per_step)
+        F.cross_entropy(model(inputs).flatten(0, 1), labels.flatten()).backward()
+        return {name: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+                for name, p in model.named_parameters()}
+
+    with torch.device("meta"):
+        reference = Transformer(args)
+    reference.to_empty(device="cpu")
+    init_weights(reference, 7, "cpu")
+    expected = grads(reference, tokens[:, :-1], tokens[:, 1:], 8 * 32)
+    errors = {}
+    for name, degrees in GRADIENT_LAYOUTS.items():
+        dims = ParallelDims(**{"dp_replicate": 1, "tp": 1, "pp": 1, **degrees}, world_size=4)
+        dims.build_mesh("cpu")
+        with torch.device("meta"):
+            model = Transformer(args)
+        parallelize_qwen3(model, dims, parse_args(["--module", "qwen3", "--training.seq_len", "32"]), "cpu")
+        model.to_empty(device="cpu")
+        init_weights(model, 7, "cpu")
+        rows = 8 // dims.dp_degree
+        first = dims.dp_mesh.get_local_rank() * rows
+        got = grads(model, tokens[first:first + rows, :-1], tokens[first:first + rows, 1:], rows * 32)
+        errors[name] = max(((got[k] - expected[k]).abs().max() / expected[k].abs().max()).item() for k in expected)
+        dist.barrier()
+    return errors
+
+
 def _matrix(rank, world_size, root, seed_folder, hf_dcp):
     import time
 
     out = {"losses": {}, "loaded": {}, "tier": {}, "seconds": {}}
+    start = time.perf_counter()
+    out["gradient_errors"] = _gradient_errors(rank)
+    out["seconds"]["gradients"] = time.perf_counter() - start
     saved = {}
     for name, (extra, steps) in SOURCES.items():
         start = time.perf_counter()
@@ -258,10 +313,15 @@ def test_moe_trains_and_reshards_bitwise_across_expert_parallel_degrees(tmp_path
     print({key: round(value, 1) for key, value in out["seconds"].items()})
     losses = out["losses"]
 
-    # EP 1, 2 and 4 train the same model on the same data: the loss falls, the same way.
+    # TP 2 x EP 2 x FSDP 2 and HSDP 2 x 2 x EP 2 compute one process's gradients on the whole batch.
+    assert all(error < 1e-5 for error in out["gradient_errors"].values()), out["gradient_errors"]
+
+    # EP 1, 2 and 4 train the same model on the same data: the loss falls, the same way; so do
+    # EP with TP 2 and with PP 2 (their updates are those of one process).
     for name in ("ep1", "ep2", "ep4"):
         assert losses[name][-1] < losses[name][0] - 0.2, (name, losses[name])
-        assert losses[name] == pytest.approx(losses["ep1"], abs=LOSS_TOLERANCE), name
+    for name in SOURCES:
+        assert losses[name] == pytest.approx(losses["ep1"][:len(losses[name])], abs=LOSS_TOLERANCE), name
     assert all(out["bias_moved"].values()), out["bias_moved"]
 
     for (source, target, memory), (only_one_side, different, num_experts) in out["loaded"].items():

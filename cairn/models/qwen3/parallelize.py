@@ -121,9 +121,9 @@ def apply_experts_fsdp(model: Transformer, parallel_dims, mp_policy, reshard_aft
         fully_shard(block.moe.experts, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward,
                     shard_placement_fn=lambda param: Shard(shard_dim))
         block.moe.experts.set_gradient_divide_factor(parallel_dims.dp_degree)
-        if mesh.size() > 1:
-            # A plain sum, then the division: gloo has no pre-multiplied sum. (Not on one rank,
-            # where torch 2.13's FSDP would divide twice.)
+        if parallel_dims.efsdp > 1:
+            # A plain sum, then the division: gloo has no pre-multiplied sum. (Not when the shard
+            # group is one rank: torch 2.13's FSDP then divides twice.)
             block.moe.experts.set_force_sum_reduction_for_comms(True)
 
 
