@@ -37,6 +37,9 @@ REPO = Path(__file__).resolve().parents[2]
 # Another layout sums in another order (FSDP reductions, TP matmul splits, EP row grouping):
 # the first loss after a resharded load agrees with the uninterrupted run's to about 1e-6.
 LOSS_TOLERANCE = 1e-4
+# Two updates later: as above, and under PP the load-balancing loss balances each micro-batch (its
+# expert loads are a micro-batch's), not the whole local batch: 1.4e-4 apart at step 3.
+TRAJECTORY_TOLERANCE = 5e-4
 # Global batch 8 everywhere: the data position carries over between layouts.
 LAYOUTS = {
     "ep1": ["--training.local_batch_size", "2"],
@@ -321,7 +324,7 @@ def test_moe_trains_and_reshards_bitwise_across_expert_parallel_degrees(tmp_path
     for name in ("ep1", "ep2", "ep4"):
         assert losses[name][-1] < losses[name][0] - 0.2, (name, losses[name])
     for name in SOURCES:
-        assert losses[name] == pytest.approx(losses["ep1"][:len(losses[name])], abs=LOSS_TOLERANCE), name
+        assert losses[name] == pytest.approx(losses["ep1"][:len(losses[name])], abs=TRAJECTORY_TOLERANCE), name
     assert all(out["bias_moved"].values()), out["bias_moved"]
 
     for (source, target, memory), (only_one_side, different, num_experts) in out["loaded"].items():
