@@ -85,7 +85,8 @@ _LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RA
 def parse_bench_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """(benchmark options, cairn flags): every flag not listed here goes to cairn's parser."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    parser.add_argument("--flavor", default="debugmodel", help="llama3 flavor (--model.flavor)")
+    parser.add_argument("--flavor", default="debugmodel",
+                        help="model flavor (--model.flavor): a llama3 one, or with --module qwen3 a qwen3 one")
     parser.add_argument("--steps", type=int, default=8,
                         help="steps timed before each save and again once it is durable (its baseline), and at "
                              "least this many after it (stall window)")

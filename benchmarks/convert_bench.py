@@ -37,6 +37,7 @@ def write_random_hf(flavor: str, out_dir: Path, dtype: str, max_shard_bytes: int
     """The flavor's tensors, random, as an HF directory; one tensor in memory at a time."""
     import torch
 
+    from cairn.checkpoint.adapter import hf_parts
     from cairn.checkpoint.hf import HFExportWriter, natural_order, staged_output
     from cairn.models import get_model_spec
 
@@ -45,7 +46,7 @@ def write_random_hf(flavor: str, out_dir: Path, dtype: str, max_shard_bytes: int
     adapter = spec.state_dict_adapter(args)
     with torch.device("meta"):
         shapes = {fqn: tuple(t.shape) for fqn, t in spec.model_cls(args).state_dict().items()}
-    entries = [(fqn, shapes[fqn]) for fqn in natural_order(shapes) if adapter.hf_key(fqn) is not None]
+    entries = [(fqn, shapes[fqn]) for fqn in natural_order(shapes) if hf_parts(adapter, fqn)]
     start = time.perf_counter()
     with staged_output(out_dir) as staging:
         writer = HFExportWriter(staging, adapter, dtype, entries, max_shard_bytes)

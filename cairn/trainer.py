@@ -281,6 +281,7 @@ class Trainer:
             self.model_parts = [self.model_spec.parallelize(model, self.parallel_dims, self.job_config,
                                                             self.device)]
         self._uninitialized = []
+        training = self.job_config.training
         for part in self.model_parts:
             if any(p.is_meta for p in part.parameters()):
                 # Materialized, initialized only if no checkpoint overwrites it (``_init_if_fresh``);
@@ -290,9 +291,13 @@ class Trainer:
                     part.init_buffers(self.device)
                 self._uninitialized.append(part)
             part.train()
+            if hasattr(part, "set_tokens_per_step"):  # a mixture of experts weighs its balancing loss
+                part.set_tokens_per_step(training.local_batch_size * training.seq_len * self.grad_accum_steps)
         num_params = self.model_args.num_params()
-        logger.info("model %s %s: %.2fM parameters, layout %s", self.model_spec.name, self.job_config.model.flavor,
-                    num_params / 1e6, self.parallel_dims.degrees)
+        active = getattr(self.model_args, "num_active_params", lambda: num_params)()
+        logger.info("model %s %s: %.2fM parameters%s, layout %s", self.model_spec.name, self.job_config.model.flavor,
+                    num_params / 1e6, f" ({active / 1e6:.2f}M active per token)" if active != num_params else "",
+                    self.parallel_dims.degrees)
 
     def _init_if_fresh(self, loaded: bool) -> None:
         """Initialize the weights a checkpoint did not provide (all of them, or none)."""
@@ -336,7 +341,20 @@ class Trainer:
         lr = self.lr_schedulers.last_lr  # the rate this step's update uses
         self.optimizers.step()
         self.lr_schedulers.step()
-        return {"loss": self._global_loss(local_loss), "grad_norm": grad_norm.item(), "lr": lr}
+        # After the staged copy of a save in flight is taken (maybe_wait_for_staging): the MoE
+        # balancing bias changes here, outside the optimizer.
+        moe_metrics = self._after_optimizer_step()
+        return {"loss": self._global_loss(local_loss), "grad_norm": grad_norm.item(), "lr": lr, **moe_metrics}
+
+    def _after_optimizer_step(self) -> dict[str, float]:
+        """Model state that trains outside the optimizer (a mixture of experts' balancing bias)."""
+        metrics: dict[str, float] = {}
+        for part in self.model_parts:
+            hook = getattr(part, "after_optimizer_step", None)
+            if hook is not None:
+                for name, value in hook(self.parallel_dims.stage_mesh.get_group()).items():
+                    metrics[name] = max(metrics.get(name, value), value)
+        return metrics
 
     def _autocast(self):
         """bf16 compute on GPUs without FSDP (FSDP's MixedPrecisionPolicy covers the sharded case)."""

@@ -23,6 +23,14 @@ class StateDictAdapter(Protocol):
     The offline conversions (``cairn.checkpoint.convert``) also use ``fqn(hf_key)`` and the
     classmethods ``from_hf_config(config, source)``, ``match_flavor(config)`` and
     ``fit_to_checkpoint(model_args, fqn_shapes)``.
+
+    Two optional methods (``hf_parts``/``hf_sources`` below read them; an adapter without them
+    maps every tensor to one key): ``hf_split_keys(fqn)``, the keys of a tensor Hugging Face
+    stores one slice along dim 0 at a time (an MoE layer's grouped experts: one key per expert),
+    in slice order, else None; ``hf_dropped(fqn)``, why a model tensor has no place in a Hugging
+    Face checkpoint (exports name it as dropped, imports set it to zeros and name it), else None.
+    A third, ``tensor_group(fqn)``, is the checkpoint's: ``(group, members)`` for a tensor whose dim 0
+    indexes members of a group (``("experts", 8)``), counted on every save and load (``groups.py``).
     """
 
     def hf_key(self, fqn: str) -> str | None: ...  # None: not saved (e.g. a tied output)
@@ -33,6 +41,34 @@ class StateDictAdapter(Protocol):
     def tensor_from_hf(self, fqn: str, tensor: torch.Tensor) -> torch.Tensor: ...
     def to_hf_config(self, dtype: torch.dtype | str, *, bos_token_id=None, eos_token_id=None) -> dict: ...
     def check_hf_config(self, config: dict, source: str = CONFIG_FILE) -> None: ...
+
+
+def hf_parts(adapter: StateDictAdapter, fqn: str) -> list[tuple[str, int | None]]:
+    """(HF key, slice of dim 0 or None for the whole tensor) of each tensor ``fqn`` is exported as;
+    [] when it is not exported (a tied output, a dropped tensor)."""
+    split = getattr(adapter, "hf_split_keys", None)
+    keys = split(fqn) if split is not None else None
+    if keys is not None:
+        return list(zip(keys, range(len(keys))))
+    key = adapter.hf_key(fqn)
+    return [] if key is None else [(key, None)]
+
+
+def hf_sources(adapter: StateDictAdapter, fqn: str) -> list[tuple[str, int | None]]:
+    """(HF key, slice of dim 0 or None) of each tensor ``fqn`` is loaded from; [] for a dropped tensor."""
+    if hf_dropped(adapter, fqn):
+        return []
+    split = getattr(adapter, "hf_split_keys", None)
+    keys = split(fqn) if split is not None else None
+    if keys is not None:
+        return list(zip(keys, range(len(keys))))
+    return [(adapter.hf_source_key(fqn), None)]
+
+
+def hf_dropped(adapter: StateDictAdapter, fqn: str) -> str | None:
+    """Why ``fqn`` has no place in a Hugging Face checkpoint; None when it has one."""
+    dropped = getattr(adapter, "hf_dropped", None)
+    return dropped(fqn) if dropped is not None else None
 
 
 class TransformersAdapter:

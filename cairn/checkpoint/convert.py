@@ -42,7 +42,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from cairn.checkpoint.adapter import CONFIG_FILE
+from cairn.checkpoint.adapter import CONFIG_FILE, hf_dropped, hf_parts
 from cairn.checkpoint.api import single_process_dcp
 from cairn.checkpoint.errors import HFCheckpointError, reraise_user_error
 from cairn.checkpoint.fsio import fsync_dir
@@ -79,8 +79,9 @@ def convert_hf_to_dcp(hf_dir: str | Path, out_dir: str | Path, *, model_name: st
     """Hugging Face safetensors directory -> model-only DCP checkpoint at ``out_dir``.
 
     The model size comes from ``flavor``, else from the directory's config.json (which,
-    when both exist, must agree). Tensors keep their dtype unless ``dtype`` is given.
-    Returns {"tensors", "bytes", "seconds", "flavor"}.
+    when both exist, must agree). Tensors keep their dtype unless ``dtype`` is given; tensors
+    Hugging Face has no place for (``hf_dropped``) are written as zeros and listed under "dropped".
+    Returns {"tensors", "bytes", "seconds", "flavor", "dropped"}.
     """
     start = time.perf_counter()
     hf_dir = Path(hf_dir)
@@ -95,12 +96,18 @@ def convert_hf_to_dcp(hf_dir: str | Path, out_dir: str | Path, *, model_name: st
     shapes = _model_shapes(spec, args)
     weights.check(shapes, adapter, hint=_flavor_hint(flavor))
     cast = None if dtype is None else resolve_dtype(dtype)
-    targets = {fqn: torch.empty(shape, dtype=cast or weights.dtypes[adapter.hf_source_key(fqn)], device="meta")
+    # Tensors HF has no place for (an MoE balancing bias) start at zero, as an import does.
+    dropped = {fqn: why for fqn in shapes if (why := hf_dropped(adapter, fqn))}
+    targets = {fqn: torch.empty(shape, dtype=cast or (torch.float32 if fqn in dropped else
+                                                      weights.dtype_of(adapter, fqn)), device="meta")
                for fqn, shape in shapes.items()}
     total = sum(t.numel() * t.element_size() for t in targets.values())
+
+    def produce(fqn: str) -> torch.Tensor:
+        return torch.zeros(shapes[fqn]) if fqn in dropped else weights.read_fqn(adapter, fqn)
+
     with staged_output(out_dir) as staging, _progress(total, "HF -> DCP", progress) as bar:
-        planner = _ConvertingSavePlanner(lambda fqn: adapter.tensor_from_hf(
-            fqn, weights.read(adapter.hf_source_key(fqn))), on_tensor=bar)
+        planner = _ConvertingSavePlanner(produce, on_tensor=bar)
         # One file per tensor: DCP's writer keeps every tensor of a file referenced until the file
         # is complete (torch 2.13), so a single file would hold the whole model in memory here.
         writer = FileSystemWriter(staging, single_file_per_rank=False, thread_count=1)
@@ -108,7 +115,8 @@ def convert_hf_to_dcp(hf_dir: str | Path, out_dir: str | Path, *, model_name: st
             dcp.save(targets, storage_writer=writer, planner=planner, no_dist=True)
     if flavor is None and config is not None:
         flavor = spec.state_dict_adapter.match_flavor(config)
-    return {"tensors": len(targets), "bytes": total, "seconds": time.perf_counter() - start, "flavor": flavor}
+    return {"tensors": len(targets), "bytes": total, "seconds": time.perf_counter() - start, "flavor": flavor,
+            "dropped": sorted(dropped)}
 
 
 def convert_dcp_to_hf(dcp_dir: str | Path, out_dir: str | Path, *, model_name: str = "llama3",
@@ -137,7 +145,8 @@ def convert_dcp_to_hf(dcp_dir: str | Path, out_dir: str | Path, *, model_name: s
     shapes = _model_shapes(spec, args)
     _check_dcp_shapes(dcp_dir, saved_shapes, shapes, flavor)
     export_dtype = resolve_dtype(export_dtype)
-    entries = [(fqn, shapes[fqn]) for fqn in natural_order(shapes) if adapter.hf_key(fqn) is not None]
+    entries = [(fqn, shapes[fqn]) for fqn in natural_order(shapes) if hf_parts(adapter, fqn)]
+    dropped = sorted(fqn for fqn in shapes if hf_dropped(adapter, fqn))
     total = sum(math.prod(shape) * saved[fqn].properties.dtype.itemsize for fqn, shape in entries)
     with staged_output(out_dir) as staging, _progress(total, "DCP -> HF", progress) as bar:
         with contextlib.closing(HFExportWriter(staging, adapter, export_dtype, entries, max_shard_bytes)) as writer:
@@ -148,7 +157,7 @@ def convert_dcp_to_hf(dcp_dir: str | Path, out_dir: str | Path, *, model_name: s
                 del tensor
             writer.finish(hf_assets_path)
     return {"tensors": len(entries), "bytes": writer.total_bytes, "seconds": time.perf_counter() - start,
-            "files": list(writer.file_names)}
+            "files": list(writer.file_names), "dropped": dropped}
 
 
 def dcp_to_torch_file(src: Path, dst: Path, *, export_dtype: torch.dtype | None = None,

@@ -177,8 +177,81 @@ def out_of_bounds(name: str, fqn: str, offset: int, length: int, size: int, wher
             "(the metadata was damaged or crafted)")
 
 
-def check_dcp_structure(step_dir: str | os.PathLike, manifest_expected: bool = False) -> list[str]:
-    """Problems in a DCP dir's structure: unsafe/unreadable ``.metadata``, items outside their files.
+def coverage_gap(item: TensorStorageMetadata) -> tuple[int, list[int]]:
+    """(elements of the tensor that no stored chunk holds, indices along dim 0 not wholly held).
+
+    DCP writes each element once (replicas are deduplicated, shards do not overlap), so the
+    chunks' volumes add up to the tensor's unless a rank's part was never written.
+    """
+    size = tuple(item.size)
+    total = math.prod(size)
+    covered = sum(math.prod(chunk.sizes) for chunk in item.chunks)
+    if covered >= total or not size:
+        return 0, []
+    per_row = total // size[0]
+    rows = [0] * size[0]
+    for chunk in item.chunks:
+        row_volume = math.prod(chunk.sizes[1:])
+        for row in range(chunk.offsets[0], min(size[0], chunk.offsets[0] + chunk.sizes[0])):
+            rows[row] += row_volume
+    return total - covered, [row for row, held in enumerate(rows) if held < per_row]
+
+
+def index_ranges(indices: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2, 5"."""
+    runs: list[list[int]] = []
+    for index in indices:
+        if runs and index == runs[-1][1] + 1:
+            runs[-1][1] = index
+        else:
+            runs.append([index, index])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def grouped_record(manifest: dict | None) -> dict[str, tuple[str, int]]:
+    """{key: (group, members)} of the grouped tensors a manifest records (an MoE's experts: dim 0
+    indexes ``members`` experts); see ``CheckpointManager``."""
+    out: dict[str, tuple[str, int]] = {}
+    for name, group in ((manifest or {}).get("grouped") or {}).items():
+        if isinstance(group, dict) and isinstance(group.get("size"), int):
+            out.update({key: (name, group["size"]) for key in group.get("keys") or [] if isinstance(key, str)})
+    return out
+
+
+def tensor_problems(metadata: Metadata, where: str | os.PathLike, manifest: dict | None = None) -> list[str]:
+    """Tensors a load would leave partly unwritten (a chunk never stored), and grouped tensors the
+    manifest records that are missing or have lost members; each names the key."""
+    groups = grouped_record(manifest)
+    saved = metadata.state_dict_metadata
+    problems = []
+    for key, item in saved.items():
+        if not isinstance(item, TensorStorageMetadata):
+            continue
+        try:
+            missing, rows = coverage_gap(item)
+        except (AttributeError, TypeError, ValueError, IndexError):  # a damaged or crafted chunk table
+            problems.append(f"{where}: {key!r}: its chunk table is unreadable (the metadata was damaged or crafted)")
+            continue
+        if missing:
+            name = groups.get(key, ("rows",))[0]
+            problems.append(f"{where}: {key!r}: {missing} of {math.prod(item.size)} elements are in no stored chunk "
+                            f"({name} {index_ranges(rows)} missing)")
+    for key, (name, members) in groups.items():
+        item = saved.get(key)
+        if not isinstance(item, TensorStorageMetadata):
+            problems.append(f"{where}: {key!r} is missing: the manifest records it as one of {len(groups)} tensors "
+                            f"of {members} {name}")
+        elif not getattr(item, "size", None) or item.size[0] != members:
+            problems.append(f"{where}: {key!r} holds {item.size[0] if item.size else 0} {name} where {members} "
+                            "were saved")
+    return problems
+
+
+def check_dcp_structure(step_dir: str | os.PathLike, manifest_expected: bool = False,
+                        manifest: dict | None = None) -> list[str]:
+    """Problems in a DCP dir's structure: unsafe/unreadable ``.metadata``, items outside their files,
+    tensors with chunks never stored, grouped tensors (experts) the ``manifest`` records but the
+    metadata lacks.
 
     ``manifest_expected``: the dir has no manifest; report that if cairn wrote the metadata.
     """
@@ -215,4 +288,4 @@ def check_dcp_structure(step_dir: str | os.PathLike, manifest_expected: bool = F
             continue
         if any(index not in metadata.storage_data for index in indexes):
             problems.append(f"{step_dir / METADATA_NAME}: {fqn!r} has no stored data")
-    return problems
+    return problems + tensor_problems(metadata, step_dir / METADATA_NAME, manifest)

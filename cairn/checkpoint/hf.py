@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import re
@@ -32,10 +33,12 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from cairn.checkpoint.adapter import CONFIG_FILE, StateDictAdapter
+from cairn.checkpoint.adapter import CONFIG_FILE, StateDictAdapter, hf_dropped, hf_parts, hf_sources
 from cairn.checkpoint.errors import CheckpointError, HFCheckpointError
 from cairn.checkpoint.fsio import NotRegularFileError, fsync_dir, fsync_file, read_regular, regular_file_stat
 from cairn.checkpoint.layout import HF_INDEX_NAME, dtype_named
+
+logger = logging.getLogger("cairn")
 
 DEFAULT_MAX_SHARD_BYTES = 5_000_000_000  # transformers' own default, "5GB"
 INDEX_FILE = HF_INDEX_NAME
@@ -246,23 +249,38 @@ class HFWeights:
 
     def check(self, expected_shapes: dict[str, tuple[int, ...]], adapter: StateDictAdapter,
               hint: str = " (another model size? check the model flavor)") -> None:
-        """Raise, naming every key, unless each FQN's source tensor is here with the FQN's shape,
-        every key of a full export is here, and nothing else is."""
-        fqn_of: dict[str, str] = {}
+        """Raise, naming every key, unless each FQN's source tensors are here with the FQN's shape
+        (an expert's slice: the shape without dim 0), every key of a full export is here, and
+        nothing else is."""
+        fqn_of: dict[str, tuple[str, tuple[int, ...]]] = {}
         for fqn in natural_order(expected_shapes):
-            fqn_of.setdefault(adapter.hf_source_key(fqn), fqn)
+            for key, index in hf_sources(adapter, fqn):
+                shape = tuple(expected_shapes[fqn])
+                fqn_of.setdefault(key, (fqn if index is None else f"{fqn}[{index}]",
+                                        shape if index is None else shape[1:]))
         expected_keys = set(adapter.hf_keys())
         problems = [f"{key!r} in {self.files[key].name} has shape {self.shapes[key]}, "
-                    f"but the model's {fqn} is {tuple(expected_shapes[fqn])}"
-                    for key, fqn in fqn_of.items()
-                    if key in self.files and self.shapes[key] != tuple(expected_shapes[fqn])]
-        problems += [f"missing {key!r}" + (f" (for {fqn_of[key]})" if key in fqn_of else "")
+                    f"but the model's {fqn} is {shape}"
+                    for key, (fqn, shape) in fqn_of.items() if key in self.files and self.shapes[key] != shape]
+        problems += [f"missing {key!r}" + (f" (for {fqn_of[key][0]})" if key in fqn_of else "")
                      for key in natural_order((expected_keys | set(fqn_of)) - set(self.files))]
         problems += [f"unexpected {key!r} in {self.files[key].name}"
                      for key in natural_order(set(self.files) - expected_keys)
                      if not adapter.is_ignored_hf_key(key)]
         if problems:
             raise HFCheckpointError(f"{self.dir} does not match the model{hint}:" + _problem_list(problems))
+
+    def read_fqn(self, adapter: StateDictAdapter, fqn: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """``fqn``'s tensor in cairn's layout, read from its key, or stacked from its slices' keys
+        (only slices ``rows[0]`` to ``rows[1]`` when given)."""
+        sources = hf_sources(adapter, fqn)
+        if len(sources) == 1 and sources[0][1] is None:
+            return adapter.tensor_from_hf(fqn, self.read(sources[0][0]))
+        start, stop = rows if rows is not None else (0, len(sources))
+        return adapter.tensor_from_hf(fqn, torch.stack([self.read(key) for key, _ in sources[start:stop]]))
+
+    def dtype_of(self, adapter: StateDictAdapter, fqn: str) -> torch.dtype:
+        return self.dtypes[hf_sources(adapter, fqn)[0][0]]
 
 
 def check_hf_dir_config(hf_dir: Path, adapter: StateDictAdapter) -> None:
@@ -280,26 +298,62 @@ def load_hf(model_state_dict: dict[str, torch.Tensor], hf_dir: str | Path,
             adapter: StateDictAdapter) -> dict[str, Any]:
     """Fill ``model_state_dict``'s tensors in place from the safetensors files in ``hf_dir``.
 
-    The state dict may be any layout: plain tensors, DTensors (FSDP/TP shards: each rank
-    copies only its own shard) or one pipeline stage's subset of the keys. Every name and
-    shape is checked before a tensor changes. No collectives: ranks may call it independently.
-    Returns {"tensors", "bytes", "seconds"} read by this rank.
+    The state dict may be any layout: plain tensors, DTensors (FSDP/TP/EP shards: each rank
+    copies only its own shard) or one pipeline stage's subset of the keys. A tensor stored one
+    slice per key (grouped experts) is read only for the slices this rank holds. Every name and
+    shape is checked before a tensor changes; tensors Hugging Face has no place for are set to
+    zeros (their value in a model that never trained with them) and listed under "dropped". No
+    collectives: ranks may call it independently.
+    Returns {"tensors", "keys", "bytes", "seconds", "dropped"} read by this rank.
     """
     start = time.perf_counter()
     hf_dir = Path(hf_dir)
     weights = HFWeights(hf_dir)
     check_hf_dir_config(hf_dir, adapter)
     weights.check({fqn: tuple(t.shape) for fqn, t in model_state_dict.items()}, adapter)
+    dropped = [fqn for fqn in natural_order(model_state_dict) if hf_dropped(adapter, fqn)]
     # Grouped by file (model order within one): each shard is read front to back once.
-    order = sorted(natural_order(model_state_dict),
-                   key=lambda fqn: str(weights.files[adapter.hf_source_key(fqn)]))
-    num_bytes = 0
+    order = sorted((fqn for fqn in natural_order(model_state_dict) if fqn not in dropped),
+                   key=lambda fqn: str(weights.files[hf_sources(adapter, fqn)[0][0]]))
+    for fqn in dropped:
+        _local(model_state_dict[fqn]).zero_()
+    num_bytes = num_keys = 0
     for fqn in order:
-        full = adapter.tensor_from_hf(fqn, weights.read(adapter.hf_source_key(fqn)))
-        _copy_full_into(model_state_dict[fqn], full)
-        num_bytes += full.numel() * full.element_size()
-        del full
-    return {"tensors": len(order), "bytes": num_bytes, "seconds": time.perf_counter() - start}
+        target = model_state_dict[fqn]
+        split = hf_sources(adapter, fqn)[0][1] is not None
+        offsets, sizes = local_box(target)
+        if split and sizes[0] == 0:
+            continue  # this rank holds none of its slices
+        rows = (offsets[0], offsets[0] + sizes[0]) if split else None
+        data = weights.read_fqn(adapter, fqn, rows)
+        num_keys += rows[1] - rows[0] if split else 1
+        num_bytes += data.numel() * data.element_size()
+        if split:  # the rows read are this rank's; its block of the other dims is cut from them
+            block = (slice(None),) + tuple(slice(o, o + n) for o, n in zip(offsets[1:], sizes[1:]))
+            _local(target).copy_(data[block])
+        else:
+            _copy_full_into(target, data)
+        del data
+    return {"tensors": len(order), "keys": num_keys, "bytes": num_bytes, "seconds": time.perf_counter() - start,
+            "dropped": dropped}
+
+
+def local_box(tensor: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(offsets, sizes) of this rank's block of ``tensor`` in the global tensor (a DTensor's shard)."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(tensor, DTensor):
+        return (0,) * tensor.dim(), tuple(tensor.shape)
+    chunks = tensor.__create_chunk_list__()  # the block DCP writes for this rank
+    if not chunks:
+        return (0,) * tensor.dim(), (0,) * tensor.dim()
+    return tuple(chunks[0].offsets), tuple(chunks[0].sizes)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def _copy_full_into(target: torch.Tensor, full: torch.Tensor) -> None:
@@ -321,7 +375,8 @@ class HFExportWriter:
 
     ``entries`` lists every (fqn, shape) to export, in the order ``write`` will receive them;
     shards are cut from that order at ``max_shard_bytes``. Each shard's header is written
-    when its first tensor arrives, so a shard is never held in memory.
+    when its first tensor arrives, so a shard is never held in memory. A tensor the adapter
+    splits (grouped experts) is written as one key per slice of dim 0, consecutively.
     """
 
     def __init__(self, directory: Path, adapter: StateDictAdapter, dtype: torch.dtype | str,
@@ -332,43 +387,48 @@ class HFExportWriter:
         self.adapter = adapter
         self.dtype = resolve_dtype(dtype)
         itemsize = torch.empty((), dtype=self.dtype).element_size()
-        plan = [(fqn, adapter.hf_key(fqn), tuple(shape)) for fqn, shape in entries]
-        plan = [(fqn, key, shape, itemsize * math.prod(shape)) for fqn, key, shape in plan if key is not None]
+        plan = [(fqn, key, index, tuple(shape) if index is None else tuple(shape)[1:])
+                for fqn, shape in entries for key, index in hf_parts(adapter, fqn)]
+        plan = [(fqn, key, index, shape, itemsize * math.prod(shape)) for fqn, key, index, shape in plan]
         self.shards = _cut_shards(plan, max_shard_bytes)
         names = [SINGLE_FILE] if len(self.shards) == 1 else [
             f"model-{i + 1:05d}-of-{len(self.shards):05d}.safetensors" for i in range(len(self.shards))]
-        self._where = {fqn: (shard_id, position) for shard_id, shard in enumerate(self.shards)
-                       for position, (fqn, _, _, _) in enumerate(shard)}
+        self._where: dict[str, list[tuple[int, int]]] = {}
+        for shard_id, shard in enumerate(self.shards):
+            for position, (fqn, *_) in enumerate(shard):
+                self._where.setdefault(fqn, []).append((shard_id, position))
         self.file_names = names
-        self.total_bytes = sum(entry[3] for shard in self.shards for entry in shard)
+        self.total_bytes = sum(entry[4] for shard in self.shards for entry in shard)
         self._file = None
         self._next = (0, 0)
 
     def write(self, fqn: str, tensor: torch.Tensor) -> None:
-        """Convert ``fqn``'s full tensor and append it; fqns come in ``entries`` order."""
-        if fqn not in self._where:  # not exported (a tied output)
+        """Convert ``fqn``'s full tensor and append it (or its slices); fqns come in ``entries`` order."""
+        if fqn not in self._where:  # not exported (a tied output, a dropped tensor)
             return
-        shard_id, position = self._where[fqn]
-        if (shard_id, position) != self._next:
-            raise RuntimeError(f"HFExportWriter: {fqn} written out of the planned order")
-        _, key, shape, nbytes = self.shards[shard_id][position]
-        data = self.adapter.tensor_to_hf(fqn, tensor.detach().to("cpu")).to(self.dtype).contiguous()
-        if tuple(data.shape) != shape:
-            raise HFCheckpointError(f"{fqn}: tensor of shape {tuple(data.shape)} where {shape} was planned")
-        if position == 0:
-            self._open_shard(shard_id)
-        self._file.write(data.reshape(-1).view(torch.uint8).numpy())
-        if position + 1 == len(self.shards[shard_id]):
-            self._file.close()
-            self._file = None
-            self._next = (shard_id + 1, 0)
-        else:
-            self._next = (shard_id, position + 1)
+        data = self.adapter.tensor_to_hf(fqn, tensor.detach().to("cpu")).to(self.dtype)
+        for shard_id, position in self._where[fqn]:
+            if (shard_id, position) != self._next:
+                raise RuntimeError(f"HFExportWriter: {fqn} written out of the planned order")
+            _, key, index, shape, nbytes = self.shards[shard_id][position]
+            piece = (data if index is None else data[index]).contiguous()
+            if tuple(piece.shape) != shape:
+                raise HFCheckpointError(f"{fqn}: tensor of shape {tuple(piece.shape)} where {shape} was planned "
+                                        f"for {key}")
+            if position == 0:
+                self._open_shard(shard_id)
+            self._file.write(piece.reshape(-1).view(torch.uint8).numpy())
+            if position + 1 == len(self.shards[shard_id]):
+                self._file.close()
+                self._file = None
+                self._next = (shard_id + 1, 0)
+            else:
+                self._next = (shard_id, position + 1)
 
     def _open_shard(self, shard_id: int) -> None:
         header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
         offset = 0
-        for _, key, shape, nbytes in self.shards[shard_id]:
+        for _, key, _, shape, nbytes in self.shards[shard_id]:
             header[key] = {"dtype": _SAFETENSORS_DTYPES[self.dtype], "shape": list(shape),
                            "data_offsets": [offset, offset + nbytes]}
             offset += nbytes
@@ -385,7 +445,7 @@ class HFExportWriter:
             raise RuntimeError(f"HFExportWriter: finished before {missing} was written")
         if len(self.shards) > 1:
             weight_map = {key: self.file_names[i] for i, shard in enumerate(self.shards)
-                          for _, key, _, _ in shard}
+                          for _, key, *_ in shard}
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
             (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         write_hf_metadata(self.directory, self.adapter, self.dtype, tokenizer_dir)
@@ -403,11 +463,11 @@ def _cut_shards(plan: list[tuple], max_shard_bytes: int) -> list[list[tuple]]:
     shards: list[list[tuple]] = [[]]
     size = 0
     for entry in plan:
-        if shards[-1] and size + entry[3] > max_shard_bytes:
+        if shards[-1] and size + entry[4] > max_shard_bytes:
             shards.append([])
             size = 0
         shards[-1].append(entry)
-        size += entry[3]
+        size += entry[4]
     if not shards[-1]:
         raise HFCheckpointError("nothing to export: the state dict has no tensor the adapter saves")
     return shards
@@ -469,11 +529,15 @@ def save_hf(model_state_dict: dict[str, torch.Tensor], out_dir: str | Path, adap
     on rank 0 is raised on every rank once the gathers are done, so no rank hangs. The
     directory appears atomically: through ``storage.publish_dir(staging, step, info)`` when
     a checkpoint storage is given, else by a rename onto ``out_dir`` (absent or empty).
-    Returns {"bytes", "files", "seconds"} (bytes and files on rank 0 only).
+    Tensors Hugging Face has no place for (``hf_dropped``) are left out and named, in the log and
+    under "dropped". Returns {"bytes", "files", "seconds", "dropped"} (bytes and files on rank 0 only).
     """
     start = time.perf_counter()
     dtype = resolve_dtype(dtype)
     entries = _global_entries(model_state_dict, adapter)
+    dropped = dropped_tensors(model_state_dict, adapter)
+    if dropped and storage is not None:  # the step's manifest names what the export left out
+        info = {**(info or {}), "hf_dropped": sorted(dropped)}
     if storage is None:
         _raise_on_every_rank(_first_error(lambda: check_output_dir(out_dir)) if _rank() == 0 else None)
     tensors = _gathered(model_state_dict, entries)
@@ -487,7 +551,17 @@ def save_hf(model_state_dict: dict[str, torch.Tensor], out_dir: str | Path, adap
     for _ in tensors:
         pass  # other ranks feed the gathers; rank 0 drains them after an error
     _raise_on_every_rank(error)
-    return {**result, "seconds": time.perf_counter() - start}
+    return {**result, "seconds": time.perf_counter() - start, "dropped": dropped}
+
+
+def dropped_tensors(state_dict: dict[str, torch.Tensor], adapter: StateDictAdapter) -> dict[str, str]:
+    """{fqn: why} of the tensors a Hugging Face export leaves out (this rank's keys), logged once."""
+    dropped = {fqn: why for fqn in natural_order(state_dict) if (why := hf_dropped(adapter, fqn))}
+    if dropped and _rank() == 0:
+        reasons = sorted(set(dropped.values()))
+        logger.warning("the Hugging Face export leaves out %d tensor(s) it has no place for: %s (%s)", len(dropped),
+                       ", ".join(dropped), "; ".join(reasons))
+    return dropped
 
 
 def _write_export(tensors, adapter, dtype, plan, max_shard_bytes, tokenizer_dir, staged) -> dict:
@@ -538,7 +612,7 @@ def _global_entries(state_dict: dict[str, torch.Tensor], adapter: StateDictAdapt
 
     Pipeline stages hold different keys, so the ranks first agree on the union.
     """
-    local = {fqn: (tuple(t.shape), t.dtype) for fqn, t in state_dict.items() if adapter.hf_key(fqn) is not None}
+    local = {fqn: (tuple(t.shape), t.dtype) for fqn, t in state_dict.items() if hf_parts(adapter, fqn)}
     per_rank: list[Any] = [local]
     if _world_size() > 1:
         import torch.distributed as dist

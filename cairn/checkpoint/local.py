@@ -405,7 +405,8 @@ class LocalStore:
                          "structure checked only")
             logger.warning(notes[-1])
         if (step_dir / METADATA_NAME).exists() or (step_dir / METADATA_NAME).is_symlink():
-            found = check_dcp_structure(step_dir, manifest_expected=manifest is None and not problems)
+            found = check_dcp_structure(step_dir, manifest_expected=manifest is None and not problems,
+                                        manifest=manifest)
             problems.extend(p for p in found if p not in problems)
             if manifest is not None and not found:
                 with contextlib.suppress(CheckpointError):

@@ -69,6 +69,7 @@ from cairn.checkpoint.api import (
 )
 from cairn.checkpoint.errors import (CheckpointConfigError, CheckpointError, CorruptCheckpointError, WriterDiedError,
                                     find_checkpoint_error, first_line)
+from cairn.checkpoint.groups import describe, flat_tensors, grouped_tensors, load_problems
 from cairn.checkpoint.hf import load_hf, save_hf
 from cairn.checkpoint.layout import FULL, HF, MODEL_ONLY, SEED, dtype_named
 from cairn.checkpoint.lease import FolderLease
@@ -480,9 +481,10 @@ class CheckpointManager:
         if final:
             self._finish_in_flight()
         background = info["async"] and not final
-        logger.info("checkpoint step %d: %s save of %.1f MB%s to %s, training stalled %.3f s%s", step, info["kind"],
-                    info["bytes"] / 1e6, self._per_rank(), self.store.step_url(step), stall,
-                    "; writing in the background" if background else "")
+        logger.info("checkpoint step %d: %s save of %.1f MB%s to %s, training stalled %.3f s%s%s", step,
+                    info["kind"], info["bytes"] / 1e6, self._per_rank(), self.store.step_url(step), stall,
+                    "; writing in the background" if background else "",
+                    f"; {info['grouped']} counted" if info.get("grouped") else "")
         if waited >= WAIT_WARNING_S and not final:
             logger.warning("checkpoint step %d: training waited %.2f s for the save of step %s to be committed: a "
                            "save takes longer than Config.interval (%d steps). Raise Config.interval, or set "
@@ -497,7 +499,7 @@ class CheckpointManager:
         return SaveResult(step, "started" if background else "saved", reason, kind=info["kind"],
                           location=self.store.step_url(step), stall_s=round(stall, 4), waited_s=round(waited, 4),
                           late_by=late_by, replaced_step=replaced, steps_at_risk=self.steps_at_risk(step),
-                          bytes=info["bytes"], handle=self.last_save)
+                          bytes=info["bytes"], handle=self.last_save, grouped=info.get("grouped"))
 
     def _skipped(self, step: int) -> SaveResult:
         if self._deferred_from is not None:
@@ -593,10 +595,15 @@ class CheckpointManager:
         info = self._save_model_only(0, kind=SEED, dtype="float32")
         logger.info("seed checkpoint written to %s (%.1f MB)", self.store.step_url(0), info["bytes"] / 1e6)
 
-    def _info(self, kind: str, dtype: str) -> dict:
+    def _info(self, kind: str, dtype: str, state: dict[str, Any] | None = None) -> dict:
+        """The manifest's description of a save; with ``state``, its grouped tensors counted (``groups.py``)."""
         info = {"kind": kind, "dtype": dtype, "layout": self.layout}
         if self.model_info:
             info["model"] = self.model_info
+        group_of = getattr(self.sd_adapter, "tensor_group", None)
+        grouped = grouped_tensors(flat_tensors(state), group_of) if state is not None and group_of else {}
+        if grouped:
+            info["grouped"] = grouped
         return {**self.run_info, **info}
 
     def _full_state_dict(self) -> dict[str, Any]:
@@ -625,7 +632,7 @@ class CheckpointManager:
         """A full save of this step: sync, or staged into ``saver`` (default: the async saver) and
         written in the background (with ``hold``: once it is released)."""
         state = self._full_state_dict()
-        info = self._info(FULL, "mixed")
+        info = self._info(FULL, "mixed", state)
         nbytes = state_bytes(state)
         saver = saver or self.async_saver
         if hold is None:
@@ -658,15 +665,18 @@ class CheckpointManager:
                                 thread_count=self.config.write_threads, hold=hold, staged_by=staged_by)
             if hold is None:
                 self.last_save = handle
-        return {"kind": FULL, "bytes": nbytes, "async": saver is not None,
-                "handle": self.last_save if hold is None else handle}
+        out = {"kind": FULL, "bytes": nbytes, "async": saver is not None,
+               "handle": self.last_save if hold is None else handle}
+        if info.get("grouped"):
+            out["grouped"] = describe(info["grouped"])
+        return out
 
     def _save_model_only(self, step: int, *, kind: str, dtype: str) -> dict:
         self._finish_in_flight()
         torch_dtype = dtype_named(dtype)
         state = {k: v.to(torch_dtype) if torch.is_floating_point(v) else v
                  for k, v in self.model.state_dict().items()}
-        info = self._info(kind, dtype)
+        info = self._info(kind, dtype, state if kind != HF else None)
         if kind == HF:
             if self.sd_adapter is None:
                 raise CheckpointError("Config.last_save_in_hf needs a state dict adapter (sd_adapter=...) to "
@@ -892,7 +902,7 @@ class CheckpointManager:
             with store.local_copy(step) as local:
                 nbytes = self._read_hf(local)
         elif kind in (MODEL_ONLY, SEED):
-            nbytes = self._dcp_load(store, step, include_states=())
+            nbytes = self._dcp_load(store, step, include_states=(), manifest=manifest)
         else:
             keys = [k for k in self.states if k not in self.config.exclude_from_loading]
             saved_layout = manifest.get("layout")
@@ -902,7 +912,7 @@ class CheckpointManager:
                                    "instead of restored", step, saved_layout, self.layout, key)
                     keys.remove(key)
                     self.states[key].reseed(self.seed if self.seed is not None else 0)
-            nbytes = self._dcp_load(store, step, include_states=keys)
+            nbytes = self._dcp_load(store, step, include_states=keys, manifest=manifest)
         seconds = time.perf_counter() - start
         logger.info("loaded %s checkpoint %s: %.1f MB%s in %.2f s", kind, location, nbytes / 1e6, self._per_rank(),
                     seconds)
@@ -947,9 +957,12 @@ class CheckpointManager:
         state = self.model.state_dict()
         result = load_hf(state, path, self.sd_adapter)
         self.model.load_state_dict(state)
+        if result["dropped"] and self.rank == 0:
+            logger.warning("%s has no place for %s: they start at zero", path,
+                           ", ".join(result["dropped"]))
         return result["bytes"]
 
-    def _dcp_load(self, store, step, include_states) -> int:
+    def _dcp_load(self, store, step, include_states, manifest: dict | None = None) -> int:
         """Load the model (and ``include_states``) from a DCP step; returns the tensor bytes this rank loaded.
 
         ``self.load_phases`` gets the seconds of each part: ``state_dict`` (the state to load
@@ -970,7 +983,7 @@ class CheckpointManager:
             state[key] = self.states[key].state_dict()
         lap("state_dict")
         where = store.step_url(step) if isinstance(step, int) else getattr(step, "where", str(step))
-        self._check_against_metadata(where, store.reader(step), state)
+        self._check_against_metadata(where, store.reader(step), state, manifest)
         lap("check")
         # store.load re-raises a corrupt file as CorruptCheckpointError on every rank.
         single = self.world_size == 1 and not dist.is_initialized()
@@ -990,15 +1003,22 @@ class CheckpointManager:
         self.load_phases = phases
         return nbytes
 
-    def _check_against_metadata(self, where: str, reader, state: dict) -> None:
-        """Name every missing key and shape mismatch before DCP reads a byte."""
-        model_keys = {key: value for key, value in state.items() if key not in self.states}
-        problems, missing = mismatches(reader.read_metadata(), model_keys, [key for key in state if key in self.states])
-        problems += [f"{key!r} is not in the checkpoint (saved model-only?); add it to Config.exclude_from_loading to "
-                     "skip it" for key in missing]
+    def _check_against_metadata(self, where: str, reader, state: dict, manifest: dict | None = None) -> None:
+        """Name every key a load cannot fill whole (missing, another shape, a chunk never stored)
+        before DCP reads a byte, and count the grouped tensors (experts) it fills."""
+        metadata = reader.read_metadata()
+        _, missing = mismatches(metadata, {}, [key for key in state if key in self.states])
+        problems = [f"{key!r} is not in the checkpoint (saved model-only?); add it to Config.exclude_from_loading to "
+                    "skip it" for key in missing]
+        flat = flat_tensors({key: value for key, value in state.items() if key not in missing})
+        problems += load_problems(flat, metadata, manifest, self.states)
         if problems:
             described = ", ".join(f"{key} {value}" for key, value in self.model_info.items())
             raise mismatch_error(where, f"this model ({described})" if described else "this model", problems)
+        group_of = getattr(self.sd_adapter, "tensor_group", None)
+        grouped = grouped_tensors(flat, group_of) if group_of else {}
+        if grouped and self.rank == 0:
+            logger.info("%s: every one of %s is in the checkpoint, whole", where, describe(grouped))
 
 
 def _tier(store) -> str:

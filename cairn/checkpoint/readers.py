@@ -37,10 +37,11 @@ from cairn.checkpoint.errors import (
 )
 from cairn.checkpoint.fsio import display_path, is_hf_dir
 from cairn.checkpoint.hf import HFWeights, natural_order, read_hf_config
+from cairn.checkpoint.adapter import hf_sources
 from cairn.checkpoint.layout import GROUPS, MANIFEST_NAME, METADATA_NAME, staging_step, step_of
 from cairn.checkpoint.manifest import read_manifest
 from cairn.checkpoint.reader import CachedMetadataReader, SafeLoadPlanner, weights_only_refusal
-from cairn.checkpoint.dcp_metadata import check_dcp_structure, load_metadata_file
+from cairn.checkpoint.dcp_metadata import check_dcp_structure, load_metadata_file, tensor_problems
 from cairn.models import get_model_spec
 
 # Bytes of tensors read per side in one DCP read during diff/convert: bounds memory, keeps reads few.
@@ -130,6 +131,9 @@ class DcpCheckpoint:
             self.metadata = load_metadata_file(path / METADATA_NAME)  # still never unpickles code
         # items that lie outside their files (crafted or damaged metadata), before anything is read
         self.problems += [p for p in check_dcp_structure(path) if p not in self.problems and "claims bytes" in p]
+        # tensors with chunks never stored, grouped tensors (experts) lost since the manifest counted them
+        self.problems += [p for p in tensor_problems(self.metadata, path / METADATA_NAME, self.manifest)
+                          if p not in self.problems]
         if self.problems and not tolerate_corrupt:
             raise CorruptCheckpointError(f"checkpoint {path} is corrupt: {self.problems[0]}", self.problems)
         self._entries: dict[str, Entry] | None = None
@@ -140,6 +144,7 @@ class DcpCheckpoint:
         ckpt = cls.__new__(cls)
         ckpt.path, ckpt.reader, ckpt.manifest, ckpt.problems = label, reader, manifest, list(problems)
         ckpt.metadata = reader.read_metadata()
+        ckpt.problems += tensor_problems(ckpt.metadata, f"{label}/{METADATA_NAME}", manifest)
         ckpt._entries = None
         return ckpt
 
@@ -201,7 +206,8 @@ class HfCheckpoint:
 
 
 class HfAsFqns:
-    """An HF directory seen under cairn's names and layouts, to compare it with a DCP step or a .pt."""
+    """An HF directory seen under cairn's names and layouts, to compare it with a DCP step or a .pt
+    (an MoE layer's per-expert keys as its grouped tensors)."""
 
     format = "hf"
 
@@ -209,24 +215,30 @@ class HfAsFqns:
         self.hf, self.path, self.manifest, self.problems = hf, hf.path, hf.manifest, hf.problems
         adapter_cls = get_model_spec(model_name).state_dict_adapter
         self.adapter = adapter_cls(adapter_cls.from_hf_config(hf.config, source=str(hf.path / "config.json")))
-        self.source: dict[str, str] = {}  # cairn FQN -> HF key
-        for key in hf.weights.shapes:
-            fqn = self.adapter.fqn(key)
-            if fqn is not None:
-                self.source[fqn] = key
-        if self.adapter.model_args.tie_word_embeddings and "tok_embeddings.weight" in self.source:
-            self.source.setdefault("output.weight", self.source["tok_embeddings.weight"])
+        fqns = {fqn for key in hf.weights.shapes if (fqn := self.adapter.fqn(key)) is not None}
+        if self.adapter.model_args.tie_word_embeddings and "tok_embeddings.weight" in fqns:
+            fqns.add("output.weight")
+        # cairn FQN -> its HF keys (several for a grouped tensor); only FQNs whose keys are all here
+        self.source = {fqn: [key for key, _ in hf_sources(self.adapter, fqn)] for fqn in fqns}
+        self.source = {fqn: keys for fqn, keys in self.source.items()
+                       if keys and all(key in hf.weights.shapes for key in keys)}
 
     def entries(self) -> dict[str, Entry]:
         hf_entries = self.hf.entries()
         out = {}
         for fqn in natural_order(self.source):
-            entry = dataclasses.replace(hf_entries[self.source[fqn]], key=fqn)
-            out[fqn] = entry
+            keys = self.source[fqn]
+            first = hf_entries[keys[0]]
+            if len(keys) == 1 and hf_sources(self.adapter, fqn)[0][1] is None:
+                out[fqn] = dataclasses.replace(first, key=fqn)
+            else:
+                files = sorted({name for key in keys for name in hf_entries[key].files}, key=file_order)
+                out[fqn] = dataclasses.replace(first, key=fqn, shape=(len(keys), *first.shape),
+                                               num_bytes=first.num_bytes * len(keys), files=files)
         return out
 
     def read(self, keys: Iterable[str], into: dict[str, Any] | None = None) -> dict[str, Any]:
-        return {fqn: self.adapter.tensor_from_hf(fqn, self.hf.weights.read(self.source[fqn])) for fqn in keys}
+        return {fqn: self.hf.weights.read_fqn(self.adapter, fqn) for fqn in keys}
 
 
 class TorchCheckpoint:

@@ -72,7 +72,8 @@ class SaveResult:
     ``handle``: the save's ``SaveHandle`` (``handle.result()`` waits until it is committed);
     ``memory``: the record of the memory tier's snapshot of the step before, reported with this
     step (its ``stall_s`` is how much longer this step took); ``lost_saves``: saves whose writer
-    process died, found by this call (``{"step", "why"}`` each; training went on)."""
+    process died, found by this call (``{"step", "why"}`` each; training went on); ``grouped``:
+    the grouped tensors (experts) the save counted, e.g. "36 tensors of 8 experts"."""
 
     step: int
     action: SaveAction
@@ -88,6 +89,7 @@ class SaveResult:
     handle: Any = dataclasses.field(default=None, compare=False, repr=False)
     memory: dict[str, Any] | None = None
     lost_saves: tuple[dict[str, Any], ...] = ()
+    grouped: str | None = None
 
     def __bool__(self) -> bool:
         return self.action in ("saved", "started")
@@ -102,7 +104,7 @@ class SaveResult:
                                "location": self.location, "bytes": self.bytes or None, "stall_s": self.stall_s,
                                "waited_s": self.waited_s or None, "async": self.is_async,
                                "deferred_steps": self.late_by or None, "replaced_step": self.replaced_step,
-                               "steps_at_risk": self.steps_at_risk}
+                               "steps_at_risk": self.steps_at_risk, "grouped": self.grouped}
         if self.action in ("deferred", "coalesced"):
             out["due_step"] = self.step
         return {key: value for key, value in out.items() if value is not None}

@@ -65,7 +65,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
-from cairn.checkpoint.dcp_metadata import load_metadata_bytes, out_of_bounds, save_id_of
+from cairn.checkpoint.dcp_metadata import load_metadata_bytes, out_of_bounds, save_id_of, tensor_problems
 from cairn.checkpoint.errors import CheckpointError, CorruptCheckpointError, corrupt_error, reraise_user_error
 from cairn.checkpoint.faults import fault_point
 from cairn.checkpoint.fsio import is_hf_dir
@@ -1144,6 +1144,7 @@ class S3Store:
                                             sizes[info.relative_path], f"s3://{self.bucket}/{prefix}/{info.relative_path}")
                     if problem:
                         problems.append(problem)
+            problems += tensor_problems(metadata, f"s3://{self.bucket}/{prefix}/{METADATA_NAME}", manifest)
         if checksums and manifest.get("checksum_algorithm") is None and notes is not None:
             notes.append(f"{self.step_url(step)}: saved without checksums; sizes checked only")
         return list(dict.fromkeys(problems))

@@ -79,7 +79,8 @@ class ModelSection:
     name: str = "llama3"
     """Model family (a folder under cairn/models)."""
     flavor: str = "debugmodel"
-    """Model size within the family: debugmodel, 1B, 3B, 8B, 70B, 405B for llama3."""
+    """Model size within the family: debugmodel, 1B, 3B, 8B, 70B, 405B for llama3; debugmodel,
+    moe_debugmodel, 0.6B, 1.7B, 4B, 8B, 14B, 32B, 30B-A3B, 235B-A22B for qwen3."""
     hf_assets_path: str | None = None
     """Folder with Hugging Face files (config.json, tokenizer, safetensors): the source of
     --checkpoint.initial_load_in_hf when no --checkpoint.initial_load_path is given, and of
@@ -196,7 +197,10 @@ class ParallelismSection:
     context_parallel_degree: int = 1
     """Context parallel degree (not supported by llama3 yet: must be 1)."""
     expert_parallel_degree: int = 1
-    """Expert parallel degree (llama3 has no experts: must be 1)."""
+    """Expert parallel degree of a mixture-of-experts model: the routed experts of each layer are
+    split over this many ranks and tokens travel to their experts by all-to-all. Borrows its ranks
+    from FSDP (and TP): it must divide data_parallel_shard_degree x tensor_parallel_degree, and the
+    model's number of experts."""
     pipeline_parallel_schedule: str = "1F1B"
     """Pipeline schedule: 1F1B, GPipe, Interleaved1F1B."""
     pipeline_parallel_microbatch_size: int = 1
@@ -213,8 +217,6 @@ class ParallelismSection:
                        f"(got {self.data_parallel_shard_degree})")
         if self.context_parallel_degree > 1:
             out.append("--parallelism.context_parallel_degree > 1 is not supported by llama3 in cairn yet; use 1")
-        if self.expert_parallel_degree > 1:
-            out.append("--parallelism.expert_parallel_degree > 1 needs a mixture-of-experts model; llama3 has none; use 1")
         if self.pipeline_parallel_schedule not in ("1F1B", "GPipe", "Interleaved1F1B"):
             out.append("--parallelism.pipeline_parallel_schedule must be 1F1B, GPipe or Interleaved1F1B "
                        f"(got {self.pipeline_parallel_schedule!r})")

@@ -52,15 +52,35 @@ def build_optimizers(model_parts: list[nn.Module], config: OptimizerSection) -> 
 
 @torch.no_grad()
 def clip_grad_norm_(parameters: list[torch.Tensor], max_norm: float, pp_group=None) -> torch.Tensor:
-    """Clip by the global gradient norm across every shard and pipeline stage; returns the norm."""
-    grads = [p.grad for p in parameters if p.grad is not None]
-    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
-    if hasattr(total, "full_tensor"):
-        total = total.full_tensor()
+    """Clip by the global gradient norm across every shard and pipeline stage; returns the norm.
+
+    Gradients on different device meshes (an MoE's experts live on the expert-parallel mesh, the
+    rest on the dense one) cannot be reduced together: each mesh's norm is taken on its own and
+    the squares are summed.
+    """
+    by_mesh: dict[int, list[torch.Tensor]] = {}
+    params_by_mesh: dict[int, list[torch.Tensor]] = {}
+    for param in parameters:
+        if param.grad is not None:
+            mesh = id(getattr(param.grad, "device_mesh", None))
+            by_mesh.setdefault(mesh, []).append(param.grad)
+            params_by_mesh.setdefault(mesh, []).append(param)
+    if len(by_mesh) <= 1:
+        grads = [grad for group in by_mesh.values() for grad in group]
+        total = _full(torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True))
+    else:
+        squares = [_full(torch.nn.utils.get_total_norm(group, norm_type=2.0, foreach=True)).pow(2)
+                   for group in by_mesh.values()]
+        total = torch.stack(squares).sum().sqrt()
     if pp_group is not None and dist.get_world_size(pp_group) > 1:
         squared = total.pow(2)
         dist.all_reduce(squared, op=dist.ReduceOp.SUM, group=pp_group)
         total = squared.sqrt()
     if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total, foreach=True)
+        for group in params_by_mesh.values():
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, total, foreach=True)
     return total
+
+
+def _full(norm: torch.Tensor) -> torch.Tensor:
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm

@@ -38,11 +38,12 @@ class RunResult:
 
 
 def train(dump_folder: Path, *args: str, nproc: int = 1, config: str = "llama3_tiny", env: dict | None = None,
-          check: bool = True, timeout: int = 600, torchrun_args: tuple[str, ...] = ()) -> RunResult:
+          check: bool = True, timeout: int = 600, torchrun_args: tuple[str, ...] = (),
+          module: str = "llama3") -> RunResult:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), *torchrun_args]
     if not any(a.startswith("--nnodes") for a in torchrun_args):
         cmd.append("--standalone")
-    cmd += ["-m", "cairn.train", "--module", "llama3", "--config", config,
+    cmd += ["-m", "cairn.train", "--module", module, "--config", config,
             "--job.dump_folder", str(dump_folder), *args]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)

@@ -25,7 +25,7 @@ LAYERS: list[set[str]] = [
     {"fsio", "lease"},
     {"manifest", "torchzip", "planner"},
     {"dcp_metadata", "commit", "writer_process"},
-    {"writer", "reader"},
+    {"writer", "reader", "groups"},
     {"local", "s3"},
     {"store"},
     {"staging", "hf", "retention", "mirror", "memory_slots"},

@@ -46,6 +46,8 @@ from cairn.checkpoint.cli.output import (
 from cairn.checkpoint.convert import ConvertOptions, convert_checkpoint
 from cairn.checkpoint.errors import CheckFailed, CheckpointError, UsageError, first_line
 from cairn.checkpoint.fsio import display_path, is_hf_dir
+from cairn.checkpoint.dcp_metadata import grouped_record, index_ranges
+from cairn.checkpoint.groups import describe
 from cairn.checkpoint.hf import HFWeights
 from cairn.checkpoint.layout import (
     MANIFEST_NAME,
@@ -417,6 +419,13 @@ def _header(ckpt, entries: dict[str, Entry]) -> list[tuple[str, str]]:
     integrity = (f"manifest with {manifest['checksum_algorithm']} checksums" if manifest.get("checksum_algorithm")
                  else "manifest, sizes only" if manifest else "no cairn manifest: no checksums")
     lines.append(("files", f"{num_files}, {human_bytes(num_bytes)} on disk; {integrity}"))
+    for name, group in (manifest.get("grouped") or {}).items() if ckpt.format == "dcp" else ():
+        lost = [p for p in ckpt.problems if any(repr(key) in p or f"{key}:" in p for key in group["keys"])]
+        lines.append((name, f"{describe({name: group})}, [{name}={group['size']}] below: "
+                            + (f"{len(lost)} problem(s), listed" if lost else "every one present, whole")))
+    if manifest.get("hf_dropped"):
+        lines.append(("dropped", f"{len(manifest['hf_dropped'])} tensor(s) Hugging Face has no place for: "
+                                 + ", ".join(manifest["hf_dropped"])))
     return lines
 
 
@@ -476,6 +485,7 @@ def format_inspect(ckpt, entries: dict[str, Entry], values: dict[str, Any], styl
     columns = [Column("KEY", key_width)] + fixed
     lines.append(style.dim(table_line(columns, [c.header for c in columns], indent="  ")))
     totals = _group_totals(entries.values())
+    grouped = grouped_record(ckpt.manifest)  # an MoE's experts: "[experts=8]" after their keys
     for group, total in totals.items():
         lines.append(style.bold(_group_heading(group, total)))
         members = [e for e in entries.values() if e.group == group]
@@ -484,7 +494,10 @@ def format_inspect(ckpt, entries: dict[str, Entry], values: dict[str, Any], styl
         for entry in members:
             if not entry.is_tensor and not list_values:
                 continue
-            lines += _entry_lines(entry, entry.key.removeprefix(prefix), columns, values)
+            name = entry.key.removeprefix(prefix)
+            if entry.key in grouped:
+                name += f" [{grouped[entry.key][0]}={grouped[entry.key][1]}]"
+            lines += _entry_lines(entry, name, columns, values)
         if not list_values and total["values"]:
             lines.append(style.dim(f"  ... and {plural(total['values'], 'other value')}, "
                                    f"{human_bytes(total['value_bytes'])} "
@@ -524,15 +537,19 @@ def _entry_lines(entry: Entry, key: str, columns: list[Column], values: dict[str
 
 def inspect_json(ckpt, entries: dict[str, Entry], values: dict[str, Any]) -> dict:
     manifest = ckpt.manifest or {}
+    grouped = grouped_record(manifest)
     header = {k: manifest.get(k) for k in ("step", "kind", "storage", "dtype", "layout", "model", "created",
                                              "torch_version", "cairn_version", "checksum_algorithm") if k in manifest}
     return {
         "path": str(ckpt.path), "format": ckpt.format, **header, "problems": ckpt.problems,
         "groups": _group_totals(entries.values()),
+        "grouped": {name: {"size": g["size"], "tensors": len(g["keys"])} for name, g in
+                    (manifest.get("grouped") or {}).items()},
         "entries": [{"key": e.key, "group": e.group, "type": "tensor" if e.is_tensor else "value",
                      "shape": list(e.shape) if e.shape is not None else None,
                      "dtype": str(e.dtype).removeprefix("torch.") if e.dtype is not None else None,
                      "bytes": e.num_bytes, "files": e.files,
+                     **({"members": list(grouped[e.key])} if e.key in grouped else {}),
                      **({"value": _jsonable(values[e.key])} if e.key in values else {})}
                     for e in entries.values()],
     }
@@ -654,6 +671,8 @@ def verify_one(path: Path, checksums: bool, advance: Callable[[int], None]) -> V
 
     problems = problems or LocalStore(path.parent).verify(path, checksums=checksums, progress=progress,
                                                                   notes=notes)
+    if manifest and manifest.get("grouped") and not problems:
+        notes.append(f"{describe(manifest['grouped'])}: every one present, whole")
     if manifest is None:
         checked = "structure"
     else:
@@ -781,6 +800,7 @@ class KeyDiff:
     dtype_b: str | None = None
     shape_a: list[int] | None = None
     shape_b: list[int] | None = None
+    members: str | None = None  # a grouped tensor's differing members: "experts 3, 5"
 
     def to_json(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -854,6 +874,7 @@ def diff_checkpoints(a, b, *, atol: float, groups: list[str] | None = None,
     for key in entries_b:
         if key not in entries_a:
             results[key] = KeyDiff(key, "only_b")
+    grouped = {**grouped_record(getattr(b, "manifest", None)), **grouped_record(getattr(a, "manifest", None))}
     for batch in read_batches(tensors, entries_a):
         read_a, read_b = a.read(batch), b.read(batch)
         for key in batch:
@@ -862,7 +883,10 @@ def diff_checkpoints(a, b, *, atol: float, groups: list[str] | None = None,
             status = "equal" if max_abs <= atol else "different"  # NaN compares false: different
             if dtype_a != dtype_b and status == "equal":
                 status = "dtype"
-            results[key] = KeyDiff(key, status, max_abs, max_rel, dtype_a, dtype_b)
+            members = None
+            if key in grouped and status == "different":
+                members = f"{grouped[key][0]} {index_ranges(_differing_rows(read_a[key], read_b[key], atol))}"
+            results[key] = KeyDiff(key, status, max_abs, max_rel, dtype_a, dtype_b, members=members)
             advance(entries_a[key].num_bytes)
         del read_a, read_b
     if values:
@@ -871,6 +895,13 @@ def diff_checkpoints(a, b, *, atol: float, groups: list[str] | None = None,
             results[key] = KeyDiff(key, "equal" if same_value(read_a[key], read_b[key]) else "different")
     order = list(entries_a) + [k for k in entries_b if k not in entries_a]
     return [results[key] for key in order]
+
+
+def _differing_rows(a: torch.Tensor, b: torch.Tensor, atol: float) -> list[int]:
+    """Indices along dim 0 where ``a`` and ``b`` differ by more than ``atol`` (an expert's slice)."""
+    x, y = a.detach().double(), b.detach().double()
+    differs = ((x - y).abs() > atol) | (x.isnan() != y.isnan())
+    return differs.flatten(1).any(dim=1).nonzero().flatten().tolist()
 
 
 def _number(value: float | None) -> str:
@@ -892,6 +923,8 @@ def _diff_note(d: KeyDiff) -> str:
         return f"dtype {short_dtype(d.dtype_a)} -> {short_dtype(d.dtype_b)}"
     if d.status == "different" and d.max_abs is None:
         return "value differs"
+    if d.members:
+        return d.members + " differ"
     return ""
 
 

@@ -21,7 +21,7 @@ KIND_NAMES = {"full": "full", "model_only": "model-only", "seed": "seed", "hf": 
 _SHORT_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64", "int64": "i64",
                  "int32": "i32", "int16": "i16", "int8": "i8", "uint8": "u8", "bool": "bool",
                  "float8_e4m3fn": "fp8", "float8_e5m2": "fp8e5"}
-_LAYOUT_NAMES = (("dp_replicate", "rep"), ("dp_shard", "fsdp"), ("tp", "tp"), ("pp", "pp"))
+_LAYOUT_NAMES = (("dp_replicate", "rep"), ("dp_shard", "fsdp"), ("cp", "cp"), ("tp", "tp"), ("pp", "pp"), ("ep", "ep"))
 
 
 def details(error: BaseException) -> list[str]:

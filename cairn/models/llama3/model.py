@@ -13,13 +13,14 @@ half-split layout. The rotary tables are non-persistent buffers: checkpoints hol
 from __future__ import annotations
 
 import math
-import zlib
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import nn
+
+# init_weights: re-exported (cairn.models.llama3.init_weights)
+from cairn.models.common import (Decoder, DecoderBlock, FeedForward, RMSNorm, causal_attention,  # noqa: F401
+                                 init_weights)
 
 
 @dataclass(kw_only=True)
@@ -113,21 +114,10 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return out.flatten(-2).type_as(x)
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).type_as(x)
-
-
 class Attention(nn.Module):
     def __init__(self, args: TransformerModelArgs):
         super().__init__()
         self.head_dim = args.head_dim
-        self.n_rep = args.n_heads // args.num_kv_heads
         self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(args.dim, args.num_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.num_kv_heads * self.head_dim, bias=False)
@@ -140,89 +130,27 @@ class Attention(nn.Module):
         k = self.wk(x).view(bs, seqlen, -1, self.head_dim)
         v = self.wv(x).view(bs, seqlen, -1, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if self.n_rep > 1:
-            k = k.repeat_interleave(self.n_rep, dim=2)
-            v = v.repeat_interleave(self.n_rep, dim=2)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             is_causal=True)
-        return self.wo(out.transpose(1, 2).reshape(bs, seqlen, -1))
+        return self.wo(causal_attention(q, k, v))
 
 
-class FeedForward(nn.Module):
-    def __init__(self, dim: int, hidden_dim: int):
-        super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
-        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
-
-
-class TransformerBlock(nn.Module):
+class TransformerBlock(DecoderBlock):
     def __init__(self, layer_id: int, args: TransformerModelArgs):
-        super().__init__()
-        self.layer_id = layer_id
+        super().__init__(layer_id)
         self.attention = Attention(args)
         self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
-        # Set by parallelize_llama for --activation_checkpoint.mode full. A flag rather than
-        # checkpoint_wrapper, which would add `_checkpoint_wrapped_module` to every FQN.
-        self.activation_checkpoint = False
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        if self.activation_checkpoint and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(self._forward, x, cos, sin, use_reentrant=False)
-        return self._forward(x, cos, sin)
 
     def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), cos, sin)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
-class Transformer(nn.Module):
+class Transformer(Decoder):
     """The whole model, or one pipeline stage of it (tok_embeddings/norm/output set to None)."""
 
     def __init__(self, args: TransformerModelArgs):
-        super().__init__()
-        problems = args.problems()
-        if problems:
-            raise ValueError("invalid llama3 model args: " + "; ".join(problems))
-        self.args = args
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleDict({str(i): TransformerBlock(i, args) for i in range(args.n_layers)})
-        self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
-        if args.tie_word_embeddings:
-            self.output.weight = self.tok_embeddings.weight
-        cos, sin = rope_tables(args)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens: (batch, seq) int ids, or (batch, seq, dim) activations for a later pipeline stage."""
-        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
-        for layer in self.layers.values():
-            h = layer(h, self.rope_cos, self.rope_sin)
-        h = self.norm(h) if self.norm is not None else h
-        return self.output(h) if self.output is not None else h
-
-    def _apply(self, fn, recurse=True):
-        # Module._apply gives each module a fresh Parameter where it cannot convert in place
-        # (meta -> cpu in to_empty, for one), which would untie output from tok_embeddings.
-        out = super()._apply(fn, recurse)
-        tied = self.args.tie_word_embeddings and self.tok_embeddings is not None and self.output is not None
-        if tied and self.output.weight is not self.tok_embeddings.weight:
-            self.output.weight = self.tok_embeddings.weight
-        return out
-
-    @torch.no_grad()
-    def init_buffers(self, device: torch.device | str | None = None) -> None:
-        """Recompute the rotary tables (after ``to_empty`` from the meta device)."""
-        device = device or self.rope_cos.device
-        cos, sin = rope_tables(self.args, device=device)
-        self.rope_cos, self.rope_sin = cos, sin
+        super().__init__(args, TransformerBlock, rope_tables, "llama3")
 
     def init_spec(self, fqn: str) -> tuple[str, float]:
         """How a parameter is initialized: ("ones", 0) or ("normal"|"trunc_normal", std)."""
@@ -242,41 +170,3 @@ class Transformer(nn.Module):
         if name.endswith(("attention.wo", "feed_forward.w2", "feed_forward.w3")):
             return "trunc_normal", depth_std
         return "trunc_normal", 0.02
-
-
-def _fill(tensor: torch.Tensor, kind: str, std: float, generator: torch.Generator) -> None:
-    if kind == "ones":
-        tensor.fill_(1.0)
-    elif kind == "normal":
-        tensor.normal_(0.0, std, generator=generator)
-    else:
-        nn.init.trunc_normal_(tensor, mean=0.0, std=std, a=-3 * std, b=3 * std, generator=generator)
-
-
-@torch.no_grad()
-def init_weights(model: Transformer, seed: int, device: torch.device | str) -> None:
-    """Initialize every parameter from a generator seeded by (seed, FQN).
-
-    Each full tensor is drawn on ``device`` and only this rank's shard is kept, so every
-    parallel layout (FSDP, TP, PP, one process) starts from bit-identical weights on the
-    same device type.
-    """
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    device = torch.device(device)
-    model.init_buffers(device)
-    seen: set[int] = set()
-    for fqn, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in seen:
-            continue  # tied weights: initialized once, through the first name
-        seen.add(id(param))
-        kind, std = model.init_spec(fqn)
-        generator = torch.Generator(device=device)
-        generator.manual_seed((seed * 1_000_003 + zlib.crc32(fqn.encode())) % (2**63))
-        full = torch.empty(param.shape, dtype=torch.float32, device=device)
-        _fill(full, kind, std, generator)
-        if isinstance(param, DTensor):
-            local = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
-            param.to_local().copy_(local)
-        else:
-            param.copy_(full)

@@ -24,23 +24,21 @@ The trainer's order of calls::
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
 from cairn.config.manager import ConfigError
-from cairn.distributed.pipeline import (PipelineParts, build_schedule, num_microbatches, schedule_problems,
-                                        split_layers, stage_ids_for_rank, stages_per_rank)
+from cairn.distributed.parallelize import (apply_activation_checkpointing, apply_compile, apply_fsdp,
+                                           apply_root_tensor_parallel, block_tensor_parallel_plan, data_parallel_mesh,
+                                           mixed_precision_policy, pipeline_model)
+from cairn.distributed.pipeline import PipelineParts
 from cairn.models.llama3.model import Transformer
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def parallelize_llama(model: Transformer, parallel_dims, job_config, device: torch.device | str) -> Transformer:
     """Apply TP, activation checkpointing, compile and FSDP2/HSDP, in that order, to a meta model
     or pipeline stage; returns the same module (parameters are replaced in place)."""
     device = torch.device(device)
-    problems = tensor_parallel_problems(model, parallel_dims, job_config)
+    problems = model_problems(model, parallel_dims, job_config)
     if problems:
         raise ConfigError(problems)
     if parallel_dims.tp_enabled:
@@ -56,6 +54,15 @@ def parallelize_llama(model: Transformer, parallel_dims, job_config, device: tor
         apply_fsdp(model, dp_mesh, mixed_precision_policy(job_config, device),
                    reshard_after_forward=not parallel_dims.pp_enabled)
     return model
+
+
+def model_problems(model: Transformer, parallel_dims, job_config) -> list[str]:
+    """What this layout cannot do with this model, each naming its flag."""
+    out = tensor_parallel_problems(model, parallel_dims, job_config)
+    if parallel_dims.ep > 1:
+        out.append(f"--parallelism.expert_parallel_degree ({parallel_dims.ep}) needs a mixture-of-experts model; "
+                   f"llama3 has no experts: use 1 (or --module qwen3 --config qwen3_moe_debugmodel)")
+    return out
 
 
 def tensor_parallel_problems(model: Transformer, parallel_dims, job_config) -> list[str]:
@@ -85,159 +92,17 @@ def apply_tensor_parallel(model: Transformer, tp_mesh) -> None:
     vocab-sharded too and its logits are gathered, so any loss function works unchanged.
     Pipeline stages ship sequence slices between them.
     """
-    from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
-                                                   SequenceParallel, parallelize_module)
+    from torch.distributed.tensor.parallel import parallelize_module
 
-    root_plan = {}
-    if model.tok_embeddings is not None:
-        root_plan["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1))
-    if model.norm is not None:
-        root_plan["norm"] = SequenceParallel()
-    if model.output is not None:
-        root_plan["output"] = ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate())
-    if root_plan:
-        parallelize_module(model, tp_mesh, root_plan)
-    if model.args.tie_word_embeddings and model.tok_embeddings is not None and model.output is not None:
-        # Both sides shard the (vocab, dim) matrix on dim 0; re-tie the two DTensors TP made.
-        model.output.weight = model.tok_embeddings.weight
-
-    block_plan = {
-        "attention_norm": SequenceParallel(),
-        "attention": PrepareModuleInput(input_layouts=(Shard(1), None, None),
-                                        desired_input_layouts=(Replicate(), None, None), use_local_output=True),
-        "attention.wq": ColwiseParallel(),
-        "attention.wk": ColwiseParallel(),
-        "attention.wv": ColwiseParallel(),
-        "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
-        "ffn_norm": SequenceParallel(),
-        "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
-                                           use_local_output=True),
-        "feed_forward.w1": ColwiseParallel(),
-        "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
-        "feed_forward.w3": ColwiseParallel(),
-    }
+    apply_root_tensor_parallel(model, tp_mesh)
+    block_plan = block_tensor_parallel_plan()
     for block in model.layers.values():
         parallelize_module(block, tp_mesh, block_plan)
 
 
-def apply_activation_checkpointing(model: Transformer) -> None:
-    """Recompute each transformer block in the backward pass (``--activation_checkpoint.mode full``)."""
-    for block in model.layers.values():
-        block.activation_checkpoint = True
-
-
-def apply_compile(model: Transformer) -> None:
-    """Compile each block in place: ``module.compile()`` keeps FQNs (``torch.compile(m)`` adds ``_orig_mod``)."""
-    for block in model.layers.values():
-        block.compile()
-
-
-def data_parallel_mesh(parallel_dims):
-    """FSDP over dp_shard; HSDP (pure replication when dp_shard is 1) once dp_replicate > 1; None without dp."""
-    if parallel_dims.dp_replicate_enabled:
-        return parallel_dims.mesh["dp_replicate", "dp_shard"]
-    if parallel_dims.fsdp_enabled:
-        return parallel_dims.mesh["dp_shard"]
-    return None
-
-
-def mixed_precision_policy(job_config, device: torch.device):
-    """bf16 (--training.mixed_precision_param) compute with fp32 reductions on GPUs; CPU stays fp32."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-
-    if device.type != "cuda":
-        return MixedPrecisionPolicy()
-    return MixedPrecisionPolicy(param_dtype=_DTYPES[job_config.training.mixed_precision_param],
-                                reduce_dtype=_DTYPES[job_config.training.mixed_precision_reduce])
-
-
-def apply_fsdp(model: Transformer, dp_mesh, mp_policy, reshard_after_forward: bool) -> None:
-    """fully_shard each block (one all-gather per block), then the root for embeddings, norm and output."""
-    from torch.distributed.fsdp import fully_shard
-
-    blocks = list(model.layers.values())
-    for index, block in enumerate(blocks):
-        # The backward starts with the last block: resharding it after the forward would
-        # only gather it again at once.
-        fully_shard(block, mesh=dp_mesh, mp_policy=mp_policy,
-                    reshard_after_forward=reshard_after_forward and index < len(blocks) - 1)
-    fully_shard(model, mesh=dp_mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
-
-
 def pipeline_llama(model: Transformer, parallel_dims, job_config, device: torch.device | str,
                    loss_fn) -> PipelineParts:
-    """Cut a meta model into this rank's pipeline stages, parallelize each, build the schedule.
-
-    Stage ``s`` of ``pp x stages_per_rank`` holds a contiguous run of layers; stage 0 also
-    ``tok_embeddings``, the last stage ``norm`` and ``output``. Each stage is a copy of the
-    whole ``Transformer`` with the rest deleted, so its FQNs are the whole model's.
-
-    The returned ``model_parts`` are still on the meta device: ``PipelineStage`` infers
-    activation shapes at the first ``step``, so nothing needs real memory before that. The
-    trainer materializes them (``part.to_empty(device=device)`` then
-    ``init_weights(part, seed, device)`` or a checkpoint load) before the first step.
-
-    ``loss_fn(logits, labels)`` must be a mean over its (micro)batch; the schedule's losses
-    are scaled so that the pipelined step matches one process on the same batch (see
-    ``cairn.distributed.pipeline``). Run a step with ``PipelineParts.step(inputs, labels)``.
-    """
-    device = torch.device(device)
-    pp_degree = parallel_dims.pp
-    schedule_name = job_config.parallelism.pipeline_parallel_schedule
-    num_stages = pp_degree * stages_per_rank(schedule_name)
-    problems = pipeline_problems(model, parallel_dims, job_config, num_stages)
-    problems += tensor_parallel_problems(model, parallel_dims, job_config)
-    n_microbatches = 0
-    try:
-        n_microbatches = num_microbatches(job_config.training.local_batch_size,
-                                          job_config.parallelism.pipeline_parallel_microbatch_size)
-        problems += schedule_problems(schedule_name, n_microbatches, pp_degree)
-    except ValueError as e:
-        problems.append(str(e))
-    if problems:
-        raise ConfigError(problems)
-
-    from torch.distributed.pipelining import PipelineStage
-
-    pp_mesh = parallel_dims.mesh["pp"]
-    layer_splits = split_layers(list(model.layers.keys()), num_stages)
-    stage_ids = stage_ids_for_rank(pp_mesh.get_local_rank(), pp_degree, stages_per_rank(schedule_name))
-    parts, stages = [], []
-    for stage_id in stage_ids:
-        part = _stage_module(model, layer_splits[stage_id], is_first=stage_id == 0,
-                             is_last=stage_id == num_stages - 1)
-        part = parallelize_llama(part, parallel_dims, job_config, device)
-        stages.append(PipelineStage(part, stage_id, num_stages, device, group=pp_mesh.get_group()))
-        parts.append(part)
-    schedule = build_schedule(stages, schedule_name, n_microbatches, loss_fn)
-    return PipelineParts(schedule=schedule, model_parts=parts, has_first_stage=0 in stage_ids,
-                         has_last_stage=num_stages - 1 in stage_ids, n_microbatches=n_microbatches,
-                         stage_ids=tuple(stage_ids))
-
-
-def pipeline_problems(model: Transformer, parallel_dims, job_config, num_stages: int) -> list[str]:
-    args, flag = model.args, f"--parallelism.pipeline_parallel_degree ({parallel_dims.pp})"
-    out = []
-    if args.tie_word_embeddings and num_stages > 1:
-        out.append(f"{flag} > 1 cannot split a model with tie_word_embeddings (flavor "
-                   f"{job_config.model.flavor!r}): the embedding and the output projection, one tensor, "
-                   "would live on the first and the last stage")
-    if len(model.layers) < num_stages:
-        out.append(f"{flag} with --parallelism.pipeline_parallel_schedule "
-                   f"{job_config.parallelism.pipeline_parallel_schedule} needs {num_stages} stages, but the "
-                   f"model has only {len(model.layers)} layers")
-    return out
-
-
-def _stage_module(model: Transformer, layer_ids: list[str], is_first: bool, is_last: bool) -> Transformer:
-    stage = copy.deepcopy(model)  # cheap on the meta device
-    for layer_id in list(stage.layers.keys()):
-        if layer_id not in layer_ids:
-            del stage.layers[layer_id]
-    if not is_first:
-        stage.tok_embeddings = None
-    if not is_last:
-        stage.norm = None
-        stage.output = None
-    return stage
+    """This rank's pipeline stages of a meta Llama, each parallelized, and their schedule
+    (``cairn.distributed.parallelize.pipeline_model``). Run a step with ``PipelineParts.step``."""
+    return pipeline_model(model, parallel_dims, job_config, device, loss_fn, parallelize=parallelize_llama,
+                          model_problems=model_problems)

@@ -13,13 +13,12 @@ and maps a tensor to one of the same shape.
 
 from __future__ import annotations
 
-import copy
 import logging
-import re
 
 import torch
 
 from cairn.checkpoint.errors import HFCheckpointError
+from cairn.models.hf_names import TOP_LEVEL_KEYS, DecoderHFNames
 from cairn.models.llama3.flavors import llama3_flavors
 from cairn.models.llama3.model import TransformerModelArgs
 
@@ -31,11 +30,6 @@ _MODEL_TYPE = "llama"
 _SCALED_ROPE_CONTEXT = 131072
 _DEFAULT_MAX_SEQ_LEN = 8192
 
-_TOP_LEVEL_KEYS = {
-    "tok_embeddings.weight": "model.embed_tokens.weight",
-    "norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
 _LAYER_KEYS = {
     "attention.wq.weight": "self_attn.q_proj.weight",
     "attention.wk.weight": "self_attn.k_proj.weight",
@@ -47,12 +41,6 @@ _LAYER_KEYS = {
     "attention_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
 }
-_FROM_HF_TOP_LEVEL = {hf: fqn for fqn, hf in _TOP_LEVEL_KEYS.items()}
-_FROM_HF_LAYER = {hf: fqn for fqn, hf in _LAYER_KEYS.items()}
-_LAYER_FQN = re.compile(r"layers\.(\d+)\.(.+)")
-_LAYER_HF_KEY = re.compile(r"model\.layers\.(\d+)\.(.+)")
-# Buffers some older HF exports carry; they are recomputed, never loaded.
-_IGNORED_HF_KEY = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 # Model args that decide a tensor shape: a config.json differing in one of them cannot load.
 _SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "num_kv_heads", "ffn_hidden_dim", "vocab_size",
                  "tie_word_embeddings")
@@ -70,60 +58,24 @@ def half_split_to_interleaved(weight: torch.Tensor, num_heads: int) -> torch.Ten
     return weight.view(num_heads, 2, rows // num_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
-class Llama3StateDictAdapter:
+class Llama3StateDictAdapter(DecoderHFNames):
     """cairn Llama 3 FQNs <-> Hugging Face ``LlamaForCausalLM`` keys, for one model size."""
 
-    def __init__(self, model_args: TransformerModelArgs):
-        self.model_args = model_args
+    LAYER_KEYS = _LAYER_KEYS
+    architecture = _ARCHITECTURE
 
-    # --- names ------------------------------------------------------------------------
-
-    def hf_key(self, fqn: str) -> str | None:
-        """The HF key ``fqn`` is saved under; None when it is not saved (tied ``output.weight``)."""
-        if fqn == "output.weight" and self.model_args.tie_word_embeddings:
-            return None
-        return self._hf_name(fqn)
-
-    def hf_source_key(self, fqn: str) -> str:
-        """The HF key ``fqn`` is loaded from (tied ``output.weight`` reads the embedding)."""
-        if fqn == "output.weight" and self.model_args.tie_word_embeddings:
-            return _TOP_LEVEL_KEYS["tok_embeddings.weight"]
-        return self._hf_name(fqn)
-
-    def fqn(self, hf_key: str) -> str | None:
-        """The cairn FQN an HF key fills; None for keys that are read by no parameter."""
-        if self.is_ignored_hf_key(hf_key):
-            return None
-        if hf_key in _FROM_HF_TOP_LEVEL:
-            return _FROM_HF_TOP_LEVEL[hf_key]
-        match = _LAYER_HF_KEY.fullmatch(hf_key)
-        if match and match.group(2) in _FROM_HF_LAYER:
-            return f"layers.{match.group(1)}.{_FROM_HF_LAYER[match.group(2)]}"
-        raise HFCheckpointError(f"{hf_key!r} is not a key of a Hugging Face {_ARCHITECTURE} checkpoint")
-
-    def is_ignored_hf_key(self, hf_key: str) -> bool:
-        """Keys a checkpoint may carry that no parameter reads (stale buffers, a tied lm_head copy)."""
-        tied_head = hf_key == "lm_head.weight" and self.model_args.tie_word_embeddings
-        return tied_head or bool(_IGNORED_HF_KEY.fullmatch(hf_key))
+    # --- names: DecoderHFNames --------------------------------------------------------
 
     def hf_keys(self) -> list[str]:
         """Every key a full export of this model size writes, in file order."""
         args = self.model_args
-        keys = [_TOP_LEVEL_KEYS["tok_embeddings.weight"]]
+        keys = [TOP_LEVEL_KEYS["tok_embeddings.weight"]]
         for layer in range(args.n_layers):
             keys += [f"model.layers.{layer}.{name}" for name in _LAYER_KEYS.values()]
-        keys.append(_TOP_LEVEL_KEYS["norm.weight"])
+        keys.append(TOP_LEVEL_KEYS["norm.weight"])
         if not args.tie_word_embeddings:
-            keys.append(_TOP_LEVEL_KEYS["output.weight"])
+            keys.append(TOP_LEVEL_KEYS["output.weight"])
         return keys
-
-    def _hf_name(self, fqn: str) -> str:
-        if fqn in _TOP_LEVEL_KEYS:
-            return _TOP_LEVEL_KEYS[fqn]
-        match = _LAYER_FQN.fullmatch(fqn)
-        if match and match.group(2) in _LAYER_KEYS:
-            return f"model.layers.{match.group(1)}.{_LAYER_KEYS[match.group(2)]}"
-        raise HFCheckpointError(f"{fqn!r} is not a Llama 3 parameter: it has no Hugging Face name")
 
     # --- tensors ----------------------------------------------------------------------
 
@@ -271,18 +223,6 @@ class Llama3StateDictAdapter:
                            "(%s, %s, %s vs %s, %s, %s); loading the weights anyway", source,
                            theirs.rope_theta, theirs.rope_scaling, theirs.norm_eps,
                            ours.rope_theta, ours.rope_scaling, ours.norm_eps)
-
-    @classmethod
-    def fit_to_checkpoint(cls, model_args: TransformerModelArgs,
-                          shapes: dict[str, tuple[int, ...]]) -> TransformerModelArgs:
-        """``model_args`` with the vocabulary size of a checkpoint's embedding (cairn sizes the
-        vocabulary by the tokenizer, so a trained debugmodel's differs from its flavor's)."""
-        embedding = shapes.get("tok_embeddings.weight") or shapes.get("output.weight")
-        if embedding is None or embedding[0] == model_args.vocab_size:
-            return model_args
-        fitted = copy.deepcopy(model_args)
-        fitted.vocab_size = int(embedding[0])
-        return fitted
 
 
 def _unsupported_config_problems(config: dict) -> list[str]:
