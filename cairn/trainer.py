@@ -27,6 +27,7 @@ from cairn.config.job_config import JobConfig, as_flags
 from cairn.config.manager import ConfigError, to_dict
 from cairn.data.dataloader import build_dataloader
 from cairn.data.tokenizer import Tokenizer
+from cairn.distributed.context_parallel import build_context_parallel
 from cairn.distributed.parallel_dims import ParallelDims
 from cairn.distributed.utils import dist_max, init_distributed
 from cairn.metrics import MetricsLogger, memory_gib
@@ -211,8 +212,10 @@ class Trainer:
 
         self.parallel_dims = ParallelDims.from_config(job_config.parallelism, self.world_size)
         self.mesh = self.parallel_dims.build_mesh(self.device.type)
+        # The cp ranks of one dp rank read the same sequences; each keeps its own tokens of them.
         dp_mesh = self.parallel_dims.dp_mesh
         self.dp_rank, self.dp_degree = dp_mesh.get_local_rank(), dp_mesh.size()
+        self.context_parallel = build_context_parallel(self.parallel_dims, job_config, self.device.type)
 
         try:
             self.tokenizer = Tokenizer(job_config.model.tokenizer_path)
@@ -292,7 +295,8 @@ class Trainer:
                 self._uninitialized.append(part)
             part.train()
             if hasattr(part, "set_tokens_per_step"):  # a mixture of experts weighs its balancing loss
-                part.set_tokens_per_step(training.local_batch_size * training.seq_len * self.grad_accum_steps)
+                part.set_tokens_per_step(training.local_batch_size * training.seq_len // self.parallel_dims.cp
+                                         * self.grad_accum_steps)
         num_params = self.model_args.num_params()
         active = getattr(self.model_args, "num_active_params", lambda: num_params)()
         logger.info("model %s %s: %.2fM parameters%s, layout %s", self.model_spec.name, self.job_config.model.flavor,
@@ -324,6 +328,8 @@ class Trainer:
         local_loss = torch.zeros((), device=self.device)
         for _ in range(self.grad_accum_steps):
             inputs, labels = self.dataloader.next_batch()
+            if self.context_parallel is not None:
+                inputs, labels = self.context_parallel.shard(inputs), self.context_parallel.shard(labels)
             inputs, labels = inputs.to(self.device), labels.to(self.device)
             if self.pp_schedule is not None:
                 local_loss += self._pipeline_forward_backward(inputs, labels)
