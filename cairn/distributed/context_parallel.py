@@ -34,7 +34,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-ATTENTION_METHODS = ("auto", "allgather", "ring")
+from cairn.config.manager import ConfigError
+
+# torch 2.13 renamed the tensor collectives (the old names warn); 2.11 has only the old ones.
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def load_balanced_positions(seq_len: int, degree: int, rank: int, device=None) -> torch.Tensor:
@@ -105,13 +109,13 @@ class _GatherSequences(torch.autograd.Function):
     def forward(ctx, local: torch.Tensor, group) -> torch.Tensor:
         ctx.group = group
         out = local.new_empty((dist.get_world_size(group) * local.shape[0], *local.shape[1:]))
-        dist.all_gather_into_tensor(out, local.contiguous(), group=group)
+        _all_gather(out, local.contiguous(), group=group)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         out = grad.new_empty((grad.shape[0] // dist.get_world_size(ctx.group), *grad.shape[1:]))
-        dist.reduce_scatter_tensor(out, grad.contiguous(), group=ctx.group)
+        _reduce_scatter(out, grad.contiguous(), group=ctx.group)
         return out, None
 
 
@@ -146,14 +150,27 @@ def _allgather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp: 
     return torch.cat(outputs, dim=1).flatten(2)
 
 
+def _ring_attention_api():
+    """torch's ring attention switches, or None where this torch lacks them (the API is
+    experimental: torchtitan calls the same names)."""
+    try:
+        from torch.distributed.tensor.experimental._attention import (_cp_options,
+                                                                      _enable_context_parallel_dispatcher)
+    except ImportError:
+        return None
+    return _cp_options, _enable_context_parallel_dispatcher
+
+
 def _enable_ring_attention() -> None:
     """Let DTensor dispatch SDPA on sequence-sharded inputs to torch's ring attention, with the
-    head-tail load balancing ``load_balanced_positions`` lays out. (torch's API is experimental:
-    torchtitan calls the same two names.)"""
-    from torch.distributed.tensor.experimental._attention import _cp_options, _enable_context_parallel_dispatcher
-
-    _cp_options.enable_load_balance = True
-    _enable_context_parallel_dispatcher()
+    head-tail load balancing ``load_balanced_positions`` lays out."""
+    api = _ring_attention_api()
+    if api is None:
+        raise ConfigError([f"--parallelism.context_parallel_attention ring: torch {torch.__version__} has no "
+                           "ring attention to dispatch to; use allgather"])
+    options, enable_dispatcher = api
+    options.enable_load_balance = True
+    enable_dispatcher()
 
 
 def _ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mesh) -> torch.Tensor:
@@ -170,9 +187,9 @@ def _ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mesh) -> 
 
 
 def resolve_method(method: str, device_type: str) -> str:
-    """``auto``: torch's ring attention on CUDA, the all-gather elsewhere."""
+    """``auto``: torch's ring attention on CUDA (where this torch has it), the all-gather elsewhere."""
     if method == "auto":
-        return "ring" if device_type == "cuda" else "allgather"
+        return "ring" if device_type == "cuda" and _ring_attention_api() is not None else "allgather"
     return method
 
 

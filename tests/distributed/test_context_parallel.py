@@ -5,12 +5,13 @@ One process group runs every check in-process, so the whole set costs one start-
 - gradients: the tiny Llama at CP 2 x FSDP 2, CP 4, CP 2 x TP 2, CP 2 x PP 2 and HSDP 2 x CP 2
   (with activation checkpointing) computes one process's first loss, gradients and update
   (``test_parallelize.check_layout``);
-- the Llama 3 debug model through the Trainer: CP 1 (FSDP 4), CP 2 (x replicate 2), CP 2 x FSDP 2
-  train 4 steps from the same weights and data: the first loss equals CP 1's within
-  LOSS_TOLERANCE and the loss falls; each saves step 2;
-- resumes load bitwise state: CP 2 x FSDP 2 -> itself (the losses after it bitwise the
-  uninterrupted run's), CP 2 -> CP 1, CP 1 -> CP 2 x TP 2, CP 2 x FSDP 2 -> CP 4 (the next loss
-  within LOSS_TOLERANCE of the source's); the seeds' seed checkpoint starts a CP 2 run;
+- the Llama 3 debug model through the Trainer: CP 1 (FSDP 4), CP 2 (the parameters sharded over
+  the 2 CP ranks, replicated twice) and CP 2 x FSDP 2 train 4 steps from the same weights and
+  data: their losses equal CP 1's within LOSS_TOLERANCE and fall; each saves step 2;
+- resumes load bitwise state and train on to step 4: CP 2 x FSDP 2 -> itself (its losses bitwise
+  the uninterrupted run's), CP 2 -> CP 1, CP 1 -> CP 2 x TP 2, CP 2 x FSDP 2 -> CP 4 (within
+  LOSS_TOLERANCE of the source's); the seeds' seed checkpoint starts a CP 2 run (its weights
+  bitwise, its losses CP 1's);
 - Qwen3 dense (CP 2 x FSDP 2) and Qwen3-MoE (CP 2 x EP 2 x FSDP 2) through the Trainer: one
   step's loss and every gradient (the load-balancing loss's included) are CP 1's.
 """
@@ -27,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _launch import run_distributed  # noqa: E402
-from test_moe import _differences, _gathered  # noqa: E402
+from test_moe import _committed_tensors, _differences, _gathered  # noqa: E402
 from test_parallelize import check_layout  # noqa: E402
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -133,41 +134,22 @@ def _matrix(rank, world_size, root, seed_folder):
         out["losses"][name] = losses
         trainer.checkpointer.close()
         out["seconds"][name] = time.perf_counter() - start
-    for source, target in PAIRS:
+    # The seeds' seed checkpoint (model weights only) is a source too, for a CP 2 run from step 0.
+    saved["seed"] = _committed_tensors(Path(seed_folder) / "checkpoint" / "step-0")[1] if rank == 0 else None
+    for source, target in [*PAIRS, ("seed", "cp2")]:
         start = time.perf_counter()
-        trainer = _trainer(f"{root}/{source}", LAYOUTS[target])
-        assert trainer.loaded.step == 2
-        state = _gathered(trainer)
-        out["losses"][(source, target)] = [_step(trainer) for _ in range(STEPS - 2)]
+        trainer = _trainer(seed_folder if source == "seed" else f"{root}/{source}", LAYOUTS[target])
+        state = _gathered(trainer, optimizer=source != "seed")  # a seed has no optimizer state
+        out["losses"][(source, target)] = [_step(trainer) for _ in range(STEPS - trainer.loaded.step)]
         trainer.checkpointer.close()
         out["seconds"][(source, target)] = time.perf_counter() - start
         if rank == 0:
-            out["loaded"][(source, target)] = _differences(saved[source], state)
-
-    start = time.perf_counter()
-    out["seed"] = _cp2_run_from_seed(rank, seed_folder)
-    out["seconds"]["seed"] = time.perf_counter() - start
+            out["loaded"][(source, target)] = (trainer.loaded.step, *_differences(saved[source], state,
+                                                                                   set(saved[source])))
     start = time.perf_counter()
     out["qwen3"] = _qwen3_errors(rank, root)
     out["seconds"]["qwen3"] = time.perf_counter() - start
     return out if rank == 0 else None
-
-
-def _cp2_run_from_seed(rank, seed_folder):
-    """A CP 2 run whose checkpoint folder holds only the seed: it starts from step 0, bitwise."""
-    from cairn.checkpoint.readers import DcpCheckpoint
-
-    trainer = _trainer(seed_folder, LAYOUTS["cp2"])
-    loaded = trainer.loaded
-    state = _gathered(trainer)
-    loss = _step(trainer)
-    trainer.checkpointer.close()
-    if rank != 0:
-        return None
-    seed = DcpCheckpoint(Path(seed_folder) / "checkpoint" / "step-0")
-    tensors = seed.read([key for key, entry in seed.entries().items() if entry.is_tensor])
-    return {"step": loaded.step, "loss": loss, "num_tensors": len(tensors),
-            "differences": _differences(tensors, state, set(tensors))}
 
 
 def test_context_parallel_trains_like_one_process_and_reshards_bitwise(tmp_path):
@@ -189,19 +171,17 @@ def test_context_parallel_trains_like_one_process_and_reshards_bitwise(tmp_path)
         assert losses[name] == pytest.approx(losses["cp1"], abs=LOSS_TOLERANCE), (name, losses[name], losses["cp1"])
         assert losses[name][-1] < losses[name][0] - 0.1, (name, losses[name])
 
-    for (source, target), (only_one_side, different) in out["loaded"].items():
-        # The whole state of step 2 (every weight and optimizer moment) comes back bitwise.
+    assert set(out["loaded"]) == {*PAIRS, ("seed", "cp2")}
+    for (source, target), (step, only_one_side, different) in out["loaded"].items():
+        # The whole state saved (every weight and optimizer moment of step 2; the seed's weights)
+        # comes back bitwise.
+        assert step == (0 if source == "seed" else 2), (source, target, step)
         assert not only_one_side and not different, (source, target, only_one_side, different)
-        resumed = losses[(source, target)]
+        resumed, uninterrupted = losses[(source, target)], losses["cp1" if source == "seed" else source][step:]
         if source == target:  # the same layout: the run goes on bitwise as if never stopped
-            assert resumed == losses[source][2:], (source, resumed, losses[source])
-        else:
-            assert resumed == pytest.approx(losses[source][2:], abs=LOSS_TOLERANCE), (source, target, resumed)
-
-    seed_run = out["seed"]
-    assert seed_run["step"] == 0 and seed_run["num_tensors"] > 0
-    assert seed_run["differences"] == ([], []), seed_run["differences"]
-    assert seed_run["loss"] == pytest.approx(losses["cp1"][0], abs=LOSS_TOLERANCE)
+            assert resumed == uninterrupted, (source, resumed, uninterrupted)
+        else:  # the seed holds the weights CP 1 started from: a CP 2 run from it trains as CP 1 did
+            assert resumed == pytest.approx(uninterrupted, abs=LOSS_TOLERANCE), (source, target, resumed)
 
     for config, result in out["qwen3"].items():
         loss1, loss2 = result["losses"]

@@ -1,4 +1,5 @@
-"""Llama 3 parallelism: tensor parallel, activation checkpointing, compile, FSDP2/HSDP, pipeline.
+"""Llama 3 parallelism: tensor and context parallel, activation checkpointing, compile, FSDP2/HSDP,
+pipeline.
 
 Everything here works on a model still on the meta device and keeps parameter FQNs
 canonical (``layers.0.attention.wq.weight``) under every layout: FSDP2 and TP replace

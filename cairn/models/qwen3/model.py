@@ -147,7 +147,8 @@ class Transformer(Decoder):
         return [block.moe for block in self.layers.values() if block.moe is not None]
 
     def set_tokens_per_step(self, tokens: int) -> None:
-        """Tokens one data-parallel rank trains on per optimizer step: weighs the load-balancing loss."""
+        """Tokens one data-parallel rank trains on per optimizer step (under context parallelism, its
+        share of them): weighs the load-balancing loss."""
         for moe in self.moe_layers():
             moe.tokens_per_step = tokens
 
