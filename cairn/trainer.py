@@ -215,7 +215,6 @@ class Trainer:
         # The cp ranks of one dp rank read the same sequences; each keeps its own tokens of them.
         dp_mesh = self.parallel_dims.dp_mesh
         self.dp_rank, self.dp_degree = dp_mesh.get_local_rank(), dp_mesh.size()
-        self.context_parallel = build_context_parallel(self.parallel_dims, job_config, self.device.type)
 
         try:
             self.tokenizer = Tokenizer(job_config.model.tokenizer_path)
@@ -234,7 +233,8 @@ class Trainer:
         self.grad_accum_steps = self.dataloader.grad_accum_steps
         self.clock.lap("data")
 
-        self._build_model()
+        self._build_model()  # reports context parallelism's problems with the model's
+        self.context_parallel = build_context_parallel(self.parallel_dims, job_config, self.device.type)
         self.clock.lap("model")
         self.optimizers = build_optimizers(self.model_parts, job_config.optimizer)
         self.lr_schedulers = build_lr_schedulers(self.optimizers, job_config.lr_scheduler, training.steps)
@@ -384,7 +384,8 @@ class Trainer:
         return torch.stack([loss.detach() for loss in losses]).sum()
 
     def _global_loss(self, local_loss: torch.Tensor) -> float:
-        """Mean loss over the global batch: every rank that holds a last stage contributes."""
+        """Mean loss over the global batch: every rank that holds a last stage contributes (under
+        context parallelism each its share of the tokens, all shares of one size)."""
         contributing = self.world_size // self.parallel_dims.pp
         value = local_loss.detach().float().reshape(1).clone()
         dist.all_reduce(value, op=dist.ReduceOp.SUM)

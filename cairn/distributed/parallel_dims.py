@@ -20,7 +20,6 @@ root, as FSDP2 requires of a DTensor parameter it shards further:
   dp_shard x cp x tp / ep shards each rank's experts further. Over the same ranks, so the
   meshes line up: the dense mesh's (dp_shard, cp, tp) block is the sparse mesh's (efsdp, ep)
   block. It is the root flattened to one dim and unflattened again (``DeviceMesh._unflatten``).
-
 """
 
 from __future__ import annotations
@@ -172,7 +171,7 @@ class ParallelDims:
 
     @property
     def dp_mesh(self):
-        """The flattened data-parallel mesh (dp_replicate x dp_shard): data sharding, loss averaging."""
+        """The flattened data-parallel mesh (dp_replicate x dp_shard): which sequences a rank reads."""
         return self._built("_dp_mesh")
 
     @property

@@ -8,7 +8,7 @@ How the parts compose (``cairn.distributed.parallel_dims`` draws the meshes):
   per-head q/k norms sharded along the head dim; the dense feed-forward column/row-wise.
 - An MoE layer is not tensor-parallel: it works on the rank's own sequence slice. Its router is
   replicated over tp (its gradient summed over the slices); its experts are sharded over the EP
-  group, whose ranks (taken from dp_shard x tp) exchange their slices' tokens by all-to-all.
+  group, whose ranks (taken from dp_shard x cp x tp) exchange their slices' tokens by all-to-all.
 - CP: attention across the sequence shards (``cairn.distributed.context_parallel``); an MoE layer
   routes the rank's own tokens, and its EP group may include cp ranks (EP borrows dp_shard x cp x tp).
 - FSDP: each block and the root over dp_shard x cp (with dp_replicate: HSDP); the experts of each
