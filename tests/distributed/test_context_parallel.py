@@ -9,8 +9,8 @@ One process group runs every check in-process, so the whole set costs one start-
   the 2 CP ranks, replicated twice) and CP 2 x FSDP 2 train 4 steps from the same weights and
   data: their losses equal CP 1's within LOSS_TOLERANCE and fall; each saves step 2;
 - resumes load bitwise state and train on to step 4: CP 2 x FSDP 2 -> itself (its losses bitwise
-  the uninterrupted run's), CP 2 -> CP 1, CP 1 -> CP 2 x TP 2, CP 2 x FSDP 2 -> CP 4 (within
-  LOSS_TOLERANCE of the source's); the seeds' seed checkpoint starts a CP 2 run (its weights
+  the uninterrupted run's), CP 2 -> CP 1, CP 1 -> CP 2 x TP 2, CP 2 x FSDP 2 -> CP 4, CP 2 ->
+  CP 2 x PP 2 (within LOSS_TOLERANCE of the source's); the seeds' seed checkpoint starts a CP 2 run (its weights
   bitwise, its losses CP 1's);
 - Qwen3 dense (CP 2 x FSDP 2) and Qwen3-MoE (CP 2 x EP 2 x FSDP 2) through the Trainer: one
   step's loss and every gradient (the load-balancing loss's included) are CP 1's.
@@ -48,11 +48,14 @@ LAYOUTS = {
     "cp2_tp2": ["--training.local_batch_size", "8", "--parallelism.context_parallel_degree", "2",
                 "--parallelism.tensor_parallel_degree", "2"],
     "cp4": ["--training.local_batch_size", "8", "--parallelism.context_parallel_degree", "4"],
+    "cp2_pp2": ["--training.local_batch_size", "8", "--parallelism.context_parallel_degree", "2",
+                "--parallelism.pipeline_parallel_degree", "2"],
 }
 SOURCES = ("cp1", "cp2", "cp2_fsdp2")
 STEPS = 4
-# (source, target): the same layout, then CP 2 -> 1, CP 1 -> CP 2 x TP 2, CP 2 x FSDP 2 -> CP 4.
-PAIRS = [("cp2_fsdp2", "cp2_fsdp2"), ("cp2", "cp1"), ("cp1", "cp2_tp2"), ("cp2_fsdp2", "cp4")]
+# (source, target): the same layout, then CP 2 -> 1, CP 1 -> CP 2 x TP 2, CP 2 x FSDP 2 -> CP 4,
+# CP 2 -> CP 2 x PP 2.
+PAIRS = [("cp2_fsdp2", "cp2_fsdp2"), ("cp2", "cp1"), ("cp1", "cp2_tp2"), ("cp2_fsdp2", "cp4"), ("cp2", "cp2_pp2")]
 GRADIENT_LAYOUTS = {"cp2_fsdp2": dict(cp=2, dp_shard=2), "cp4": dict(cp=4), "cp2_tp2": dict(cp=2, tp=2),
                     "cp2_pp2": dict(cp=2, pp=2), "hsdp2_cp2_ac": dict(cp=2, dp_replicate=2, ac=True)}
 QWEN3 = {  # config -> (CP 1 layout, CP 2 layout), global batch 8

@@ -70,9 +70,9 @@ def _parallelize_problems(*flags: str, world_size: int) -> list[str]:
 
 
 def test_ring_attention_is_refused_off_cuda_and_tp_must_split_each_ranks_share():
-    problems = _parallelize_problems("--parallelism.context_parallel_degree", "2", "--parallelism.tensor_parallel_degree",
-                                     "4", "--training.seq_len", "36", "--parallelism.context_parallel_attention",
-                                     "ring", world_size=8)
+    problems = _parallelize_problems("--parallelism.context_parallel_degree", "2",
+                                     "--parallelism.tensor_parallel_degree", "4", "--training.seq_len", "36",
+                                     "--parallelism.context_parallel_attention", "ring", world_size=8)
     assert problems == [
         "--parallelism.tensor_parallel_degree (4) must divide --training.seq_len (36) / "
         "--parallelism.context_parallel_degree (2): sequence parallelism splits each rank's tokens across the "
