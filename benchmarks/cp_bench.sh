@@ -4,7 +4,12 @@
 # losses (which must agree: the same weights and data). A summary goes to $OUT/summary.txt.
 #   OUT=/tmp/cp bash benchmarks/cp_bench.sh                                  # 1B, seq_len 16384, 2 GPUs
 #   OUT=/tmp/cp CONFIG=llama3_debugmodel SEQ_LEN=256 STEPS=4 METHODS=allgather bash benchmarks/cp_bench.sh   # CPU
+# On an offline GPU host, carry the wheels cairn needs besides torch in .whl, as for gpu_train_check.sh.
 set -uo pipefail
+if [[ -d .whl ]] && ! python3 -c "import tyro" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+fi
 OUT="${OUT:-/tmp/cairn-cp}"; NGPU="${NGPU:-2}"; CONFIG="${CONFIG:-llama3_1b}"; SEQ_LEN="${SEQ_LEN:-16384}"
 STEPS="${STEPS:-20}"; METHODS="${METHODS:-ring allgather}"; RUNS="$OUT/runs"
 mkdir -p "$RUNS"
