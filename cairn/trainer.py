@@ -27,6 +27,7 @@ from cairn.config.job_config import JobConfig, as_flags
 from cairn.config.manager import ConfigError, to_dict
 from cairn.data.dataloader import build_dataloader
 from cairn.data.tokenizer import Tokenizer
+from cairn.distributed.context_parallel import build_context_parallel
 from cairn.distributed.parallel_dims import ParallelDims
 from cairn.distributed.utils import dist_max, init_distributed
 from cairn.metrics import MetricsLogger, memory_gib
@@ -211,6 +212,7 @@ class Trainer:
 
         self.parallel_dims = ParallelDims.from_config(job_config.parallelism, self.world_size)
         self.mesh = self.parallel_dims.build_mesh(self.device.type)
+        # The cp ranks of one dp rank read the same sequences; each keeps its own tokens of them.
         dp_mesh = self.parallel_dims.dp_mesh
         self.dp_rank, self.dp_degree = dp_mesh.get_local_rank(), dp_mesh.size()
 
@@ -231,7 +233,8 @@ class Trainer:
         self.grad_accum_steps = self.dataloader.grad_accum_steps
         self.clock.lap("data")
 
-        self._build_model()
+        self._build_model()  # reports context parallelism's problems with the model's
+        self.context_parallel = build_context_parallel(self.parallel_dims, job_config, self.device.type)
         self.clock.lap("model")
         self.optimizers = build_optimizers(self.model_parts, job_config.optimizer)
         self.lr_schedulers = build_lr_schedulers(self.optimizers, job_config.lr_scheduler, training.steps)
@@ -292,7 +295,8 @@ class Trainer:
                 self._uninitialized.append(part)
             part.train()
             if hasattr(part, "set_tokens_per_step"):  # a mixture of experts weighs its balancing loss
-                part.set_tokens_per_step(training.local_batch_size * training.seq_len * self.grad_accum_steps)
+                part.set_tokens_per_step(training.local_batch_size * training.seq_len // self.parallel_dims.cp
+                                         * self.grad_accum_steps)
         num_params = self.model_args.num_params()
         active = getattr(self.model_args, "num_active_params", lambda: num_params)()
         logger.info("model %s %s: %.2fM parameters%s, layout %s", self.model_spec.name, self.job_config.model.flavor,
@@ -324,6 +328,8 @@ class Trainer:
         local_loss = torch.zeros((), device=self.device)
         for _ in range(self.grad_accum_steps):
             inputs, labels = self.dataloader.next_batch()
+            if self.context_parallel is not None:
+                inputs, labels = self.context_parallel.shard(inputs), self.context_parallel.shard(labels)
             inputs, labels = inputs.to(self.device), labels.to(self.device)
             if self.pp_schedule is not None:
                 local_loss += self._pipeline_forward_backward(inputs, labels)
@@ -378,7 +384,8 @@ class Trainer:
         return torch.stack([loss.detach() for loss in losses]).sum()
 
     def _global_loss(self, local_loss: torch.Tensor) -> float:
-        """Mean loss over the global batch: every rank that holds a last stage contributes."""
+        """Mean loss over the global batch: every rank that holds a last stage contributes (under
+        context parallelism each its share of the tokens, all shares of one size)."""
         contributing = self.world_size // self.parallel_dims.pp
         value = local_loss.detach().float().reshape(1).clone()
         dist.all_reduce(value, op=dist.ReduceOp.SUM)

@@ -195,12 +195,17 @@ class ParallelismSection:
     pipeline_parallel_degree: int = 1
     """Pipeline stages (layers split across ranks, torch.distributed.pipelining)."""
     context_parallel_degree: int = 1
-    """Context parallel degree (not supported by llama3 yet: must be 1)."""
+    """Context parallel degree: each sequence is split over this many ranks (causal load balancing:
+    rank r holds chunks r and 2N-1-r of 2N), which see the same sequences and shard the parameters
+    with FSDP (over data_parallel_shard_degree x this). --training.seq_len must be divisible by 2N."""
+    context_parallel_attention: str = "auto"
+    """Attention across the sequence shards: allgather (K/V all-gathered over the CP ranks, any
+    device), ring (torch's ring attention, CUDA only), auto (ring on CUDA, allgather elsewhere)."""
     expert_parallel_degree: int = 1
     """Expert parallel degree of a mixture-of-experts model: the routed experts of each layer are
     split over this many ranks and tokens travel to their experts by all-to-all. Borrows its ranks
-    from FSDP (and TP): it must divide data_parallel_shard_degree x tensor_parallel_degree, and the
-    model's number of experts."""
+    from FSDP, CP and TP: it must divide data_parallel_shard_degree x context_parallel_degree x
+    tensor_parallel_degree, and the model's number of experts."""
     pipeline_parallel_schedule: str = "1F1B"
     """Pipeline schedule: 1F1B, GPipe, Interleaved1F1B."""
     pipeline_parallel_microbatch_size: int = 1
@@ -215,8 +220,9 @@ class ParallelismSection:
         if self.data_parallel_shard_degree == 0 or self.data_parallel_shard_degree < -1:
             out.append("--parallelism.data_parallel_shard_degree must be -1 or >= 1 "
                        f"(got {self.data_parallel_shard_degree})")
-        if self.context_parallel_degree > 1:
-            out.append("--parallelism.context_parallel_degree > 1 is not supported by llama3 in cairn yet; use 1")
+        if self.context_parallel_attention not in ("auto", "allgather", "ring"):
+            out.append("--parallelism.context_parallel_attention must be auto, allgather or ring "
+                       f"(got {self.context_parallel_attention!r})")
         if self.pipeline_parallel_schedule not in ("1F1B", "GPipe", "Interleaved1F1B"):
             out.append("--parallelism.pipeline_parallel_schedule must be 1F1B, GPipe or Interleaved1F1B "
                        f"(got {self.pipeline_parallel_schedule!r})")
@@ -487,6 +493,10 @@ class JobConfig:
         out = []
         for section in self.sections().values():
             out.extend(as_flags(problem) for problem in section.problems())
+        cp, seq_len = self.parallelism.context_parallel_degree, self.training.seq_len
+        if cp > 1 and seq_len >= 1 and seq_len % (2 * cp):
+            out.append(f"--training.seq_len ({seq_len}) must be divisible by 2 x --parallelism.context_parallel_degree "
+                       f"({cp}) = {2 * cp}: each context-parallel rank holds 2 of {2 * cp} equal chunks of a sequence")
         ckpt = self.checkpoint
         if ckpt.initial_load_in_hf and not (ckpt.initial_load_path or self.model.hf_assets_path):
             out.append("--checkpoint.initial_load_in_hf needs --checkpoint.initial_load_path or "

@@ -7,7 +7,12 @@ root, as FSDP2 requires of a DTensor parameter it shards further:
   but the routed experts. Degree-1 dims are kept, so code names dims without checking degrees.
   Rank order: tp innermost (tensor-parallel peers are neighbours, one host on GPU clusters),
   then cp, dp_shard, dp_replicate, pp.
-- ``dp_mesh``: dp_replicate x dp_shard flattened: data sharding and loss averaging.
+- ``dp_mesh``: dp_replicate x dp_shard flattened: data sharding (the ``cp`` ranks of one dp
+  rank read the same sequences, each keeping its own tokens of them).
+- ``fsdp_mesh``: what FSDP2 shards parameters over, dp_shard x cp (as torchtitan folds context
+  parallelism into FSDP's shard dim: the cp ranks hold the same parameters), with dp_replicate
+  as HSDP's outer dim. Gradients are averaged over it: the loss mean over dp x cp ranks.
+- ``cp_mesh``: the ranks that split each sequence (``cairn.distributed.context_parallel``).
 - ``sparse_mesh``, ``("pp", "dp_replicate", "efsdp", "ep")``: the routed experts of a
   mixture-of-experts model. Expert parallelism borrows its ranks from the ranks that hold the
   same parameters otherwise, dp_shard x cp x tp (as torchtitan does): the ``ep`` ranks that
@@ -15,9 +20,6 @@ root, as FSDP2 requires of a DTensor parameter it shards further:
   dp_shard x cp x tp / ep shards each rank's experts further. Over the same ranks, so the
   meshes line up: the dense mesh's (dp_shard, cp, tp) block is the sparse mesh's (efsdp, ep)
   block. It is the root flattened to one dim and unflattened again (``DeviceMesh._unflatten``).
-
-Context parallelism (``cp``) has its dim already: parameters will be FSDP-sharded over
-dp_shard x cp, and experts already count cp among the ranks EP borrows from.
 """
 
 from __future__ import annotations
@@ -94,8 +96,18 @@ class ParallelDims:
         return self.ep_region // self.ep
 
     @property
+    def dp_cp_degree(self) -> int:
+        """Ranks whose losses average into a step's (dp x cp): what gradients are divided by."""
+        return self.dp_degree * self.cp
+
+    @property
     def fsdp_enabled(self) -> bool:
-        return self.dp_shard > 1
+        """FSDP shards the parameters over dp_shard x cp."""
+        return self.dp_shard * self.cp > 1
+
+    @property
+    def cp_enabled(self) -> bool:
+        return self.cp > 1
 
     @property
     def dp_replicate_enabled(self) -> bool:
@@ -134,8 +146,18 @@ class ParallelDims:
         self._stage_mesh = mesh["dp_replicate", "dp_shard", "cp", "tp"]._flatten("stage")
         world = mesh._flatten("world")
         self._sparse_mesh = world._unflatten(0, (self.pp, self.dp_replicate, self.efsdp, self.ep), SPARSE_MESH_DIMS)
+        self._fsdp_mesh = self._shard_mesh(mesh, world)
         self._mesh = mesh
         return mesh
+
+    def _shard_mesh(self, mesh, world):
+        if self.cp == 1:
+            return mesh["dp_replicate", "dp_shard"] if self.dp_replicate_enabled else mesh["dp_shard"]
+        # dp_shard x cp as one dim (slicing a flattened dim back out of the root mesh is
+        # deprecated, hence the view of its own, over the same ranks in the same order).
+        view = world._unflatten(0, (self.pp, self.dp_replicate, self.dp_shard * self.cp, self.tp),
+                                ("pp", "dp_replicate", "dp_shard_cp", "tp"))
+        return view["dp_replicate", "dp_shard_cp"] if self.dp_replicate_enabled else view["dp_shard_cp"]
 
     def _built(self, name: str):
         if self._mesh is None:
@@ -149,8 +171,18 @@ class ParallelDims:
 
     @property
     def dp_mesh(self):
-        """The flattened data-parallel mesh (dp_replicate x dp_shard): data sharding, loss averaging."""
+        """The flattened data-parallel mesh (dp_replicate x dp_shard): which sequences a rank reads."""
         return self._built("_dp_mesh")
+
+    @property
+    def fsdp_mesh(self):
+        """What FSDP2 shards parameters over: dp_shard x cp, with dp_replicate outside for HSDP."""
+        return self._built("_fsdp_mesh")
+
+    @property
+    def cp_mesh(self):
+        """The ranks that split each sequence."""
+        return self._built("_mesh")["cp"]
 
     @property
     def stage_mesh(self):

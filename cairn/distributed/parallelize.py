@@ -92,12 +92,30 @@ def apply_compile(model: nn.Module) -> None:
 
 
 def data_parallel_mesh(parallel_dims):
-    """FSDP over dp_shard; HSDP (pure replication when dp_shard is 1) once dp_replicate > 1; None without dp."""
-    if parallel_dims.dp_replicate_enabled:
-        return parallel_dims.mesh["dp_replicate", "dp_shard"]
-    if parallel_dims.fsdp_enabled:
-        return parallel_dims.mesh["dp_shard"]
+    """FSDP over dp_shard x cp; HSDP (pure replication when both are 1) once dp_replicate > 1; None
+    without either."""
+    if parallel_dims.dp_replicate_enabled or parallel_dims.fsdp_enabled:
+        return parallel_dims.fsdp_mesh
     return None
+
+
+def sequence_split_problems(parallel_dims, job_config) -> list[str]:
+    """Sequence parallelism (TP) splits each rank's part of a sequence (the whole of it, or its
+    context-parallel share) across the tp ranks."""
+    tp, cp, seq_len = parallel_dims.tp, parallel_dims.cp, job_config.training.seq_len
+    if tp == 1 or (seq_len // cp) % tp == 0:
+        return []
+    share = f"--training.seq_len ({seq_len})" if cp == 1 else \
+        f"--training.seq_len ({seq_len}) / --parallelism.context_parallel_degree ({cp})"
+    return [f"--parallelism.tensor_parallel_degree ({tp}) must divide {share}: sequence parallelism splits "
+            "each rank's tokens across the tensor-parallel ranks"]
+
+
+def apply_context_parallel(model: nn.Module, parallel_dims, job_config, device: torch.device) -> None:
+    """Give ``model``'s attention its CP group and cut its rotary tables to this rank's positions."""
+    from cairn.distributed.context_parallel import build_context_parallel
+
+    model.set_context_parallel(build_context_parallel(parallel_dims, job_config, device.type))
 
 
 def mixed_precision_policy(job_config, device: torch.device):

@@ -40,9 +40,13 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_parallel=None) -> torch.Tensor:
     """Causal grouped-query attention of (batch, seq, heads, head_dim) tensors, k and v with fewer
-    (kv) heads; returns (batch, seq, heads x head_dim)."""
+    (kv) heads; returns (batch, seq, heads x head_dim). With ``context_parallel`` (a
+    ``cairn.distributed.context_parallel.ContextParallel``) the tensors hold this rank's tokens of
+    longer sequences, and the queries attend to the keys of every rank."""
+    if context_parallel is not None:
+        return context_parallel.attention(q, k, v)
     n_rep = q.shape[2] // k.shape[2]
     if n_rep > 1:
         k = k.repeat_interleave(n_rep, dim=2)
@@ -80,8 +84,11 @@ class Decoder(nn.Module):
     ``tok_embeddings``, ``layers`` (a ModuleDict keyed by the global layer index, so a pipeline
     stage keeps the whole model's FQNs), ``norm``, ``output`` (tied to the embedding with
     ``args.tie_word_embeddings``), and the rotary tables as non-persistent buffers: checkpoints
-    hold weights only. ``block(layer_id, args)`` builds a layer, ``rope_tables(args, device)``
-    gives (cos, sin).
+    hold weights only. ``block(layer_id, args)`` builds a layer (its ``attention`` has a
+    ``context_parallel`` attribute), ``rope_tables(args, device)`` gives (cos, sin).
+
+    Under context parallelism (``set_context_parallel``) the model sees this rank's tokens of each
+    sequence, and the rotary tables hold the rows of those tokens' positions.
     """
 
     def __init__(self, args: Any, block: Callable[[int, Any], nn.Module],
@@ -98,9 +105,18 @@ class Decoder(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
             self.output.weight = self.tok_embeddings.weight
+        self.context_parallel = None
         cos, sin = rope_tables(args)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+
+    def set_context_parallel(self, context_parallel) -> None:
+        """Run on this rank's tokens of each sequence (``cairn.distributed.context_parallel``)."""
+        self.context_parallel = context_parallel
+        for layer in self.layers.values():
+            layer.attention.context_parallel = context_parallel
+        if not self.rope_cos.is_meta:
+            Decoder.init_buffers(self)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens: (batch, seq) int ids, or (batch, seq, dim) activations for a later pipeline stage."""
@@ -123,7 +139,11 @@ class Decoder(nn.Module):
     def init_buffers(self, device: torch.device | str | None = None) -> None:
         """Recompute the rotary tables (after ``to_empty`` from the meta device)."""
         device = device or self.rope_cos.device
-        self.rope_cos, self.rope_sin = self._rope_tables(self.args, device=device)
+        cos, sin = self._rope_tables(self.args, device=device)
+        if self.context_parallel is not None:  # each token rotated by its position in the whole sequence
+            positions = self.context_parallel.positions(device)
+            cos, sin = cos[positions], sin[positions]
+        self.rope_cos, self.rope_sin = cos, sin
 
 
 def fill(tensor: torch.Tensor, kind: str, std: float, generator: torch.Generator) -> None:

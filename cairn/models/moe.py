@@ -20,8 +20,9 @@ The load-balancing loss (Switch Transformer's, as Qwen3-MoE trains with: ``E * s
 rank, and ``P_e`` its mean probability) is added to
 the gradients, not to the reported loss: ``aux_loss_coeff x loss`` enters the backward at the
 layer's output (``_AuxLossGrad``), which needs no plumbing through pipeline stages. Its weight is
-``aux_loss_coeff x tokens here / tokens of one data-parallel rank per optimizer step``, so
-micro-batches, pipeline micro-batches and sequence-parallel slices add up to one loss per step.
+``aux_loss_coeff x tokens here / tokens of one data-parallel rank per optimizer step`` (under
+context parallelism, the rank's share of them), so micro-batches, pipeline micro-batches and
+sequence-parallel slices add up to one loss per step.
 """
 
 from __future__ import annotations
@@ -117,7 +118,7 @@ class MoE(nn.Module):
         # Routed slots per expert since the last optimizer step (this rank's tokens).
         self.register_buffer("tokens_per_expert", torch.zeros(args.num_experts, dtype=torch.float32),
                              persistent=False)
-        self.tokens_per_step: int | None = None  # one dp rank's tokens per optimizer step (aux loss weight)
+        self.tokens_per_step: int | None = None  # one dp (x cp) rank's tokens per optimizer step
         self.balance_group = None  # the pipeline stage's ranks: their counts make the batch's expert loads
         self.last_aux_loss: torch.Tensor | None = None
 

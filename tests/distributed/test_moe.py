@@ -86,10 +86,13 @@ def _trainer(folder: str, layout: str, *extra: str):
     from cairn.config import parse_args
     from cairn.trainer import Trainer
 
-    return Trainer(parse_args([
+    trainer = Trainer(parse_args([
         "--module", "qwen3", "--config", "qwen3_moe_debugmodel", "--job.dump_folder", folder, "--checkpoint.enable",
         "--checkpoint.interval", "2", "--training.steps", "6", "--checkpoint.keep_latest_k", "0",
         "--checkpoint.memory_dir", f"{folder}/memory", *LAYOUTS[layout], *extra]))
+    # The fresh weights (a load overwrites them): the built model is only allocated, not initialized.
+    trainer._init_if_fresh(False)
+    return trainer
 
 
 def _step(trainer) -> float:
@@ -97,8 +100,11 @@ def _step(trainer) -> float:
     return trainer.train_step()["loss"]
 
 
-def _gathered(trainer) -> dict[str, torch.Tensor] | None:
-    """Every model and optimizer tensor as a full tensor, on rank 0 (None elsewhere)."""
+def _gathered(trainer, optimizer: bool = True) -> dict[str, torch.Tensor] | None:
+    """Every model and optimizer tensor as a full tensor, on rank 0 (None elsewhere).
+
+    ``optimizer=False`` before a fresh optimizer's first step: its state dict would create the
+    state with a step of its own (lr 0, but Adam's step count moves), changing the next update."""
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
     from torch.distributed.tensor import DTensor
@@ -109,8 +115,9 @@ def _gathered(trainer) -> dict[str, torch.Tensor] | None:
     mine = {}
     for part in trainer.model_parts:
         mine.update({key: full(value) for key, value in get_model_state_dict(part).items()})
-    mine.update({f"optimizer.{key}": full(value) for key, value in trainer.optimizers.state_dict().items()
-                 if isinstance(value, torch.Tensor)})
+    if optimizer:
+        mine.update({f"optimizer.{key}": full(value) for key, value in trainer.optimizers.state_dict().items()
+                     if isinstance(value, torch.Tensor)})
     per_rank = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(mine, per_rank, dst=0)
     if dist.get_rank() != 0:
@@ -259,8 +266,6 @@ def _hf_export_and_load_at_ep4(rank, root, exporter, exported):
 
 def _ep2_run_from_seed(rank, seed_folder):
     """An EP 2 run whose checkpoint folder holds only the seed: it starts from step 0, bitwise."""
-    from cairn.checkpoint.readers import DcpCheckpoint
-
     trainer = _trainer(seed_folder, "ep2")
     assert trainer.checkpointer.load()
     last = dict(trainer.checkpointer.last_load)
@@ -269,10 +274,17 @@ def _ep2_run_from_seed(rank, seed_folder):
     trainer.checkpointer.close()
     if rank != 0:
         return None
-    seed = DcpCheckpoint(Path(seed_folder) / "checkpoint" / "step-0")
-    tensors = seed.read([key for key, entry in seed.entries().items() if entry.is_tensor])
+    seed, tensors = _committed_tensors(Path(seed_folder) / "checkpoint" / "step-0")
     return {"kind": last["kind"], "from_step": last["from_step"], "loss": loss,
             "differences": _differences(tensors, state, set(tensors)), "grouped": seed.manifest.get("grouped")}
+
+
+def _committed_tensors(step_dir: Path):
+    """(the step's reader, every tensor it holds, read whole)."""
+    from cairn.checkpoint.readers import DcpCheckpoint
+
+    step = DcpCheckpoint(step_dir)
+    return step, step.read([key for key, entry in step.entries().items() if entry.is_tensor])
 
 
 def _train_from_hf_at_ep2(rank, root, hf_dcp):

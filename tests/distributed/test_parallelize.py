@@ -19,6 +19,7 @@ from _launch import run_distributed  # noqa: E402
 
 from cairn.config.job_config import JobConfig  # noqa: E402
 from cairn.config.manager import ConfigError  # noqa: E402
+from cairn.distributed.context_parallel import build_context_parallel  # noqa: E402
 from cairn.distributed.parallel_dims import ParallelDims  # noqa: E402
 from cairn.models.llama3.model import Transformer, TransformerModelArgs, init_weights  # noqa: E402
 from cairn.models.llama3.parallelize import parallelize_llama, pipeline_llama  # noqa: E402
@@ -35,12 +36,13 @@ def tiny_args(**overrides) -> TransformerModelArgs:
     return TransformerModelArgs(**{**args, **overrides})
 
 
-def job_config(dp_replicate=1, dp_shard=1, tp=1, pp=1, schedule="1F1B", ac=False, compile=False,
+def job_config(dp_replicate=1, dp_shard=1, tp=1, pp=1, cp=1, schedule="1F1B", ac=False, compile=False,
                grad_accum_steps=1) -> JobConfig:
     job = JobConfig()
     par = job.parallelism
     par.data_parallel_replicate_degree, par.data_parallel_shard_degree = dp_replicate, dp_shard
     par.tensor_parallel_degree, par.pipeline_parallel_degree = tp, pp
+    par.context_parallel_degree = cp
     par.pipeline_parallel_schedule, par.pipeline_parallel_microbatch_size = schedule, 1
     job.training.seq_len = SEQ_LEN
     job.training.local_batch_size = GLOBAL_BATCH // (dp_replicate * dp_shard * grad_accum_steps)
@@ -136,6 +138,9 @@ def check_layout(rank: int, world_size: int, degrees: dict, ac: bool, grad_accum
     dp_rank = mesh["dp"].get_local_rank()
     tokens = tokens[dp_rank * rank_batch:(dp_rank + 1) * rank_batch]
     labels = labels[dp_rank * rank_batch:(dp_rank + 1) * rank_batch]
+    context_parallel = build_context_parallel(parallel_dims, job, "cpu")
+    if context_parallel is not None:  # the cp ranks of a dp rank share its sequences, each its own tokens
+        tokens, labels = context_parallel.shard(tokens), context_parallel.shard(labels)
     loss = torch.zeros(())
     for micro_tokens, micro_labels in zip(tokens.chunk(grad_accum_steps), labels.chunk(grad_accum_steps)):
         if pipeline is not None:
@@ -147,7 +152,8 @@ def check_layout(rank: int, world_size: int, degrees: dict, ac: bool, grad_accum
             loss += micro_loss.detach()
     if loss is not None:  # ranks of the last pipeline stage (all ranks without PP)
         dist.all_reduce(loss, group=mesh["dp"].get_group())
-        loss /= parallel_dims.dp_degree
+        dist.all_reduce(loss, group=parallel_dims.cp_mesh.get_group())
+        loss /= parallel_dims.dp_cp_degree
         torch.testing.assert_close(loss, ref["loss"], rtol=1e-5, atol=0)
 
     for name, param in params.items():

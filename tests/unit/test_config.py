@@ -76,7 +76,7 @@ def test_all_problems_reported_once():
     with pytest.raises(ConfigError) as info:
         parse_args(["--checkpoint.interval", "0", "--checkpoint.export_dtype", "int8",
                     "--checkpoint.exclude_from_loading", "model,bogus", "--training.seq_len", "0",
-                    "--parallelism.context_parallel_degree", "2", "--checkpoint.write_threads", "0",
+                    "--parallelism.context_parallel_degree", "0", "--checkpoint.write_threads", "0",
                     "--checkpoint.async_writer", "fork", "--training.gc_freq", "-1",
                     "--checkpoint.device_snapshot", "yes"])
     message = str(info.value)

@@ -1,4 +1,5 @@
-"""Llama 3 parallelism: tensor parallel, activation checkpointing, compile, FSDP2/HSDP, pipeline.
+"""Llama 3 parallelism: tensor and context parallel, activation checkpointing, compile, FSDP2/HSDP,
+pipeline.
 
 Everything here works on a model still on the meta device and keeps parameter FQNs
 canonical (``layers.0.attention.wq.weight``) under every layout: FSDP2 and TP replace
@@ -27,22 +28,27 @@ from __future__ import annotations
 import torch
 
 from cairn.config.manager import ConfigError
-from cairn.distributed.parallelize import (apply_activation_checkpointing, apply_compile, apply_fsdp,
-                                           apply_root_tensor_parallel, block_tensor_parallel_plan, data_parallel_mesh,
-                                           mixed_precision_policy, pipeline_model)
+from cairn.distributed.context_parallel import context_parallel_problems
+from cairn.distributed.parallelize import (apply_activation_checkpointing, apply_compile, apply_context_parallel,
+                                           apply_fsdp, apply_root_tensor_parallel, block_tensor_parallel_plan,
+                                           data_parallel_mesh, mixed_precision_policy, pipeline_model,
+                                           sequence_split_problems)
 from cairn.distributed.pipeline import PipelineParts
 from cairn.models.llama3.model import Transformer
 
 
 def parallelize_llama(model: Transformer, parallel_dims, job_config, device: torch.device | str) -> Transformer:
-    """Apply TP, activation checkpointing, compile and FSDP2/HSDP, in that order, to a meta model
-    or pipeline stage; returns the same module (parameters are replaced in place)."""
+    """Apply TP, CP, activation checkpointing, compile and FSDP2/HSDP (over dp_shard x cp), in that
+    order, to a meta model or pipeline stage; returns the same module (parameters are replaced in place)."""
     device = torch.device(device)
-    problems = model_problems(model, parallel_dims, job_config)
+    problems = model_problems(model, parallel_dims, job_config) + context_parallel_problems(
+        parallel_dims, job_config, device.type)
     if problems:
         raise ConfigError(problems)
     if parallel_dims.tp_enabled:
         apply_tensor_parallel(model, parallel_dims.mesh["tp"])
+    if parallel_dims.cp_enabled:
+        apply_context_parallel(model, parallel_dims, job_config, device)
     if job_config.activation_checkpoint.mode == "full":
         apply_activation_checkpointing(model)
     if job_config.compile.enable:
@@ -76,10 +82,7 @@ def tensor_parallel_problems(model: Transformer, parallel_dims, job_config) -> l
                    f"({args.num_kv_heads}): each rank holds whole attention heads")
     if args.ffn_hidden_dim % tp:
         out.append(f"{flag} must divide the model's feed-forward hidden size ({args.ffn_hidden_dim})")
-    if job_config.training.seq_len % tp:
-        out.append(f"{flag} must divide --training.seq_len ({job_config.training.seq_len}): "
-                   "sequence parallelism splits each sequence across the tensor-parallel ranks")
-    return out
+    return out + sequence_split_problems(parallel_dims, job_config)
 
 
 def apply_tensor_parallel(model: Transformer, tp_mesh) -> None:

@@ -102,6 +102,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, args.num_kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.num_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.context_parallel = None  # set by Decoder.set_context_parallel
         self.q_norm = RMSNorm(args.head_dim, args.norm_eps)
         self.k_norm = RMSNorm(args.head_dim, args.norm_eps)
 
@@ -112,7 +113,7 @@ class Attention(nn.Module):
         k = self.k_norm(self.wk(x).view(bs, seqlen, -1, self.head_dim))
         v = self.wv(x).view(bs, seqlen, -1, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        return self.wo(causal_attention(q, k, v))
+        return self.wo(causal_attention(q, k, v, self.context_parallel))
 
 
 class TransformerBlock(DecoderBlock):
@@ -146,7 +147,8 @@ class Transformer(Decoder):
         return [block.moe for block in self.layers.values() if block.moe is not None]
 
     def set_tokens_per_step(self, tokens: int) -> None:
-        """Tokens one data-parallel rank trains on per optimizer step: weighs the load-balancing loss."""
+        """Tokens one data-parallel rank trains on per optimizer step (under context parallelism, its
+        share of them): weighs the load-balancing loss."""
         for moe in self.moe_layers():
             moe.tokens_per_step = tokens
 

@@ -8,12 +8,14 @@ How the parts compose (``cairn.distributed.parallel_dims`` draws the meshes):
   per-head q/k norms sharded along the head dim; the dense feed-forward column/row-wise.
 - An MoE layer is not tensor-parallel: it works on the rank's own sequence slice. Its router is
   replicated over tp (its gradient summed over the slices); its experts are sharded over the EP
-  group, whose ranks (taken from dp_shard x tp) exchange their slices' tokens by all-to-all.
-- FSDP: each block and the root over dp (dp_replicate x dp_shard); the experts of each layer
-  first, as a unit of their own, over ``efsdp`` (the sparse mesh's ranks that hold the same
+  group, whose ranks (taken from dp_shard x cp x tp) exchange their slices' tokens by all-to-all.
+- CP: attention across the sequence shards (``cairn.distributed.context_parallel``); an MoE layer
+  routes the rank's own tokens, and its EP group may include cp ranks (EP borrows dp_shard x cp x tp).
+- FSDP: each block and the root over dp_shard x cp (with dp_replicate: HSDP); the experts of each
+  layer first, as a unit of their own, over ``efsdp`` (the sparse mesh's ranks that hold the same
   experts), on dim 1 under EP (dim 0 is the expert dim EP already split). Their gradients are
-  divided by the data-parallel degree like every other parameter's (tokens reach an expert from
-  every rank of its EP group, so the sum over efsdp alone would over-count).
+  divided by dp x cp like every other parameter's (tokens reach an expert from every rank of its
+  EP group, so the sum over efsdp alone would over-count).
 """
 
 from __future__ import annotations
@@ -22,22 +24,28 @@ import torch
 
 from cairn.config.manager import ConfigError
 from cairn.distributed.expert_parallel import apply_expert_parallel
-from cairn.distributed.parallelize import (apply_activation_checkpointing, apply_compile, apply_fsdp,
-                                           apply_root_tensor_parallel, block_tensor_parallel_plan, data_parallel_mesh,
-                                           mixed_precision_policy, pipeline_model)
+from cairn.distributed.context_parallel import context_parallel_problems
+from cairn.distributed.parallelize import (apply_activation_checkpointing, apply_compile, apply_context_parallel,
+                                           apply_fsdp, apply_root_tensor_parallel, block_tensor_parallel_plan,
+                                           data_parallel_mesh, mixed_precision_policy, pipeline_model,
+                                           sequence_split_problems)
 from cairn.distributed.pipeline import PipelineParts
 from cairn.models.qwen3.model import Transformer
 
 
 def parallelize_qwen3(model: Transformer, parallel_dims, job_config, device: torch.device | str) -> Transformer:
-    """Apply TP, EP, activation checkpointing, compile and FSDP2/HSDP, in that order, to a meta
-    model or pipeline stage; returns the same module (parameters are replaced in place)."""
+    """Apply TP, CP, EP, activation checkpointing, compile and FSDP2/HSDP (over dp_shard x cp), in
+    that order, to a meta model or pipeline stage; returns the same module (parameters are replaced
+    in place)."""
     device = torch.device(device)
-    problems = model_problems(model, parallel_dims, job_config)
+    problems = model_problems(model, parallel_dims, job_config) + context_parallel_problems(
+        parallel_dims, job_config, device.type)
     if problems:
         raise ConfigError(problems)
     if parallel_dims.tp_enabled:
         apply_tensor_parallel(model, parallel_dims.mesh["tp"])
+    if parallel_dims.cp_enabled:
+        apply_context_parallel(model, parallel_dims, job_config, device)
     stage_group = parallel_dims.stage_mesh.get_group() if parallel_dims.stage_mesh.size() > 1 else None
     for block in model.layers.values():
         if block.moe is not None:
@@ -72,9 +80,7 @@ def model_problems(model: Transformer, parallel_dims, job_config) -> list[str]:
                        f"({args.num_kv_heads}): each rank holds whole attention heads")
         if args.moe is None and args.hidden_dim % tp:
             out.append(f"{flag} must divide the model's feed-forward hidden size ({args.hidden_dim})")
-        if job_config.training.seq_len % tp:
-            out.append(f"{flag} must divide --training.seq_len ({job_config.training.seq_len}): "
-                       "sequence parallelism splits each sequence across the tensor-parallel ranks")
+        out += sequence_split_problems(parallel_dims, job_config)
     if ep > 1:
         flag = f"--parallelism.expert_parallel_degree ({ep})"
         if args.moe is None:
@@ -120,7 +126,7 @@ def apply_experts_fsdp(model: Transformer, parallel_dims, mp_policy, reshard_aft
             continue
         fully_shard(block.moe.experts, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward,
                     shard_placement_fn=lambda param: Shard(shard_dim))
-        block.moe.experts.set_gradient_divide_factor(parallel_dims.dp_degree)
+        block.moe.experts.set_gradient_divide_factor(parallel_dims.dp_cp_degree)
         if parallel_dims.efsdp > 1:
             # A plain sum, then the division: gloo has no pre-multiplied sum. (Not when the shard
             # group is one rank: torch 2.13's FSDP then divides twice.)
