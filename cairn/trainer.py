@@ -252,6 +252,8 @@ class Trainer:
             run_info={"config": to_dict(job_config), "resume_config": resume_config(job_config)},
             total_steps=training.steps, seed=job_config.debug.seed, layout=self.parallel_dims.degrees,
             tokenizer_dir=self.tokenizer.path.parent, hf_assets_path=job_config.model.hf_assets_path)
+        if not self.checkpointer.resume_expected():  # nothing will overwrite them: the fresh weights now
+            self._init_if_fresh(False)
         self.clock.lap("checkpointer")
         self.metrics = None
 
@@ -304,7 +306,9 @@ class Trainer:
                     self.parallel_dims.degrees)
 
     def _init_if_fresh(self, loaded: bool) -> None:
-        """Initialize the weights a checkpoint did not provide (all of them, or none)."""
+        """Initialize the weights unless a checkpoint provided them (it provides all of them, or
+        none). The model is built only allocated when a resume is expected (a restore overwrites
+        every weight); otherwise it is initialized at once, in ``__init__``."""
         if not loaded:
             for part in self._uninitialized:
                 self.model_spec.init_weights(part, self.job_config.debug.seed, self.device)
@@ -324,6 +328,8 @@ class Trainer:
     # --- one step -----------------------------------------------------------------------
 
     def train_step(self) -> dict[str, float]:
+        if self._uninitialized:  # a caller that stepped without train(): what it loaded, or fresh weights
+            self._init_if_fresh(self.checkpointer.last_load is not None)
         self.optimizers.zero_grad()
         local_loss = torch.zeros((), device=self.device)
         for _ in range(self.grad_accum_steps):

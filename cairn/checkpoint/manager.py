@@ -775,6 +775,19 @@ class CheckpointManager:
             self._newest_full = record.get("disk_step") if result.tier in ("memory", "replica") else result.step
         return result
 
+    def resume_expected(self) -> bool:
+        """Whether ``load()`` will find something to load (a committed step, a memory snapshot of
+        this run's, an initial checkpoint or HF weights): a loop may then leave the model's
+        weights uninitialized until ``load()`` has said (a restore overwrites them all)."""
+        if not self.enabled:
+            return False
+        if self.config.initial_load_path or self.config.initial_load_in_hf or self._committed_anywhere():
+            return True
+        if self.memory is None:
+            return False
+        inventory = self.memory.inventory()
+        return bool(inventory["own"] or inventory["held"])
+
     def _load(self, step: int | None = None) -> bool:
         config = self.config
         steps = self._committed_anywhere()

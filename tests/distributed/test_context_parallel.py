@@ -81,7 +81,6 @@ def _trainer(folder: str, layout: list[str], config: str = "llama3_debugmodel", 
         *(["--checkpoint.enable", "--checkpoint.interval", "2", "--checkpoint.keep_latest_k", "0"] if checkpoint
           else []), *layout]))
     trainer.loaded = trainer.checkpointer.load()
-    trainer._init_if_fresh(bool(trainer.loaded))
     return trainer
 
 

@@ -90,8 +90,6 @@ def _trainer(folder: str, layout: str, *extra: str):
         "--module", "qwen3", "--config", "qwen3_moe_debugmodel", "--job.dump_folder", folder, "--checkpoint.enable",
         "--checkpoint.interval", "2", "--training.steps", "6", "--checkpoint.keep_latest_k", "0",
         "--checkpoint.memory_dir", f"{folder}/memory", *LAYOUTS[layout], *extra]))
-    # The fresh weights (a load overwrites them): the built model is only allocated, not initialized.
-    trainer._init_if_fresh(False)
     return trainer
 
 
