@@ -29,6 +29,7 @@ from cairn.checkpoint.layout import (
     LEASE_NAME,
     MANIFEST_NAME,
     METADATA_NAME,
+    Leftover,
     aside_name,
     aside_step,
     is_trash,
@@ -37,6 +38,7 @@ from cairn.checkpoint.layout import (
     step_name,
     step_of,
     steps_to_purge,
+    trash_step,
 )
 from cairn.checkpoint.manifest import (
     build_manifest,
@@ -51,6 +53,8 @@ from cairn.checkpoint.reader import SafeFileSystemReader, SafeLoadPlanner
 from cairn.checkpoint.writer import CairnStorageWriter, describe_os_error
 
 logger = logging.getLogger("cairn")
+
+WRITE_PROBE_PREFIX = ".cairn-write-probe-"
 
 
 def has_commit_marker(step_dir: Path) -> bool:
@@ -115,6 +119,7 @@ class LocalStore:
                                   "directory")
         self._delete_lock = threading.Lock()
         self._warned_links: set[str] = set()
+        self.fence: Callable[[], None] | None = None
 
     def __repr__(self) -> str:
         return f"LocalStore({str(self.folder)!r})"
@@ -185,7 +190,14 @@ class LocalStore:
         """
         if step < 0:
             raise ValueError(f"checkpoint step must be >= 0, got {step}")
-        return CairnStorageWriter(self.folder, step, info, checksums=checksums, **writer_options)
+        writer = CairnStorageWriter(self.folder, step, info, checksums=checksums, **writer_options)
+        writer.fence = self.fence
+        return writer
+
+    def set_fence(self, fence: Callable[[], None] | None) -> None:
+        """Every commit into this folder calls ``fence()`` right before its publishing rename, and
+        commits nothing if it raises: the holder of the folder's lease passes ``FolderLease.confirm``."""
+        self.fence = fence
 
     def new_staging_dir(self, step: int, tag: str = "export") -> Path:
         """An empty ``.tmp-step-<step>-<tag>`` dir in the folder, for ``publish_dir``."""
@@ -226,6 +238,8 @@ class LocalStore:
             manifest = build_manifest(step, kind, files, info, checksums=True)
             fsio.write_file_durably(staging / MANIFEST_NAME, manifest_bytes(manifest))
             fsio.fsync_dir(staging)
+            if self.fence is not None:
+                self.fence()
             final = publish_staging(self.folder, staging, step)
         except OSError as e:
             raise CheckpointError(f"committing step {step} from {staging} failed: {e}. Nothing was committed; "
@@ -260,7 +274,7 @@ class LocalStore:
     def check_writable(self) -> None:
         """Create the folder if needed and write, fsync and remove a small file in it: a read-only
         or full folder is found before training, not at the first save."""
-        probe = self.folder / f".cairn-write-probe-{os.getpid()}"
+        probe = self.folder / f"{WRITE_PROBE_PREFIX}{os.getpid()}"
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             fsio.write_file_durably(probe, b"cairn")
@@ -453,44 +467,68 @@ class LocalStore:
         for leftover in self._names(is_trash):
             (pacer.remove_tree if pacer is not None else fsio.remove_tree)(leftover)
 
-    def cleanup_incomplete(self, protect: Iterable[int] = ()) -> list[Path]:
-        """Remove what crashed saves left behind; call at job start on one rank, holding the lease.
-
-        Staging dirs (except those of steps in ``protect``) and trash are deleted; an aside
-        copy from an interrupted replace is restored as ``step-N`` if that is missing, else
-        deleted. Uncommitted ``step-N`` dirs (a stock DCP save that crashed) are only logged.
-        Returns the paths removed.
-        """
-        protect = set(protect)
-        removed: list[Path] = []
+    def leftovers(self) -> list[Leftover]:
+        """What crashed saves and deletes left in the folder: staging dirs, trash, the old copy of
+        an interrupted replace, files of a lease or probe being written; and ``step-N`` dirs with
+        neither manifest nor DCP metadata (not cairn's: listed, never removed). Never a committed step."""
+        found = []
         for path in self._names(lambda name: True):
             name = path.name
             if path.is_symlink():
                 continue  # never followed, never deleted through: logged by committed_steps
-            if (step := staging_step(name)) is not None and step not in protect:
-                reason = "staging dir of an unfinished save"
+            if (step := staging_step(name)) is not None:
+                kind, why = "staging", "staging dir of a save in progress or one that did not finish"
             elif is_trash(name):
-                reason = "interrupted delete"
-            elif name.startswith(LEASE_NAME + ".tmp-"):
-                reason = "a lease being written when its run died"
+                kind, step, why = "trash", trash_step(name), "a delete that did not finish"
+            elif name.startswith((LEASE_NAME + ".tmp-", WRITE_PROBE_PREFIX)):
+                kind, step, why = "temp", None, "a lease or probe file being written when its run died"
             elif (step := aside_step(name)) is not None:
-                final = self.folder / step_name(step)
-                if not final.is_dir() and has_commit_marker(path):
-                    os.rename(path, final)
-                    fsio.fsync_dir(self.folder)
-                    logger.warning("restored %s from %s (a replace was interrupted)", final, path)
-                    continue
-                reason = "previous copy of a replaced step"
+                kind, why = "aside", ("old copy of a replaced step" if (self.folder / step_name(step)).is_dir()
+                                      else "a replace cut short: restored as " + step_name(step))
             elif step_of(name) is not None and path.is_dir() and not has_commit_marker(path):
-                logger.warning("%s has neither %s nor %s: an incomplete save by another tool? It is ignored; "
-                               "delete it by hand", path, MANIFEST_NAME, METADATA_NAME)
-                continue
+                kind, step, why = "foreign", step_of(name), (f"neither {MANIFEST_NAME} nor {METADATA_NAME}: not "
+                                                             "written by cairn (delete it by hand if unwanted)")
             else:
                 continue
-            gone = fsio.remove_tree(path) if path.is_dir() else fsio.unlink_quietly(path)
-            if gone:
-                logger.warning("removed %s (%s)", path, reason)
-                removed.append(path)
+            num_bytes, num_files = fsio.tree_usage(path)
+            created = None
+            with contextlib.suppress(OSError):
+                created = path.lstat().st_mtime
+            found.append(Leftover(kind, str(path), step, why, num_bytes, num_files, created))
+        return found
+
+    def remove_leftover(self, leftover: Leftover) -> bool:
+        """Remove one leftover (an interrupted replace's aside copy is restored as its step
+        instead when that step is missing); whether it is gone."""
+        path = Path(leftover.location)
+        if leftover.kind == "foreign":
+            return False
+        if leftover.kind == "aside":
+            final = self.folder / step_name(leftover.step)
+            if not final.is_dir() and has_commit_marker(path):
+                os.rename(path, final)
+                fsio.fsync_dir(self.folder)
+                logger.warning("restored %s from %s (a replace was interrupted)", final, path)
+                return True
+        gone = fsio.remove_tree(path) if path.is_dir() else fsio.unlink_quietly(path)
+        if gone:
+            logger.warning("removed %s (%s)", path, leftover.why)
+        return gone
+
+    def cleanup_incomplete(self, protect: Iterable[int] = ()) -> list[Path]:
+        """Remove what crashed saves left behind; call at job start on one rank, holding the lease.
+
+        Every leftover (``leftovers``) but the staging dirs of steps in ``protect``; an aside copy
+        from an interrupted replace is restored as ``step-N`` if that is missing. ``step-N`` dirs
+        cairn did not write are only logged. Returns the paths removed (or restored).
+        """
+        protect = set(protect)
+        removed: list[Path] = []
+        for leftover in self.leftovers():
+            if leftover.kind == "foreign":
+                logger.warning("%s: %s; it is ignored", leftover.location, leftover.why)
+            elif not (leftover.kind == "staging" and leftover.step in protect) and self.remove_leftover(leftover):
+                removed.append(Path(leftover.location))
         if removed:
             fsio.fsync_dir(self.folder)
         return removed

@@ -16,7 +16,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from cairn.checkpoint import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError, load, save
-from cairn.checkpoint import s3 as s3_module
+from cairn.checkpoint import s3_reader
 from cairn.checkpoint.lease import FolderBusyError, FolderLease
 from cairn.checkpoint.s3 import S3Store, parse_uri
 from cairn.checkpoint.store import open_store
@@ -88,17 +88,17 @@ def test_neighbouring_items_are_read_with_one_request(s3):
 @contextlib.contextmanager
 def counted_gets():
     """The (key, length) of every ranged GET the client makes meanwhile (the real ones)."""
-    calls, real = [], s3_module.get_range
+    calls, real = [], s3_reader.get_range
 
     def counting(bucket, key, start, length, into=None):
         calls.append((key, length))
         return real(bucket, key, start, length, into)
 
-    s3_module.get_range = counting
+    s3_reader.get_range = counting
     try:
         yield calls
     finally:
-        s3_module.get_range = real
+        s3_reader.get_range = real
 
 
 def data_gets(calls: list[tuple[str, int]]) -> list[tuple[str, int]]:
