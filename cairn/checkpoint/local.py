@@ -486,8 +486,7 @@ class LocalStore:
                 kind, why = "aside", ("old copy of a replaced step" if (self.folder / step_name(step)).is_dir()
                                       else "a replace cut short: restored as " + step_name(step))
             elif step_of(name) is not None and path.is_dir() and not has_commit_marker(path):
-                kind, step, why = "foreign", step_of(name), (f"neither {MANIFEST_NAME} nor {METADATA_NAME}: not "
-                                                             "written by cairn (delete it by hand if unwanted)")
+                kind, step, why = "foreign", step_of(name), f"neither {MANIFEST_NAME} nor {METADATA_NAME}: not cairn's"
             else:
                 continue
             num_bytes, num_files = fsio.tree_usage(path)
@@ -526,7 +525,7 @@ class LocalStore:
         removed: list[Path] = []
         for leftover in self.leftovers():
             if leftover.kind == "foreign":
-                logger.warning("%s: %s; it is ignored", leftover.location, leftover.why)
+                logger.warning("%s: %s; it is ignored (delete it by hand if unwanted)", leftover.location, leftover.why)
             elif not (leftover.kind == "staging" and leftover.step in protect) and self.remove_leftover(leftover):
                 removed.append(Path(leftover.location))
         if removed:

@@ -37,7 +37,9 @@ from botocore.exceptions import (
     HTTPClientError,
     IncompleteReadError,
     ReadTimeoutError,
+    SSLError,
 )
+from botocore.exceptions import ConnectionError as ConnectError
 
 from cairn.checkpoint.errors import CheckpointError
 
@@ -186,7 +188,9 @@ def _status(error: BaseException) -> int | None:
 
 def passing(error: BaseException) -> bool:
     """Whether ``error`` may pass if the request is sent again (see the module doc)."""
-    if isinstance(error, (HTTPClientError, IncompleteReadError, ConnectionError, TimeoutError)):
+    if isinstance(error, SSLError):
+        return False  # a certificate will not change
+    if isinstance(error, (ConnectError, HTTPClientError, IncompleteReadError, ConnectionError, TimeoutError)):
         return True
     return error_code(error) in _PASSING_CODES or _status(error) in (500, 502, 503, 504)
 
@@ -223,7 +227,7 @@ def explain(error: BaseException, uri: str, action: str, retried: tuple[int, flo
         why = f"connecting to {where} timed out ({CONNECT_TIMEOUT_S} s)"
     elif isinstance(error, ReadTimeoutError):
         why = f"{where} sent nothing for {READ_TIMEOUT_S} s"
-    elif isinstance(error, (HTTPClientError, IncompleteReadError, ConnectionError)):
+    elif isinstance(error, (ConnectError, HTTPClientError, IncompleteReadError, ConnectionError)):
         why = f"the connection to {where} broke ({name})"
     elif code is not None and code.isdigit() and isinstance(error, ClientError) and \
             error.operation_name not in ("HeadObject", "HeadBucket"):
@@ -263,12 +267,13 @@ def request(action: str, uri: str, call: Callable[[], T]) -> T:
         except Exception as e:  # noqa: BLE001 - every failure becomes an S3Error
             now = time.monotonic()
             first_failure = now if first_failure is None else first_failure
-            if not passing(e) or now + delay - first_failure > retry_seconds():
+            left = first_failure + retry_seconds() - now
+            if not passing(e) or left <= 0:
                 raise explain(e, uri, action, (attempts, now - first_failure)) from None
             if attempts == 1:
-                logger.warning("%s %s: %s; retrying for up to %.0f s", action, uri, explain(e, uri, action).args[0]
-                               .rpartition(" failed: ")[2], retry_seconds())
-            time.sleep(random.uniform(delay / 2, delay))  # jittered: parallel requests do not retry in step
+                logger.warning("%s %s: %s; retrying for up to %.0f s", action, uri,
+                               str(explain(e, uri, action)).rpartition(" failed: ")[2], retry_seconds())
+            time.sleep(min(left, random.uniform(delay / 2, delay)))  # jittered: parallel requests spread out
             delay = min(delay * 2, MAX_BACKOFF_S)
 
 

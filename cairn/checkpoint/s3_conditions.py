@@ -19,6 +19,7 @@ and compares before it deletes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -29,10 +30,12 @@ from cairn.checkpoint.s3_client import (
     CONDITION_FAILED,
     NOT_FOUND,
     S3Error,
+    client,
     delete_key,
     endpoint,
     get_small,
     put_bytes,
+    request,
     s3_uri,
 )
 
@@ -93,7 +96,7 @@ def conditions_of(bucket: str, prefix: str) -> Conditions:
     return found
 
 
-def _accepted(action, uri: str) -> bool | None:
+def _accepted(action) -> bool | None:
     """Run one conditional request: True accepted, False refused by its condition, None the store
     does not implement the header (any other failure is raised)."""
     try:
@@ -110,37 +113,50 @@ def _accepted(action, uri: str) -> bool | None:
 def probe(bucket: str, prefix: str) -> Conditions:
     """Try each conditional write on an object of its own under ``prefix``, then remove it."""
     key = f"{prefix}/{PROBE_PREFIX}{uuid.uuid4().hex}" if prefix else f"{PROBE_PREFIX}{uuid.uuid4().hex}"
-    uri = s3_uri(bucket, key)
-    etag = {"now": None}
-
-    def put(**condition):
-        etag["now"] = put_bytes(bucket, key, uuid.uuid4().bytes, "probing conditional writes with", **condition)
-
+    folder = s3_uri(bucket, prefix)
     try:
-        created = _accepted(lambda: put(IfNoneMatch="*"), uri)
-        if not created:
-            put()  # a store that refuses or ignores the header: the object the rest needs
-        create = bool(created) and _accepted(lambda: put(IfNoneMatch="*"), uri) is False
-        match_form = None
-        if _accepted(lambda: put(IfMatch=_WRONG_ETAG), uri) is False:  # a wrong version is refused...
-            for form in ("quoted", "unquoted"):  # ...and the right one taken, in one of its forms
-                current = Conditions(create, form, False).if_match(etag["now"])
-                if _accepted(lambda: put(IfMatch=current), uri):
-                    match_form = form
-                    break
-        delete = _accepted(lambda: delete_key(bucket, key, IfMatch=_WRONG_ETAG), uri) is False \
-            and get_small(bucket, key) is not None
-        return Conditions(create, match_form, delete)
-    finally:
-        delete_key(bucket, key)
+        found = _try_conditions(bucket, key, folder)
+    except BaseException:
+        with contextlib.suppress(Exception):  # one try, not retried: the probe's own failure is the one to report
+            client().delete_object(Bucket=bucket, Key=key)
+        raise
+    request("probing conditional writes in", folder, lambda: client().delete_object(Bucket=bucket, Key=key))
+    return found
+
+
+def _try_conditions(bucket: str, key: str, folder: str) -> Conditions:
+    etag = ""
+
+    def put(**condition: str) -> None:
+        nonlocal etag
+        etag = request("probing conditional writes in", folder, lambda: client().put_object(
+            Bucket=bucket, Key=key, Body=uuid.uuid4().bytes, **condition))["ETag"]
+
+    def delete(**condition: str) -> None:
+        request("probing conditional writes in", folder, lambda: client().delete_object(
+            Bucket=bucket, Key=key, **condition))
+
+    created = _accepted(lambda: put(IfNoneMatch="*"))
+    if not created:
+        put()  # a store that refuses or ignores the header: the object the rest needs
+    create = bool(created) and _accepted(lambda: put(IfNoneMatch="*")) is False
+    match_form = None
+    if _accepted(lambda: put(IfMatch=_WRONG_ETAG)) is False:  # a wrong version is refused...
+        for form in ("quoted", "unquoted"):  # ...and the right one taken, in one of its forms
+            current = Conditions(create, form, False).if_match(etag)
+            if _accepted(lambda: put(IfMatch=current)):
+                match_form = form
+                break
+    delete_refused = _accepted(lambda: delete(IfMatch=_WRONG_ETAG)) is False
+    return Conditions(create, match_form, delete_refused and get_small(bucket, key) is not None)
 
 
 def refusal(url: str, lacks: list[str], opt_in: str) -> UnprotectedStoreError:
     """The one line that refuses a store without the conditional writes cairn needs."""
     return UnprotectedStoreError(
         f"{url}: the store does not honour {' or '.join(lacks)}, so nothing would stop two runs from sharing "
-        f"this folder or one save from overwriting another's commit; use a store that does (AWS S3, MinIO, Ceph "
-        f"RGW 16+), or accept that risk with {opt_in}")
+        f"this folder or one save from overwriting another's commit; use a store that honours them, or accept "
+        f"that risk with {opt_in}")
 
 
 class ConditionalWrites:

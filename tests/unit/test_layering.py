@@ -35,6 +35,7 @@ LAYERS: list[set[str]] = [
     {"readers"},
     {"convert"},
     {"cli.output"},
+    {"cli.folder"},
     {"cli.commands", "cli.plot"},
     {"cli"},
 ]
