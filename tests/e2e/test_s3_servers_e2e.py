@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -32,6 +34,7 @@ CKPT = ["--checkpoint.enable", "--checkpoint.no-last_save_model_only", "--checkp
 
 
 def committed(uri: str, capsys) -> list[int]:
+    capsys.readouterr()
     assert main(["checkpoint", "ls", uri, "--json"]) == 0
     return sorted(row["step"] for row in json.loads(capsys.readouterr().out)["steps"] if row["committed"])
 
@@ -114,15 +117,17 @@ def test_rgw_kills_resume_bitwise_and_clean_removes_only_the_leftovers(rgw, tmp_
 
     # 3. ls and a dry run show what the kill left; clean --yes, as printed, removes that and nothing else.
     assert main(["checkpoint", "ls", split_uri]) == 0
-    listing = capsys.readouterr().out
+    listing = " ".join(capsys.readouterr().out.split())  # as one line: the output wraps at 80 columns
     assert "stale (its process" in listing and "a multipart upload never completed" in listing
     before = keys(rgw)
     assert main(["checkpoint", "clean", split_uri]) == 0
     dry = capsys.readouterr().out
-    assert "would take over the stale lease and remove 1 leftover" in dry and keys(rgw) == before and uploads(rgw)
+    assert "would take over the stale lease and remove 1 leftover" in " ".join(dry.split())
+    assert keys(rgw) == before and uploads(rgw)
     hint = dry.strip().splitlines()[-1].split()
     assert hint == ["cairn", "checkpoint", "clean", split_uri, "--yes"]
     assert main(hint[1:]) == 0
+    assert "removed 1 leftover" in capsys.readouterr().out
     assert not uploads(rgw) and keys(rgw) == before - {"run/split/.cairn-lease.json"}
     assert committed(split_uri, capsys) == steps and main(["checkpoint", "verify", split_uri]) == 0
 
@@ -148,12 +153,13 @@ def test_rgw_steps_replaced_by_fallback_on_corrupt_and_by_upload_to(rgw, tmp_pat
     _flip_a_byte(rgw, "run/fallback/step-8/")
     refused = train(tmp_path / "a", *common, "--checkpoint.folder", uri, env=rgw.env, check=False)
     assert refused.returncode != 0 and "__0_0.distcp" in refused.output
-    hint = cairn_lines(refused.output)[0].split("`cairn checkpoint verify ")[1].split("`")[0]
-    assert hint == f"{uri}/step-8"  # the command the error suggests works as printed
-    assert main(["checkpoint", "verify", hint]) == 1 and "checksum mismatch" in capsys.readouterr().out
+    hint = re.search(r"`(cairn checkpoint verify [^`]+)`", refused.output).group(1)
+    assert hint == f"cairn checkpoint verify {uri}/step-8"  # the command the error suggests works as printed
+    capsys.readouterr()
+    assert main(shlex.split(hint)[1:]) == 1 and "checksum mismatch" in capsys.readouterr().out
     again = train(tmp_path / "a", *common, "--checkpoint.folder", uri, "--checkpoint.fallback_on_corrupt",
                   env=rgw.env)
-    assert "falling back to step-4" in again.output and "replaced existing" in again.output
+    assert "falling back to step-4" in again.output and f"replaced existing {uri}/step-8" in again.output
     assert main(["checkpoint", "verify", f"{uri}/step-8"]) == 0
     assert again.losses[8] == first.losses[8]
 
@@ -163,7 +169,7 @@ def test_rgw_steps_replaced_by_fallback_on_corrupt_and_by_upload_to(rgw, tmp_pat
     assert committed(mirror, capsys) == [4, 8]
     again = train(tmp_path / "b", *mirrored, "--checkpoint.load_step", "4", env=rgw.env)
     assert "upload to" not in again.output.replace("uploaded to", "")  # no failed upload
-    assert again.output.count("uploaded to") == 1 and "replaced existing" in again.output
+    assert again.output.count("uploaded to") == 1 and f"replaced existing {mirror}/step-8" in again.output
     assert main(["checkpoint", "verify", f"{mirror}/step-8"]) == 0
     assert main(["checkpoint", "diff", str(tmp_path / "b" / "checkpoint" / "step-8"), f"{mirror}/step-8"]) == 0
 
