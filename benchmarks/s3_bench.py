@@ -11,11 +11,15 @@ the same run:
 - DCP's own ``FsspecWriter`` / ``FsspecReader`` over s3fs (what torchtitan's s3:// support uses),
   writing one file per rank as cairn does (``single_file_per_rank``), its thread count as cairn's.
 
-Without ``--endpoint`` it starts the test server of ``tests/s3_server.py`` (moto's server mode)
-on 127.0.0.1 in a process of its own. That server is one Python process: where it caps every
-client, the 1- and N-connection ceilings show it, and the ratios say so.
+Without ``--endpoint`` it starts a test server on 127.0.0.1 in processes of its own:
+``--server moto`` (default; ``tests/s3_server.py``, moto's server mode, one Python process)
+or ``--server rgw`` (``tests/rgw_server.py``: Ceph's RADOS Gateway on a one-monitor, one-OSD
+memstore cluster, as Debian packages it). Where a server caps every client, the 1- and
+N-connection ceilings show it, and the ratios say so. What each measurement wrote is deleted
+after it, so a memory-backed server holds one state at a time.
 
     python benchmarks/s3_bench.py --gb 1 --out s3_bench.json
+    python benchmarks/s3_bench.py --server rgw --gb 0.336 --tensor-mb 64 --repeats 3 --out rgw.json
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ import torch  # noqa: E402
 import torch.distributed.checkpoint as dcp  # noqa: E402
 
 from cairn.checkpoint import load, save  # noqa: E402
-from cairn.checkpoint.s3 import S3Store, client, part_bytes  # noqa: E402
+from cairn.checkpoint.s3 import S3Store  # noqa: E402
+from cairn.checkpoint.s3_client import client, part_bytes  # noqa: E402
 
 
 def state_of(gigabytes: float, tensor_mb: int) -> dict[str, torch.Tensor]:
@@ -85,9 +90,33 @@ def raw_get(bucket: str, key: str, size: int, connections: int) -> float:
     return time.perf_counter() - start
 
 
-def timed(fn, repeats: int) -> list[float]:
+def start_rgw(lifetime: float):
+    """tests/rgw_server.py in a process of its own: (process, endpoint) once the gateway answers."""
+    import subprocess
+
+    process = subprocess.Popen([sys.executable, str(REPO / "tests" / "rgw_server.py"), "--lifetime", str(lifetime),
+                                "--memstore-gb", "8"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    url = process.stdout.readline().strip()
+    if not url.startswith("http://"):
+        process.kill()
+        raise RuntimeError("Ceph RGW did not start (see tests/rgw_server.py)")
+    return process, url
+
+
+def delete_prefix(bucket: str, prefix: str) -> None:
+    s3 = client()
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        found = [{"Key": item["Key"]} for item in page.get("Contents", [])]
+        if found:
+            s3.delete_objects(Bucket=bucket, Delete={"Objects": found, "Quiet": True})
+
+
+def timed(fn, repeats: int, prepare=None) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``fn``; ``prepare()`` runs (untimed) before each."""
     out = []
     for _ in range(repeats):
+        if prepare is not None:
+            prepare()
         start = time.perf_counter()
         fn()
         out.append(time.perf_counter() - start)
@@ -103,7 +132,9 @@ def main(argv: list[str]) -> None:
                              "serves the ranges of an object as large as cairn's one data file)")
     parser.add_argument("--connections", type=int, default=int(os.environ.get("CAIRN_S3_CONNECTIONS", 16)))
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--endpoint", default=None, help="an S3-compatible endpoint (default: start the test server)")
+    parser.add_argument("--endpoint", default=None, help="an S3-compatible endpoint (default: start --server)")
+    parser.add_argument("--server", choices=("moto", "rgw"), default="moto",
+                        help="the test server to start when no --endpoint is given")
     parser.add_argument("--skip-fsspec", action="store_true")
     parser.add_argument("--out", default="s3_bench.json")
     args = parser.parse_args(argv)
@@ -112,14 +143,17 @@ def main(argv: list[str]) -> None:
     if args.endpoint is None:
         import s3_server
 
-        server, args.endpoint = s3_server.start(lifetime=7200)
+        server, args.endpoint = (s3_server.start(lifetime=7200) if args.server == "moto"
+                                 else start_rgw(lifetime=7200))
         os.environ.update(s3_server.environment(args.endpoint))
     os.environ["AWS_ENDPOINT_URL"] = args.endpoint
     s3 = client()
     bucket = f"cairn-bench-{uuid.uuid4().hex[:10]}"
     s3.create_bucket(Bucket=bucket)
     report: dict = {"host": {"python": platform.python_version(), "torch": torch.__version__,
-                             "cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")},
+                             "cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                             "load_average": os.getloadavg()},
+                    "server": args.server if server is not None else args.endpoint,
                     "config": {**vars(args), "part_bytes": part_bytes(), "argv": argv}}
     try:
         state = state_of(args.gb, args.tensor_mb)
@@ -132,12 +166,18 @@ def main(argv: list[str]) -> None:
                     for _ in range(args.repeats)]
             ceilings[str(connections)] = {"put_gbps": len(payload) / min(puts) / 1e9,
                                           "get_gbps": len(payload) / min(gets) / 1e9, "put_s": puts, "get_s": gets}
+            delete_prefix(bucket, "ceiling/")
         report["ceilings"] = ceilings
         del payload
         report["state_bytes"] = size
         store = S3Store(bucket, "cairn")
         step = iter(range(1, 1000))
-        saves = timed(lambda: save(state, store, next(step)), args.repeats)
+
+        def drop_saved() -> None:  # the server holds one state at a time
+            for old in store.committed_steps():
+                store.delete(old)
+
+        saves = timed(lambda: save(state, store, next(step)), args.repeats, prepare=drop_saved)
         target = {key: torch.empty_like(value) for key, value in state.items()}
         loads = timed(lambda: load(target, store), args.repeats)
         assert all(torch.equal(target[k], state[k]) for k in state)
@@ -157,7 +197,7 @@ def main(argv: list[str]) -> None:
                 dcp.save(state, storage_writer=FsspecWriter(paths[-1], single_file_per_rank=True, sync_files=False,
                                                             thread_count=1), no_dist=True)
 
-            fsspec_saves = timed(fsspec_save, args.repeats)
+            fsspec_saves = timed(fsspec_save, args.repeats, prepare=lambda: delete_prefix(bucket, "fsspec/"))
             fsspec_loads = timed(lambda: dcp.load(target, storage_reader=FsspecReader(paths[-1]), no_dist=True),
                                  args.repeats)
             report["dcp_fsspec"] = {"save_s": fsspec_saves, "load_s": fsspec_loads,
@@ -175,7 +215,8 @@ def main(argv: list[str]) -> None:
     finally:
         Path(args.out).write_text(json.dumps(report, indent=1, default=str))
         if server is not None:
-            server.kill()
+            server.terminate()  # the RGW launcher stops its daemons and removes its cluster
+            server.wait()
     c = report["ceilings"]
     print(f"state {report['state_bytes'] / 1e9:.2f} GB, parts of {part_bytes() >> 20} MiB, endpoint {args.endpoint}")
     for n, figures in c.items():

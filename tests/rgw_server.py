@@ -28,7 +28,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,16 +37,10 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "cairn-test", "AWS_SECRET_ACCESS_KEY": "cairn-test-secret",
-               "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
+from s3_server import CREDENTIALS, environment, free_port, stdin_watcher  # the same test user
+
 DAEMONS = ("ceph-mon", "ceph-osd", "radosgw", "radosgw-admin", "monmaptool", "ceph-authtool", "ceph")
 START_TIMEOUT_S = 120
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def missing_tools() -> list[str]:
@@ -194,15 +187,7 @@ def serve(lifetime: float, watch_stdin: bool, memstore_gb: float, keep: bool) ->
         print(f"{time.monotonic() - started:.1f} s to start", flush=True)
         closed = threading.Event()
         if watch_stdin:
-            def watch() -> None:
-                try:
-                    while sys.stdin.read(1):
-                        pass
-                except (OSError, ValueError):
-                    pass
-                closed.set()
-
-            threading.Thread(target=watch, daemon=True).start()
+            stdin_watcher(closed)
         signal.signal(signal.SIGTERM, lambda *_: closed.set())
         deadline = time.monotonic() + lifetime
         while not closed.is_set() and time.monotonic() < deadline:
@@ -215,11 +200,6 @@ def serve(lifetime: float, watch_stdin: bool, memstore_gb: float, keep: bool) ->
         cluster.stop()
         if not keep:
             shutil.rmtree(root, ignore_errors=True)
-
-
-def environment(url: str) -> dict[str, str]:
-    """What a process needs to talk to the gateway the way AWS tools are configured."""
-    return {**CREDENTIALS, "AWS_ENDPOINT_URL": url}
 
 
 try:

@@ -39,6 +39,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stdin_watcher(closed: threading.Event) -> None:
+    """Set ``closed`` once standard input closes: the process that started this one went away."""
+
+    def watch() -> None:
+        try:
+            while sys.stdin.read(1):
+                pass
+        except (OSError, ValueError):
+            pass
+        closed.set()
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def serve(port: int, lifetime: float, watch_stdin: bool = True) -> None:
     from moto.server import ThreadedMotoServer
 
@@ -47,17 +61,8 @@ def serve(port: int, lifetime: float, watch_stdin: bool = True) -> None:
     deadline = time.monotonic() + lifetime
     print(f"http://127.0.0.1:{port}", flush=True)
     closed = threading.Event()
-
-    def watch_stdin_closed() -> None:
-        try:
-            while sys.stdin.read(1):
-                pass
-        except (OSError, ValueError):
-            pass
-        closed.set()
-
     if watch_stdin:
-        threading.Thread(target=watch_stdin_closed, daemon=True).start()
+        stdin_watcher(closed)
     while not closed.is_set() and time.monotonic() < deadline:
         closed.wait(1.0)
     server.stop()

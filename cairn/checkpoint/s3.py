@@ -215,12 +215,18 @@ class S3Store:
                                                       f"{step} (damaged, crafted, or another step's)"])
         return marker, etag
 
-    def committed_manifest(self, step: int) -> tuple[str, dict]:
-        """(save id, manifest) of committed step ``step``: the manifest checked against the marker."""
+    def committed_save_id(self, step: int) -> tuple[str, dict]:
+        """(save id, marker) of committed step ``step``; CheckpointError if it is not committed."""
         found = self.read_marker(step)
         if found is None:
             raise CheckpointError(f"{self.step_url(step)} is not a committed step (no commit marker)")
-        marker, _ = found
+        return found[0]["save_id"], found[0]
+
+    def committed_manifest(self, step: int, marker: dict | None = None) -> tuple[str, dict]:
+        """(save id, manifest) of committed step ``step``: the manifest checked against the marker
+        (``marker``: the step's, already read)."""
+        if marker is None:
+            _, marker = self.committed_save_id(step)
         key = f"{self.save_prefix(step, marker['save_id'])}/{MANIFEST_NAME}"
         where = s3_uri(self.bucket, key)
         raw = get_object(self.bucket, key, limit=MAX_MANIFEST_BYTES)

@@ -332,14 +332,27 @@ def exists(bucket: str, key: str) -> bool:
 
 
 def get_object(bucket: str, key: str, limit: int | None = None) -> bytes | None:
-    """The whole object, or None if it does not exist; CheckpointError if larger than ``limit``."""
-    found = head(bucket, key)
-    if found is None:
-        return None
-    size = found["ContentLength"]
-    if limit is not None and size > limit:
-        raise CheckpointError(f"{s3_uri(bucket, key)}: {size} bytes, more than such an object can hold ({limit})")
-    return get_range(bucket, key, 0, size) if size else b""
+    """The whole object (one request: a small object's cost is its round trip), or None if it does
+    not exist; CheckpointError if larger than ``limit``, before its body is read."""
+
+    def fetch():
+        response = client().get_object(Bucket=bucket, Key=key)
+        size = response["ContentLength"]
+        if limit is not None and size > limit:
+            response["Body"].close()
+            raise CheckpointError(f"{s3_uri(bucket, key)}: {size} bytes, more than such an object can hold "
+                                  f"({limit})")
+        data = response["Body"].read()
+        if len(data) != size:
+            raise IncompleteReadError(actual_bytes=len(data), expected_bytes=size)
+        return data
+
+    try:
+        return request("reading", s3_uri(bucket, key), fetch)
+    except S3Error as e:
+        if e.code in NOT_FOUND:
+            return None
+        raise
 
 
 def put_bytes(bucket: str, key: str, data: bytes, action: str = "writing", **conditions: str) -> str:

@@ -85,9 +85,19 @@ class S3StorageReader(StorageReader):
             return self.metadata
         try:
             if self.data_prefix is None:
-                save_id, self.manifest = self.store.committed_manifest(self.step)
+                # The marker names the save; its manifest and DCP metadata then come at once (two
+                # round trips in all before the data, where small objects cost their round trip).
+                save_id, marker = self.store.committed_save_id(self.step)
                 self.data_prefix = self.store.save_prefix(self.step, save_id)
-            raw = self._get(METADATA_NAME, MAX_METADATA_BYTES)
+                fetching = transfer_pool().submit(self._get, METADATA_NAME, MAX_METADATA_BYTES)
+                try:
+                    _, self.manifest = self.store.committed_manifest(self.step, marker)
+                except BaseException:
+                    fetching.cancel()
+                    raise
+                raw = fetching.result()
+            else:
+                raw = self._get(METADATA_NAME, MAX_METADATA_BYTES)
             if raw is None:
                 raise CheckpointError(f"{self.where}/{METADATA_NAME} is missing: not a DCP checkpoint, or its save "
                                       "never finished")
