@@ -355,10 +355,13 @@ def get_object(bucket: str, key: str, limit: int | None = None) -> bytes | None:
         raise
 
 
-def put_bytes(bucket: str, key: str, data: bytes, action: str = "writing", **conditions: str) -> str:
-    """Put one small object; returns its ETag. ``conditions``: IfNoneMatch / IfMatch."""
+def put_bytes(bucket: str, key: str, data: bytes, action: str = "writing", metadata: dict[str, str] | None = None,
+              **conditions: str) -> str:
+    """Put one small object (with user ``metadata``, which a HEAD returns); returns its ETag.
+    ``conditions``: IfNoneMatch / IfMatch."""
+    extra = {"Metadata": metadata} if metadata else {}
     return request(action, s3_uri(bucket, key),
-                   lambda: client().put_object(Bucket=bucket, Key=key, Body=data, **conditions)["ETag"])
+                   lambda: client().put_object(Bucket=bucket, Key=key, Body=data, **extra, **conditions)["ETag"])
 
 
 def delete_key(bucket: str, key: str, **conditions: str) -> None:

@@ -34,6 +34,7 @@ from cairn.checkpoint.s3_client import (
     delete_key,
     endpoint,
     get_small,
+    head,
     put_bytes,
     request,
     s3_uri,
@@ -167,28 +168,30 @@ class ConditionalWrites:
     def __init__(self, bucket: str, conditions: Conditions, unprotected: bool):
         self.bucket, self.conditions, self.unprotected = bucket, conditions, unprotected
 
-    def create(self, key: str, data: bytes, action: str = "writing") -> str | None:
-        """Put ``key`` only if it does not exist; its ETag, or None."""
+    def create(self, key: str, data: bytes, action: str = "writing", metadata: dict[str, str] | None = None) \
+            -> str | None:
+        """Put ``key`` (with user ``metadata``) only if it does not exist; its ETag, or None."""
         if not self.conditions.create:
-            if get_small(self.bucket, key) is not None:
+            if head(self.bucket, key) is not None:
                 return None
-            return put_bytes(self.bucket, key, data, action)
-        return self._put(key, data, action, IfNoneMatch="*")
+            return put_bytes(self.bucket, key, data, action, metadata)
+        return self._put(key, data, action, metadata, IfNoneMatch="*")
 
-    def replace(self, key: str, data: bytes, etag: str, action: str = "writing") -> str | None:
+    def replace(self, key: str, data: bytes, etag: str, action: str = "writing",
+                metadata: dict[str, str] | None = None) -> str | None:
         """Put ``key`` only if its version is still ``etag`` (as the store returned it); its new ETag, or None."""
         if self.conditions.match_form is None:
-            found = get_small(self.bucket, key)
-            if found is None or found[1].strip('"') != etag.strip('"'):
+            found = head(self.bucket, key)
+            if found is None or found["ETag"].strip('"') != etag.strip('"'):
                 return None
-            return put_bytes(self.bucket, key, data, action)
-        return self._put(key, data, action, IfMatch=self.conditions.if_match(etag))
+            return put_bytes(self.bucket, key, data, action, metadata)
+        return self._put(key, data, action, metadata, IfMatch=self.conditions.if_match(etag))
 
     def delete(self, key: str, etag: str) -> bool:
         """Delete ``key`` only if its version is still ``etag``; whether it was (or was already gone)."""
         if not self.conditions.delete:  # read and compare: the release of a lease held until now
-            found = get_small(self.bucket, key)
-            if found is not None and found[1].strip('"') != etag.strip('"'):
+            found = head(self.bucket, key)
+            if found is not None and found["ETag"].strip('"') != etag.strip('"'):
                 return False
             delete_key(self.bucket, key)
             return True
@@ -200,9 +203,10 @@ class ConditionalWrites:
                 return False
             raise
 
-    def _put(self, key: str, data: bytes, action: str, **condition: str) -> str | None:
+    def _put(self, key: str, data: bytes, action: str, metadata: dict[str, str] | None, **condition: str) \
+            -> str | None:
         try:
-            return put_bytes(self.bucket, key, data, action, **condition)
+            return put_bytes(self.bucket, key, data, action, metadata, **condition)
         except S3Error as e:
             if e.code in CONDITION_FAILED or (e.code in NOT_FOUND and "IfMatch" in condition):
                 return None
