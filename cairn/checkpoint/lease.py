@@ -231,8 +231,8 @@ class FolderLease:
             raise LeaseLostError(f"{self.lost}; nothing more is saved there by this run")
 
     def confirm(self) -> None:
-        """The commit fence: renew the lease now (one read and one write to the store) and raise
-        LeaseLostError if this run no longer holds it."""
+        """The commit fence: renew the lease now (one conditional write, so the answer is the
+        store's, not a cached flag's) and raise LeaseLostError if this run no longer holds it."""
         with self._lock:
             if self.lost is None:
                 self.lost = self._renew()

@@ -99,7 +99,7 @@ MARKER_METADATA = "cairn-marker"
 # How a user accepts a store without conditional writes, for the refusal's message.
 OPT_IN = ("--checkpoint.s3_unsafe_no_conditional_writes (open_store(..., s3_unsafe_no_conditional_writes=True) "
           "from a loop of your own)")
-_PROBE_NAMES = (PROBE_PREFIX, ".cairn-write-probe-")  # the second: cairn before 0.x's writability probe
+_PROBE_NAMES = (PROBE_PREFIX, ".cairn-write-probe-")  # the second: the writability probe of earlier cairn
 
 
 class S3Store:

@@ -229,13 +229,13 @@ def explain(error: BaseException, uri: str, action: str, retried: tuple[int, flo
         why = f"{where} sent nothing for {READ_TIMEOUT_S} s"
     elif isinstance(error, (ConnectError, HTTPClientError, IncompleteReadError, ConnectionError)):
         why = f"the connection to {where} broke ({name})"
+    elif code in _PASSING_CODES:
+        why = f"the store kept refusing ({code})"
     elif code is not None and code.isdigit() and isinstance(error, ClientError) and \
             error.operation_name not in ("HeadObject", "HeadBucket"):
         # An S3 server names every error in XML; a bare status is some other server on that port.
         why = (f"{where} did not answer as an S3 server (HTTP {code}); is AWS_ENDPOINT_URL the store's "
                "endpoint?")
-    elif code in _PASSING_CODES:
-        why = f"the store kept refusing ({code})"
     elif isinstance(error, (ClientError, BotoCoreError)):
         message = str(error).splitlines()[0] if str(error) else name
         why = f"{code or name}: {message}"

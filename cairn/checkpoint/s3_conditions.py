@@ -74,10 +74,6 @@ class Conditions:
         bare = etag.strip('"')
         return bare if self.match_form == "unquoted" else f'"{bare}"'
 
-
-# Nothing probed yet: what S3 itself does.
-S3_CONDITIONS = Conditions(create=True, match_form="quoted", delete=True)
-
 _known: dict[tuple[str, str], Conditions] = {}
 _lock = threading.Lock()
 

@@ -27,7 +27,7 @@ from cairn.checkpoint.local import LocalStore
 # URI schemes that name an object store; anything else (no scheme) is a local path.
 OBJECT_SCHEMES = ("s3",)
 # A path that begins like one (``s3:/bucket``, ``S3:bucket``) but lacks the ``//``: a typo, not a folder name.
-_SCHEME_LIKE = re.compile(r"^(s3[an]?):(?!//)", re.IGNORECASE)
+_SCHEME_LIKE = re.compile(r"^(s3):(?!//)", re.IGNORECASE)
 
 
 @runtime_checkable

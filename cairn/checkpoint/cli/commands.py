@@ -48,7 +48,7 @@ from cairn.checkpoint.convert import ConvertOptions, convert_checkpoint
 from cairn.checkpoint.errors import CheckFailed, CheckpointError, UsageError, first_line
 from cairn.checkpoint.fsio import display_path, is_hf_dir, tree_usage
 from cairn.checkpoint.hf import HFWeights
-from cairn.checkpoint.layout import MANIFEST_NAME, METADATA_NAME, Leftover, step_name, step_of
+from cairn.checkpoint.layout import Leftover, step_name, step_of
 from cairn.checkpoint.lease import lease_state
 from cairn.checkpoint.local import LocalStore
 from cairn.checkpoint.memory import list_snapshots
@@ -62,7 +62,6 @@ from cairn.checkpoint.readers import (
     detect_format,
     file_order,
     group_of,
-    is_step_folder,
     open_checkpoint,
     progress_bar,
     read_batches,
