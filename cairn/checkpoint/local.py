@@ -486,7 +486,8 @@ class LocalStore:
                 kind, why = "aside", ("old copy of a replaced step" if (self.folder / step_name(step)).is_dir()
                                       else "a replace cut short: restored as " + step_name(step))
             elif step_of(name) is not None and path.is_dir() and not has_commit_marker(path):
-                kind, step, why = "foreign", step_of(name), f"neither {MANIFEST_NAME} nor {METADATA_NAME}: not cairn's"
+                kind, step, why = "foreign", step_of(name), ("no manifest or .metadata: not written by cairn (a save "
+                                                             "by another tool that did not finish?)")
             else:
                 continue
             num_bytes, num_files = fsio.tree_usage(path)

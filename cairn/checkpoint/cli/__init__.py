@@ -16,7 +16,8 @@ never two whole checkpoints at once.
 
 Exit status: 0 fine, 1 the checkpoint is corrupt or unsafe (``diff``: different), 2 a
 usage error (missing path, not a checkpoint, bad option). Errors are one line,
-``cairn checkpoint <cmd>: <what> (<path>)``, never a traceback. Output fits 80 columns;
+``cairn checkpoint <cmd>: <what> (<path>)``, never a traceback. Output fits 80 columns (a
+command printed to be copied stays whole on a line of its own);
 colours only on a terminal, never with ``NO_COLOR`` set; progress bars go to stderr and
 only to a terminal. The subcommands live in ``commands.py`` and ``plot.py``, what they print
 in ``output.py``.
