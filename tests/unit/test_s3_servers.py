@@ -164,6 +164,31 @@ def test_storage_errors_are_one_line_within_the_bound(s3, monkeypatch):
         other.close()
 
 
+def test_a_store_lost_mid_run_is_one_line_on_every_path(s3, monkeypatch, caplog):
+    """Saves, loads, listing and the lease's renewal, once the endpoint stops answering mid-run."""
+    monkeypatch.setenv("CAIRN_S3_RETRY_S", "1")
+    monkeypatch.setenv("CAIRN_LEASE_HEARTBEAT", "0.2")
+    proxy = FaultProxy(s3.url)
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        store = open_store(s3.uri)
+        held = FolderLease.acquire(store)
+        save(make_state(1), store, 1)
+        proxy.down_until = time.monotonic() + 3600  # every connection dropped from now on
+        for attempt in (lambda: save(make_state(2), store, 2), lambda: load(make_state(0), store, 1),
+                        store.committed_steps, held.confirm):
+            with pytest.raises(CheckpointError) as failed:
+                attempt()
+            message = str(failed.value)
+            assert "\n" not in message and s3.uri in message and "broke" in message, message
+        time.sleep(1.5)
+        renewals = [r.getMessage() for r in caplog.records if "could not renew the lease" in r.getMessage()]
+        assert renewals and all("\n" not in line and s3.uri in line for line in renewals)
+        held.release()
+    finally:
+        proxy.close()
+
+
 @pytest.mark.parametrize("uri", ["s3:/bucket/run", "s3:bucket/run", "S3:/bucket", "s3://", "s3:///run",
                                  "s3://b/run", "s3://bucket with space/run", "gs://bucket/run"])
 def test_malformed_uris_are_one_line(uri, tmp_path, monkeypatch):
