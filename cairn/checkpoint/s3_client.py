@@ -253,10 +253,11 @@ def endpoint_text() -> str:
         return "the S3 endpoint"
 
 
-def request(action: str, uri: str, call: Callable[[], T]) -> T:
+def request(action: str, uri: str, call: Callable[[], T], missing_ok: bool = False) -> T | None:
     """``call()`` (one or more requests to the store, a body read included), retried with
     backoff while it fails in a way that may pass, for at most ``retry_seconds()``; any other
-    failure, or the last one, is raised as one ``S3Error`` naming ``action`` and ``uri``."""
+    failure, or the last one, is raised as one ``S3Error`` naming ``action`` and ``uri``.
+    ``missing_ok``: None when the object does not exist."""
     attempts, first_failure, delay = 0, None, FIRST_BACKOFF_S
     while True:
         attempts += 1
@@ -265,6 +266,8 @@ def request(action: str, uri: str, call: Callable[[], T]) -> T:
         except CheckpointError:
             raise
         except Exception as e:  # noqa: BLE001 - every failure becomes an S3Error
+            if missing_ok and error_code(e) in NOT_FOUND:
+                return None
             now = time.monotonic()
             first_failure = now if first_failure is None else first_failure
             left = first_failure + retry_seconds() - now
@@ -309,22 +312,13 @@ def get_small(bucket: str, key: str) -> tuple[bytes, str] | None:
         response = client().get_object(Bucket=bucket, Key=key)
         return response["Body"].read(1 << 16), response["ETag"]
 
-    try:
-        return request("reading", s3_uri(bucket, key), fetch)
-    except S3Error as e:
-        if e.code in NOT_FOUND:
-            return None
-        raise
+    return request("reading", s3_uri(bucket, key), fetch, missing_ok=True)
 
 
 def head(bucket: str, key: str) -> dict | None:
     """The object's HEAD answer (``ContentLength``, ``ETag``, ...), or None if it does not exist."""
-    try:
-        return request("reading", s3_uri(bucket, key), lambda: client().head_object(Bucket=bucket, Key=key))
-    except S3Error as e:
-        if e.code in NOT_FOUND:
-            return None
-        raise
+    return request("reading", s3_uri(bucket, key), lambda: client().head_object(Bucket=bucket, Key=key),
+                   missing_ok=True)
 
 
 def exists(bucket: str, key: str) -> bool:
@@ -347,12 +341,7 @@ def get_object(bucket: str, key: str, limit: int | None = None) -> bytes | None:
             raise IncompleteReadError(actual_bytes=len(data), expected_bytes=size)
         return data
 
-    try:
-        return request("reading", s3_uri(bucket, key), fetch)
-    except S3Error as e:
-        if e.code in NOT_FOUND:
-            return None
-        raise
+    return request("reading", s3_uri(bucket, key), fetch, missing_ok=True)
 
 
 def put_bytes(bucket: str, key: str, data: bytes, action: str = "writing", metadata: dict[str, str] | None = None,
@@ -366,11 +355,8 @@ def put_bytes(bucket: str, key: str, data: bytes, action: str = "writing", metad
 
 def delete_key(bucket: str, key: str, **conditions: str) -> None:
     """Delete one object (``conditions``: IfMatch); a missing one is no error."""
-    try:
-        request("deleting", s3_uri(bucket, key), lambda: client().delete_object(Bucket=bucket, Key=key, **conditions))
-    except S3Error as e:
-        if e.code not in NOT_FOUND:
-            raise
+    request("deleting", s3_uri(bucket, key), lambda: client().delete_object(Bucket=bucket, Key=key, **conditions),
+            missing_ok=True)
 
 
 def delete_keys(bucket: str, keys: list[str], uri: str) -> list[str]:

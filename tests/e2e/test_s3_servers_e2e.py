@@ -10,19 +10,14 @@ port and a malformed ``s3:`` URI: one line each, within the retry bound."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
 import subprocess
-import sys
 import time
 
-import psutil
 import pytest
 
 from cairn.cli import main
-from conftest import REPO, train
+from conftest import REPO, kill_tree, start, train
 from rgw_server import rgw  # noqa: F401 - a fixture
 from s3_server import FaultProxy, NotS3Server, closed_port_url, s3  # noqa: F401 - a fixture
 
@@ -55,13 +50,6 @@ def worker_traceback(output: str) -> bool:
     return any('File "' in line and ("/cairn/" in line or "botocore" in line) for line in output.splitlines())
 
 
-def start(dump, *args: str, env: dict) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "-m",
-           "cairn.train", "--module", "llama3", "--config", "llama3_tiny", "--job.dump_folder", str(dump), *args]
-    return subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **env},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
 def wait_for_manifests(server, prefix: str, count: int, process: subprocess.Popen, timeout: float = 300) -> None:
     """Until ``count`` saves under ``prefix`` have written their manifest."""
     deadline = time.monotonic() + timeout
@@ -69,15 +57,6 @@ def wait_for_manifests(server, prefix: str, count: int, process: subprocess.Pope
         assert process.poll() is None, process.communicate()[0][-3000:]
         assert time.monotonic() < deadline, f"{count} manifests not written under {prefix} in {timeout} s"
         time.sleep(0.2)
-
-
-def kill_tree(process: subprocess.Popen) -> str:
-    """kill -9 of torchrun's worker, then torchrun: a crash; returns what they printed."""
-    for child in psutil.Process(process.pid).children(recursive=True):
-        with contextlib.suppress(psutil.NoSuchProcess):
-            os.kill(child.pid, signal.SIGKILL)
-    process.kill()
-    return process.communicate()[0]
 
 
 def test_rgw_kills_resume_bitwise_and_clean_removes_only_the_leftovers(rgw, tmp_path, capsys):
