@@ -90,12 +90,13 @@ def raw_get(bucket: str, key: str, size: int, connections: int) -> float:
     return time.perf_counter() - start
 
 
-def start_rgw(lifetime: float):
+def start_rgw(lifetime: float, beast: str = ""):
     """tests/rgw_server.py in a process of its own: (process, endpoint) once the gateway answers."""
     import subprocess
 
     process = subprocess.Popen([sys.executable, str(REPO / "tests" / "rgw_server.py"), "--lifetime", str(lifetime),
-                                "--memstore-gb", "8"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                                "--memstore-gb", "8", "--beast", beast], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               text=True)
     url = process.stdout.readline().strip()
     if not url.startswith("http://"):
         process.kill()
@@ -109,6 +110,22 @@ def delete_prefix(bucket: str, prefix: str) -> None:
         found = [{"Key": item["Key"]} for item in page.get("Contents", [])]
         if found:
             s3.delete_objects(Bucket=bucket, Delete={"Objects": found, "Quiet": True})
+
+
+def small_requests_ms(bucket: str, count: int = 15) -> dict[str, float]:
+    """Median milliseconds of the small requests a load and a commit make before any data (a
+    marker, a manifest, the lease): GET of 100 B and 10 kB, HEAD, PUT of 100 B, LIST."""
+    s3 = client()
+    s3.put_object(Bucket=bucket, Key="small/100", Body=os.urandom(100))
+    s3.put_object(Bucket=bucket, Key="small/10k", Body=os.urandom(10_000))
+    calls = {"get_100B": lambda: s3.get_object(Bucket=bucket, Key="small/100")["Body"].read(),
+             "get_10kB": lambda: s3.get_object(Bucket=bucket, Key="small/10k")["Body"].read(),
+             "head": lambda: s3.head_object(Bucket=bucket, Key="small/100"),
+             "put_100B": lambda: s3.put_object(Bucket=bucket, Key="small/put", Body=b"x" * 100),
+             "list": lambda: s3.list_objects_v2(Bucket=bucket, Prefix="small/", Delimiter="/")}
+    out = {name: round(1000 * statistics.median(timed(call, count)), 1) for name, call in calls.items()}
+    delete_prefix(bucket, "small/")
+    return out
 
 
 def timed(fn, repeats: int, prepare=None) -> list[float]:
@@ -135,6 +152,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--endpoint", default=None, help="an S3-compatible endpoint (default: start --server)")
     parser.add_argument("--server", choices=("moto", "rgw"), default="moto",
                         help="the test server to start when no --endpoint is given")
+    parser.add_argument("--rgw-beast", default="", help="options of RGW's beast frontend, e.g. tcp_nodelay=1")
     parser.add_argument("--skip-fsspec", action="store_true")
     parser.add_argument("--out", default="s3_bench.json")
     args = parser.parse_args(argv)
@@ -144,7 +162,7 @@ def main(argv: list[str]) -> None:
         import s3_server
 
         server, args.endpoint = (s3_server.start(lifetime=7200) if args.server == "moto"
-                                 else start_rgw(lifetime=7200))
+                                 else start_rgw(lifetime=7200, beast=args.rgw_beast))
         os.environ.update(s3_server.environment(args.endpoint))
     os.environ["AWS_ENDPOINT_URL"] = args.endpoint
     s3 = client()
@@ -156,6 +174,7 @@ def main(argv: list[str]) -> None:
                     "server": args.server if server is not None else args.endpoint,
                     "config": {**vars(args), "part_bytes": part_bytes(), "argv": argv}}
     try:
+        report["small_requests_ms"] = small_requests_ms(bucket)
         state = state_of(args.gb, args.tensor_mb)
         size = nbytes(state)
         payload = os.urandom(args.ceiling_mb << 20 if args.ceiling_mb else size)
@@ -219,6 +238,7 @@ def main(argv: list[str]) -> None:
             server.wait()
     c = report["ceilings"]
     print(f"state {report['state_bytes'] / 1e9:.2f} GB, parts of {part_bytes() >> 20} MiB, endpoint {args.endpoint}")
+    print("  small requests, median ms: " + ", ".join(f"{k} {v}" for k, v in report["small_requests_ms"].items()))
     for n, figures in c.items():
         print(f"  raw boto3, {n:>2} connection(s): PUT {figures['put_gbps']:.3f} GB/s, GET {figures['get_gbps']:.3f} GB/s")
     print(f"  cairn: save {report['cairn']['save_gbps']:.3f} GB/s, load (verified) "

@@ -51,7 +51,7 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def _config(root: Path, fsid: str, mon_port: int, rgw_port: int, memstore_bytes: int) -> str:
+def _config(root: Path, fsid: str, mon_port: int, rgw_port: int, memstore_bytes: int, beast: str) -> str:
     return f"""[global]
 fsid = {fsid}
 mon host = v1:127.0.0.1:{mon_port}
@@ -79,7 +79,7 @@ osd objectstore = memstore
 memstore device bytes = {memstore_bytes}
 osd max object name len = 460
 osd max object namespace len = 64
-rgw frontends = beast endpoint=127.0.0.1:{rgw_port}
+rgw frontends = beast endpoint=127.0.0.1:{rgw_port}{" " + beast if beast else ""}
 rgw data = {root}/rgw
 rgw enable usage log = false
 rgw enable ops log = false
@@ -96,7 +96,7 @@ keyring = {root}/osd.0/keyring
 class Cluster:
     """One monitor, one memstore OSD and one radosgw under ``root``; ``stop`` ends them."""
 
-    def __init__(self, root: Path, memstore_bytes: int):
+    def __init__(self, root: Path, memstore_bytes: int, beast: str = ""):
         self.root = root
         self.conf = root / "ceph.conf"
         self.mon_port, self.rgw_port = free_port(), free_port()
@@ -105,7 +105,7 @@ class Cluster:
         for name in ("run", "log", "osd.0", "rgw"):
             (root / name).mkdir(parents=True)
         self.fsid = str(uuid.uuid4())
-        self.conf.write_text(_config(root, self.fsid, self.mon_port, self.rgw_port, memstore_bytes))
+        self.conf.write_text(_config(root, self.fsid, self.mon_port, self.rgw_port, memstore_bytes, beast))
 
     def _run(self, *args: str, stdin: str | None = None, timeout: float = 60) -> str:
         done = subprocess.run(list(args), cwd=self.root, input=stdin, capture_output=True, text=True, timeout=timeout)
@@ -167,13 +167,13 @@ class Cluster:
                 process.wait()
 
 
-def serve(lifetime: float, watch_stdin: bool, memstore_gb: float, keep: bool) -> int:
+def serve(lifetime: float, watch_stdin: bool, memstore_gb: float, keep: bool, beast: str = "") -> int:
     missing = missing_tools()
     if missing:
         print(f"rgw_server: missing {', '.join(missing)} (apt-get install radosgw ceph-mon ceph-osd)", file=sys.stderr)
         return 1
     root = Path(tempfile.mkdtemp(prefix="cairn-rgw-"))
-    cluster = Cluster(root, int(memstore_gb * (1 << 30)))
+    cluster = Cluster(root, int(memstore_gb * (1 << 30)), beast)
     started = time.monotonic()
     try:
         try:
@@ -236,5 +236,7 @@ if __name__ == "__main__":
     parser.add_argument("--memstore-gb", type=float, default=4.0,
                         help="most bytes the OSD keeps in memory (objects deleted are freed by RGW's collector)")
     parser.add_argument("--keep", action="store_true", help="keep the cluster's directory (its logs) at the end")
+    parser.add_argument("--beast", default="", help="more options of the beast frontend, e.g. tcp_nodelay=1 "
+                                                    "(default: none, as Debian's RGW runs)")
     args = parser.parse_args()
-    sys.exit(serve(args.lifetime, not args.no_watch_stdin, args.memstore_gb, args.keep))
+    sys.exit(serve(args.lifetime, not args.no_watch_stdin, args.memstore_gb, args.keep, args.beast))
