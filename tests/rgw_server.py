@@ -51,7 +51,21 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def _config(root: Path, fsid: str, mon_port: int, rgw_port: int, memstore_bytes: int, beast: str) -> str:
+def _option(line: str) -> str:
+    """The option a ceph.conf line sets, as Ceph reads it (``rgw gc obj min wait`` is ``rgw_gc_obj_min_wait``)."""
+    return line.partition("=")[0].strip().replace(" ", "_").lower()
+
+
+def _config(root: Path, fsid: str, mon_port: int, rgw_port: int, memstore_bytes: int, beast: str,
+            settings: list[str]) -> str:
+    text = _default_config(root, fsid, mon_port, rgw_port, memstore_bytes, beast)
+    overridden = {_option(line) for line in settings}
+    head, _, rest = text.partition("[mon.a]")
+    kept = [line for line in head.splitlines() if _option(line) not in overridden]
+    return "\n".join(kept + list(settings)) + "\n[mon.a]" + rest
+
+
+def _default_config(root: Path, fsid: str, mon_port: int, rgw_port: int, memstore_bytes: int, beast: str) -> str:
     return f"""[global]
 fsid = {fsid}
 mon host = v1:127.0.0.1:{mon_port}
@@ -96,7 +110,7 @@ keyring = {root}/osd.0/keyring
 class Cluster:
     """One monitor, one memstore OSD and one radosgw under ``root``; ``stop`` ends them."""
 
-    def __init__(self, root: Path, memstore_bytes: int, beast: str = ""):
+    def __init__(self, root: Path, memstore_bytes: int, beast: str = "", settings: list[str] = ()):
         self.root = root
         self.conf = root / "ceph.conf"
         self.mon_port, self.rgw_port = free_port(), free_port()
@@ -105,7 +119,8 @@ class Cluster:
         for name in ("run", "log", "osd.0", "rgw"):
             (root / name).mkdir(parents=True)
         self.fsid = str(uuid.uuid4())
-        self.conf.write_text(_config(root, self.fsid, self.mon_port, self.rgw_port, memstore_bytes, beast))
+        self.conf.write_text(_config(root, self.fsid, self.mon_port, self.rgw_port, memstore_bytes, beast,
+                                     list(settings)))
 
     def _run(self, *args: str, stdin: str | None = None, timeout: float = 60) -> str:
         done = subprocess.run(list(args), cwd=self.root, input=stdin, capture_output=True, text=True, timeout=timeout)
@@ -167,13 +182,14 @@ class Cluster:
                 process.wait()
 
 
-def serve(lifetime: float, watch_stdin: bool, memstore_gb: float, keep: bool, beast: str = "") -> int:
+def serve(lifetime: float, watch_stdin: bool, memstore_gb: float, keep: bool, beast: str = "",
+          settings: list[str] = ()) -> int:
     missing = missing_tools()
     if missing:
         print(f"rgw_server: missing {', '.join(missing)} (apt-get install radosgw ceph-mon ceph-osd)", file=sys.stderr)
         return 1
     root = Path(tempfile.mkdtemp(prefix="cairn-rgw-"))
-    cluster = Cluster(root, int(memstore_gb * (1 << 30)), beast)
+    cluster = Cluster(root, int(memstore_gb * (1 << 30)), beast, settings)
     started = time.monotonic()
     try:
         try:
@@ -238,5 +254,7 @@ if __name__ == "__main__":
     parser.add_argument("--keep", action="store_true", help="keep the cluster's directory (its logs) at the end")
     parser.add_argument("--beast", default="", help="more options of the beast frontend, e.g. tcp_nodelay=1 "
                                                     "(default: none, as Debian's RGW runs)")
+    parser.add_argument("--set", action="append", default=[], metavar="'KEY = VALUE'",
+                        help="one more line of ceph.conf's [global] (later lines win), e.g. 'rgw gc obj min wait = 7200'")
     args = parser.parse_args()
-    sys.exit(serve(args.lifetime, not args.no_watch_stdin, args.memstore_gb, args.keep, args.beast))
+    sys.exit(serve(args.lifetime, not args.no_watch_stdin, args.memstore_gb, args.keep, args.beast, args.set))
