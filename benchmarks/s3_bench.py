@@ -247,6 +247,7 @@ def main(argv: list[str]) -> None:
             ratios["cairn_over_fsspec_load"] = report["cairn"]["load_verify_gbps"] / report["dcp_fsspec"]["load_gbps"]
         report["ratios"] = ratios
     finally:
+        report["host"]["load_average_end"] = os.getloadavg()  # other jobs on a shared machine, at the end
         Path(args.out).write_text(json.dumps(report, indent=1, default=str))
         if server is not None:
             server.terminate()  # the RGW launcher stops its daemons and removes its cluster
