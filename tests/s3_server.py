@@ -10,7 +10,10 @@ their own (``tests/conftest.py``).
 
 ``FaultProxy`` sits between a client and the server to inject what a real store does under
 load: ``503 SlowDown`` answers, and a window in which every connection is dropped (as while a
-server restarts). Its request loop runs on threads of the test process and stops with it.
+server restarts); with ``strip_conditions`` it is a store that ignores conditional writes
+(older MinIO and RGW releases, some gateways): it drops ``If-None-Match`` and ``If-Match``
+from every request before the server sees it. Its request loop runs on threads of the test
+process and stops with it.
 """
 
 from __future__ import annotations
@@ -36,6 +39,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stdin_watcher(closed: threading.Event) -> None:
+    """Set ``closed`` once standard input closes: the process that started this one went away."""
+
+    def watch() -> None:
+        try:
+            while sys.stdin.read(1):
+                pass
+        except (OSError, ValueError):
+            pass
+        closed.set()
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def serve(port: int, lifetime: float, watch_stdin: bool = True) -> None:
     from moto.server import ThreadedMotoServer
 
@@ -44,17 +61,8 @@ def serve(port: int, lifetime: float, watch_stdin: bool = True) -> None:
     deadline = time.monotonic() + lifetime
     print(f"http://127.0.0.1:{port}", flush=True)
     closed = threading.Event()
-
-    def watch_stdin_closed() -> None:
-        try:
-            while sys.stdin.read(1):
-                pass
-        except (OSError, ValueError):
-            pass
-        closed.set()
-
     if watch_stdin:
-        threading.Thread(target=watch_stdin_closed, daemon=True).start()
+        stdin_watcher(closed)
     while not closed.is_set() and time.monotonic() < deadline:
         closed.wait(1.0)
     server.stop()
@@ -85,8 +93,9 @@ def start(lifetime: float = 3600.0) -> tuple[subprocess.Popen, str]:
 class FaultProxy:
     """An HTTP proxy on 127.0.0.1 to ``upstream`` that can answer 503 SlowDown or drop connections."""
 
-    def __init__(self, upstream: str):
+    def __init__(self, upstream: str, strip_conditions: bool = False):
         self.upstream = urlsplit(upstream)
+        self.strip_conditions = strip_conditions
         self.slowdowns = 0  # answer this many next requests with 503 SlowDown
         self.slowdown_methods = {"PUT", "GET", "POST", "HEAD", "DELETE"}
         self.down_until = 0.0  # drop every connection until this time.monotonic()
@@ -129,7 +138,8 @@ class FaultProxy:
                         self.wfile.write(payload)
                     return
                 connection = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=120)
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection",)}
+                dropped = ("connection", "if-none-match", "if-match") if proxy.strip_conditions else ("connection",)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in dropped}
                 connection.request(self.command, self.path, body=body, headers=headers)
                 response = connection.getresponse()
                 data = response.read()
@@ -162,6 +172,35 @@ class FaultProxy:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class NotS3Server:
+    """An HTTP server on 127.0.0.1 that is not S3 (every request: 404 and an HTML page), as found when
+    AWS_ENDPOINT_URL names the wrong port. Threads of the test process serve it."""
+
+    def __init__(self):
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def _handle(self) -> None:
+                self.send_error(404)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def closed_port_url() -> str:
+    """An endpoint where nothing listens (a store that is down)."""
+    return f"http://127.0.0.1:{free_port()}"
 
 
 _started: tuple[subprocess.Popen, str] | None = None

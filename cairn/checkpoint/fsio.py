@@ -264,6 +264,21 @@ def remove_tree(path: Path) -> bool:
         return False
 
 
+def tree_usage(path: str | os.PathLike) -> tuple[int, int]:
+    """(bytes, files) under ``path`` (a file: its own), never following links."""
+    if not os.path.isdir(path) or os.path.islink(path):
+        with contextlib.suppress(OSError):
+            return os.lstat(path).st_size, 1
+        return 0, 0
+    total = count = 0
+    for root, _, names in os.walk(path):
+        for name in names:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_size
+                count += 1
+    return total, count
+
+
 def trash_name(name: str) -> str:
     """A fresh trash name for the entry ``name`` (see layout.TRASH_PREFIX)."""
     return f"{TRASH_PREFIX}{name.lstrip('.')}-{uuid.uuid4().hex[:8]}"

@@ -9,10 +9,13 @@ In a checkpoint folder (see docs/design.md for the commit protocol)::
     .tmp-step-<N>[-<tag>]/     staging dir of a save in flight, or the leftover of a crashed one
     .trash-<name>-<id>/        a step being deleted (renamed away first, then removed)
     .replaced-step-<N>/        the previous step-N while a replace falls back to two renames
+
+What a crash can leave behind (in a folder or in object storage) is described by ``Leftover``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import TYPE_CHECKING
 
@@ -78,6 +81,32 @@ def trash_step(name: str) -> int | None:
 
 def is_trash(name: str) -> bool:
     return name.startswith(TRASH_PREFIX)
+
+
+@dataclasses.dataclass
+class Leftover:
+    """Something a crashed save, delete or probe left in a checkpoint folder; never a committed step.
+
+    ``kind``: ``staging`` (a save's staging dir), ``trash`` (a delete cut short), ``aside``
+    (the old copy of a replaced step), ``temp`` (a lease or probe file being written), ``save``
+    (objects of a save no commit marker names), ``upload`` (a multipart upload never completed),
+    ``foreign`` (a ``step-N`` dir without a manifest or DCP metadata: not cairn's, so listed and
+    never removed). ``location`` is a path or URI; sizes and times where known."""
+
+    kind: str
+    location: str
+    step: int | None
+    why: str
+    num_bytes: int | None = None
+    num_files: int | None = None
+    created: float | None = None
+
+    @property
+    def removable(self) -> bool:
+        return self.kind != "foreign"
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self) | {"removable": self.removable}
 
 
 # --- dtypes by name ------------------------------------------------------------------------------

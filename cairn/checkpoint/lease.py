@@ -4,7 +4,7 @@ A job launched twice, or a requeued job whose old copy still runs, would otherwi
 folder: the second run's start-up cleanup deletes the first run's save in flight, and both
 write steps over each other. The lease is a small record in the folder (``.cairn-lease.json``)
 naming its holder (host, pid, SLURM job, torchrun run and restart, start time) with a
-heartbeat that a thread of the holder renews every ``HEARTBEAT_S`` seconds. A second run
+heartbeat that a thread of the holder renews every 10 s (``CAIRN_LEASE_HEARTBEAT``). A second run
 refuses at start with one message naming the holder. It takes the lease over only when the
 holder is gone:
 
@@ -17,7 +17,15 @@ holder is gone:
 The store provides four primitives (``lease_read``, ``lease_create``, ``lease_replace``,
 ``lease_delete``): on a POSIX folder, exclusive create and rename (works on shared
 filesystems across nodes); on an object store, conditional puts (``If-None-Match``,
-``If-Match``). Only rank 0 holds the lease, for the whole job.
+``If-Match``, in the form the store takes: see ``s3_conditions``). Only rank 0 holds the
+lease, for the whole job.
+
+A refused renewal is not taken for a lost lease until the record itself says so: the
+heartbeat reads it back and compares the token (a store may refuse the version's form, or a
+record may have been removed by hand); only another run's token means the folder was taken.
+``confirm`` is the fence of the commit path: the store calls it right before a commit
+publishes (``set_fence``), so a run that lost its folder, even while it waited for an earlier
+save, commits nothing there.
 """
 
 from __future__ import annotations
@@ -35,26 +43,39 @@ from cairn.checkpoint.errors import CheckpointError
 
 logger = logging.getLogger("cairn")
 
-HEARTBEAT_S = 10.0
-TIMEOUT_ENV = "CAIRN_LEASE_TIMEOUT"
-DEFAULT_TIMEOUT_S = 60.0
+TIMEOUT_ENV, HEARTBEAT_ENV = "CAIRN_LEASE_TIMEOUT", "CAIRN_LEASE_HEARTBEAT"
+DEFAULT_TIMEOUT_S, DEFAULT_HEARTBEAT_S = 60.0, 10.0
 
 
 class FolderBusyError(CheckpointError):
     """The checkpoint folder's lease is held by a run that is alive."""
 
 
-def lease_timeout() -> float:
-    raw = os.environ.get(TIMEOUT_ENV, "").strip()
+class LeaseLostError(CheckpointError):
+    """This run no longer holds its folder's lease: another run took it over."""
+
+
+def _seconds(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
     if not raw:
-        return DEFAULT_TIMEOUT_S
+        return default
     try:
         value = float(raw)
     except ValueError:
         value = -1.0
     if value <= 0:
-        raise CheckpointError(f"{TIMEOUT_ENV}={raw!r}: expected seconds > 0")
+        raise CheckpointError(f"{name}={raw!r}: expected seconds > 0")
     return value
+
+
+def lease_timeout() -> float:
+    """How old a heartbeat may be before another run takes the lease over (``CAIRN_LEASE_TIMEOUT``)."""
+    return _seconds(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)
+
+
+def heartbeat_interval() -> float:
+    """How often the holder renews its lease (``CAIRN_LEASE_HEARTBEAT``, default 10 s)."""
+    return _seconds(HEARTBEAT_ENV, DEFAULT_HEARTBEAT_S)
 
 
 def _me() -> dict[str, Any]:
@@ -86,6 +107,20 @@ def _zombie(pid: int) -> bool:
         return False  # no /proc here (or it is gone): kill(pid, 0) decided
     # "<pid> (<command, may hold spaces and parentheses>) <state> ...": the state follows the last ')'
     return stat[stat.rfind(b")") + 2:stat.rfind(b")") + 3] == b"Z"
+
+
+def lease_state(store, timeout: float | None = None, now: float | None = None) -> dict[str, Any] | None:
+    """The folder's lease as a reader sees it (``cairn checkpoint ls``): None when none is held,
+    else ``holder`` (its record), ``text`` (who), ``heartbeat_age_s``, ``live`` and ``stale_reason``."""
+    found = store.lease_read()
+    if found is None:
+        return None
+    holder = found[0]
+    now = time.time() if now is None else now
+    reason = stale_reason(holder, {**_me(), "run_id": None}, lease_timeout() if timeout is None else timeout, now)
+    beat = holder.get("heartbeat")
+    return {"holder": holder, "text": describe(holder, now), "live": reason is None, "stale_reason": reason,
+            "heartbeat_age_s": round(now - beat, 1) if isinstance(beat, (int, float)) else None}
 
 
 def describe(holder: dict[str, Any], now: float | None = None) -> str:
@@ -126,6 +161,7 @@ class FolderLease:
         self.record = record
         self.version = version
         self.lost: str | None = None  # why the lease was lost, if it was
+        self._lock = threading.Lock()  # the heartbeat and a commit's fence both read and renew
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="cairn-lease", daemon=True)
         self._thread.start()
@@ -156,28 +192,64 @@ class FolderLease:
                 logger.warning("took over the lease of checkpoint folder %s from %s: %s", store.url,
                                describe(holder), reason)
                 return cls(store, record, version)
-        raise FolderBusyError(f"could not take the lease of checkpoint folder {store.url}: other runs keep taking it")
+        raise FolderBusyError(f"could not take the lease of checkpoint folder {store.url}: five times another run "
+                              "took or renewed it first; try again, or look at `cairn checkpoint ls "
+                              f"{store.url}`")
+
+    @property
+    def token(self) -> str:
+        return self.record["token"]
+
+    def _renew(self) -> str | None:
+        """Renew the heartbeat; None while held, else why it is lost. A refused renewal is
+        checked against the record itself: this run's token (the store refused the version's
+        form, or the record changed by this run's own earlier write) is still held; no record
+        (removed by hand) is created again if nobody else did first; another token is lost."""
+        record = {**self.record, "heartbeat": time.time()}
+        version = self.store.lease_replace(record, self.version)
+        if version is None:
+            current = self.store.lease_read()
+            if current is not None and current[0].get("token") == self.token:
+                version = self.store.lease_replace(record, current[1])
+            elif current is None:
+                version = self.store.lease_create(record)
+                current = self.store.lease_read() if version is None else None
+            if version is None:
+                holder = describe(current[0]) if current else "another run"
+                return f"the lease of checkpoint folder {self.store.url} was taken by {holder}"
+        self.record, self.version = record, version
+        return None
 
     def _beat(self) -> None:
-        while not self._stop.wait(HEARTBEAT_S):
-            record = {**self.record, "heartbeat": time.time()}
+        interval = heartbeat_interval()
+        while not self._stop.wait(interval):
             try:
-                version = self.store.lease_replace(record, self.version)
+                with self._lock:
+                    if self.lost is not None:
+                        return
+                    lost = self._renew()
+                    if lost is not None:
+                        self.lost = lost
             except Exception as e:  # noqa: BLE001 - a storage hiccup: try again at the next beat
-                logger.warning("could not renew the lease of %s (%s: %s)", self.store.url, type(e).__name__, e)
+                logger.warning("could not renew the lease of %s (%s)", self.store.url, e)
                 continue
-            if version is None:
-                current = self.store.lease_read()
-                holder = describe(current[0]) if current else "nobody"
-                self.lost = f"the lease of checkpoint folder {self.store.url} was taken by {holder}"
-                logger.error("%s; this run will not save into it any more", self.lost)
+            if lost is not None:
+                logger.error("%s; this run will not save into it any more", lost)
                 return
-            self.record, self.version = record, version
 
     def check(self) -> None:
-        """Raise CheckpointError if the lease was lost (another run took the folder over)."""
+        """Raise LeaseLostError if the lease was lost (another run took the folder over)."""
         if self.lost is not None:
-            raise CheckpointError(f"{self.lost}; nothing more is saved there by this run")
+            raise LeaseLostError(f"{self.lost}; nothing more is saved there by this run")
+
+    def confirm(self) -> None:
+        """The commit fence: renew the lease now (one conditional write, so the answer is the
+        store's, not a cached flag's) and raise LeaseLostError if this run no longer holds it."""
+        with self._lock:
+            if self.lost is None:
+                self.lost = self._renew()
+        if self.lost is not None:
+            raise LeaseLostError(f"{self.lost}; this save was not committed there")
 
     def release(self) -> None:
         self._stop.set()

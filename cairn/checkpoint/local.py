@@ -10,6 +10,7 @@ leaves the older steps loadable. Names in the folder: see ``layout.py``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ from cairn.checkpoint.layout import (
     LEASE_NAME,
     MANIFEST_NAME,
     METADATA_NAME,
+    Leftover,
     aside_name,
     aside_step,
     is_trash,
@@ -37,6 +39,7 @@ from cairn.checkpoint.layout import (
     step_name,
     step_of,
     steps_to_purge,
+    trash_step,
 )
 from cairn.checkpoint.manifest import (
     build_manifest,
@@ -51,6 +54,8 @@ from cairn.checkpoint.reader import SafeFileSystemReader, SafeLoadPlanner
 from cairn.checkpoint.writer import CairnStorageWriter, describe_os_error
 
 logger = logging.getLogger("cairn")
+
+WRITE_PROBE_PREFIX = ".cairn-write-probe-"
 
 
 def has_commit_marker(step_dir: Path) -> bool:
@@ -116,6 +121,7 @@ class LocalStore:
         self._delete_lock = threading.Lock()
         self.cleanup_thread: threading.Thread | None = None  # a background cleanup_incomplete
         self._warned_links: set[str] = set()
+        self.fence: Callable[[], None] | None = None
 
     def __repr__(self) -> str:
         return f"LocalStore({str(self.folder)!r})"
@@ -186,7 +192,14 @@ class LocalStore:
         """
         if step < 0:
             raise ValueError(f"checkpoint step must be >= 0, got {step}")
-        return CairnStorageWriter(self.folder, step, info, checksums=checksums, **writer_options)
+        writer = CairnStorageWriter(self.folder, step, info, checksums=checksums, **writer_options)
+        writer.fence = self.fence
+        return writer
+
+    def set_fence(self, fence: Callable[[], None] | None) -> None:
+        """Every commit into this folder calls ``fence()`` right before its publishing rename, and
+        commits nothing if it raises: the holder of the folder's lease passes ``FolderLease.confirm``."""
+        self.fence = fence
 
     def new_staging_dir(self, step: int, tag: str = "export") -> Path:
         """An empty ``.tmp-step-<step>-<tag>`` dir in the folder, for ``publish_dir``."""
@@ -227,6 +240,8 @@ class LocalStore:
             manifest = build_manifest(step, kind, files, info, checksums=True)
             fsio.write_file_durably(staging / MANIFEST_NAME, manifest_bytes(manifest))
             fsio.fsync_dir(staging)
+            if self.fence is not None:
+                self.fence()
             final = publish_staging(self.folder, staging, step)
         except OSError as e:
             raise CheckpointError(f"committing step {step} from {staging} failed: {e}. Nothing was committed; "
@@ -261,7 +276,7 @@ class LocalStore:
     def check_writable(self) -> None:
         """Create the folder if needed and write, fsync and remove a small file in it: a read-only
         or full folder is found before training, not at the first save."""
-        probe = self.folder / f".cairn-write-probe-{os.getpid()}"
+        probe = self.folder / f"{WRITE_PROBE_PREFIX}{os.getpid()}"
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             fsio.write_file_durably(probe, b"cairn")
@@ -455,67 +470,89 @@ class LocalStore:
         for leftover in self._names(is_trash):
             (pacer.remove_tree if pacer is not None else fsio.remove_tree)(leftover)
 
-    def cleanup_incomplete(self, protect: Iterable[int] = (), background: bool = False) -> list[Path]:
-        """Remove what crashed saves left behind; call at job start on one rank, holding the lease.
-
-        Staging dirs (except those of steps in ``protect``) and trash are deleted; an aside
-        copy from an interrupted replace is restored as ``step-N`` if that is missing, else
-        deleted. Uncommitted ``step-N`` dirs (a stock DCP save that crashed) are only logged.
-        ``background``: each is renamed out of the way now (a new save of the same step never
-        meets it) and deleted on a thread of its own (``cleanup_thread``): deleting a crashed
-        16 GB save took 2 s of a restart. Returns the paths removed (or being removed).
-        """
-        protect = set(protect)
-        doomed: list[tuple[Path, str]] = []
+    def leftovers(self) -> list[Leftover]:
+        """What crashed saves and deletes left in the folder: staging dirs, trash, the old copy of
+        an interrupted replace, files of a lease or probe being written; and ``step-N`` dirs with
+        neither manifest nor DCP metadata (not cairn's: listed, never removed). Never a committed step."""
+        found = []
         for path in self._names(lambda name: True):
             name = path.name
             if path.is_symlink():
                 continue  # never followed, never deleted through: logged by committed_steps
-            if (step := staging_step(name)) is not None and step not in protect:
-                reason = "staging dir of an unfinished save"
+            if (step := staging_step(name)) is not None:
+                kind, why = "staging", "staging dir of a save in progress or one that did not finish"
             elif is_trash(name):
-                reason = "interrupted delete"
-            elif name.startswith(LEASE_NAME + ".tmp-"):
-                reason = "a lease being written when its run died"
+                kind, step, why = "trash", trash_step(name), "a delete that did not finish"
+            elif name.startswith((LEASE_NAME + ".tmp-", WRITE_PROBE_PREFIX)):
+                kind, step, why = "temp", None, "a lease or probe file being written when its run died"
             elif (step := aside_step(name)) is not None:
-                final = self.folder / step_name(step)
-                if not final.is_dir() and has_commit_marker(path):
-                    os.rename(path, final)
-                    fsio.fsync_dir(self.folder)
-                    logger.warning("restored %s from %s (a replace was interrupted)", final, path)
-                    continue
-                reason = "previous copy of a replaced step"
+                kind, why = "aside", ("old copy of a replaced step" if (self.folder / step_name(step)).is_dir()
+                                      else "a replace cut short: restored as " + step_name(step))
             elif step_of(name) is not None and path.is_dir() and not has_commit_marker(path):
-                logger.warning("%s has neither %s nor %s: an incomplete save by another tool? It is ignored; "
-                               "delete it by hand", path, MANIFEST_NAME, METADATA_NAME)
-                continue
+                kind, step, why = "foreign", step_of(name), ("no manifest or .metadata: not written by cairn (a save "
+                                                             "by another tool that did not finish?)")
             else:
                 continue
-            doomed.append((path, reason))
-        if background and doomed:
-            moved = []
-            for path, reason in doomed:
-                target = path
-                if path.is_dir() and not is_trash(path.name):
+            num_bytes, num_files = fsio.tree_usage(path)
+            created = None
+            with contextlib.suppress(OSError):
+                created = path.lstat().st_mtime
+            found.append(Leftover(kind, str(path), step, why, num_bytes, num_files, created))
+        return found
+
+    def remove_leftover(self, leftover: Leftover) -> bool:
+        """Remove one leftover (an interrupted replace's aside copy is restored as its step
+        instead when that step is missing); whether it is gone."""
+        path = Path(leftover.location)
+        if leftover.kind == "foreign":
+            return False
+        if leftover.kind == "aside":
+            final = self.folder / step_name(leftover.step)
+            if not final.is_dir() and has_commit_marker(path):
+                os.rename(path, final)
+                fsio.fsync_dir(self.folder)
+                logger.warning("restored %s from %s (a replace was interrupted)", final, path)
+                return True
+        gone = fsio.remove_tree(path) if path.is_dir() else fsio.unlink_quietly(path)
+        if gone:
+            logger.warning("removed %s (%s)", path, leftover.why)
+        return gone
+
+    def cleanup_incomplete(self, protect: Iterable[int] = (), background: bool = False) -> list[Path]:
+        """Remove what crashed saves left behind; call at job start on one rank, holding the lease.
+
+        Every leftover (``leftovers``) but the staging dirs of steps in ``protect``; an aside copy
+        from an interrupted replace is restored as ``step-N`` if that is missing. ``step-N`` dirs
+        cairn did not write are only logged. ``background``: each directory is renamed out of the
+        way now (a new save of the same step never meets it) and deleted on a thread of its own
+        (``cleanup_thread``): deleting a crashed 16 GB save took 2 s of a restart. Returns the
+        paths removed, restored, or being removed.
+        """
+        protect = set(protect)
+        removed: list[Path] = []
+        later: list[Leftover] = []
+        for leftover in self.leftovers():
+            path = Path(leftover.location)
+            if leftover.kind == "foreign":
+                logger.warning("%s: %s; it is ignored (delete it by hand if unwanted)", leftover.location, leftover.why)
+            elif leftover.kind == "staging" and leftover.step in protect:
+                continue
+            elif background and leftover.kind != "aside" and path.is_dir():
+                if leftover.kind != "trash":
                     target = self.folder / fsio.trash_name(path.name)
                     os.rename(path, target)
-                moved.append((target, f"{reason}: {path.name}"))
-            fsio.fsync_dir(self.folder)
-            self.cleanup_thread = threading.Thread(target=self._remove_leftovers, args=(moved,),
-                                                   name="cairn-cleanup", daemon=True)
-            self.cleanup_thread.start()
-            return [path for path, _ in doomed]
-        return self._remove_leftovers(doomed)
-
-    def _remove_leftovers(self, doomed: list[tuple[Path, str]]) -> list[Path]:
-        removed = []
-        for path, reason in doomed:
-            gone = fsio.remove_tree(path) if path.is_dir() else fsio.unlink_quietly(path)
-            if gone:
-                logger.warning("removed %s (%s)", path, reason)
+                    leftover = dataclasses.replace(leftover, location=str(target),
+                                                   why=f"{leftover.why}: {path.name}")
+                later.append(leftover)
+                removed.append(path)
+            elif self.remove_leftover(leftover):
                 removed.append(path)
         if removed:
             fsio.fsync_dir(self.folder)
+        if later:
+            self.cleanup_thread = threading.Thread(target=lambda: [self.remove_leftover(x) for x in later],
+                                                   name="cairn-cleanup", daemon=True)
+            self.cleanup_thread.start()
         return removed
 
     def _names(self, keep: Callable[[str], bool]) -> list[Path]:

@@ -170,10 +170,11 @@ class CheckpointManager:
         self.rank = dist.get_rank(self.group) if initialized else 0
         self.world_size = dist.get_world_size(self.group) if initialized else 1
         self.layout = dict(layout) if layout is not None else {"world_size": self.world_size}
-        self.store = open_store(config.folder, base_folder=base_folder)
+        unprotected = config.s3_unsafe_no_conditional_writes
+        self.store = open_store(config.folder, base_folder=base_folder, s3_unsafe_no_conditional_writes=unprotected)
         self.folder = self.store.url
         if config.upload_to:
-            self.mirror = open_store(config.upload_to)
+            self.mirror = open_store(config.upload_to, s3_unsafe_no_conditional_writes=unprotected)
         self._agree(self._start_on_rank0 if self.rank == 0 else None)
         self._control = None
         if initialized and self.world_size > 1 and not config.load_only:
@@ -254,14 +255,18 @@ class CheckpointManager:
     # --- start-up -----------------------------------------------------------------------------
 
     def _start_on_rank0(self) -> None:
-        """Take the folder's lease, then clean up what crashed saves left (never what a live run writes)."""
+        """Check that a save can be written and committed (an object store's conditional writes
+        are probed: one that ignores them is refused here, before anything is written), take the
+        folder's lease, which every commit then confirms (the store's fence), and clean up what
+        crashed saves left (never what a live run writes)."""
         if not self.config.load_only:
             self._new_folder = not self.store.exists()
             self.store.check_writable()  # first: a read-only folder is one line, not a failed lease write
-            self._lease = FolderLease.acquire(self.store)
-            self.store.cleanup_incomplete(background=True)  # off the path to the first step
             if self.mirror is not None:
                 self.mirror.check_writable()
+            self._lease = FolderLease.acquire(self.store)
+            self.store.set_fence(self._lease.confirm)
+            self.store.cleanup_incomplete(background=True)  # off the path to the first step
 
     def _agree(self, work: Callable[[], None] | None) -> None:
         """Run ``work`` on this rank (rank 0 passes it) and raise its CheckpointError on every rank."""
@@ -277,9 +282,7 @@ class CheckpointManager:
             if box[0] is not None and message is None:
                 message = CheckpointError(box[0][1])
         if message is not None:
-            if self._lease is not None:
-                self._lease.release()
-                self._lease = None
+            self._release_lease()
             raise message
 
     def _barrier(self) -> None:
@@ -472,6 +475,9 @@ class CheckpointManager:
         previous = self.last_save.step if self.last_save is not None else None
         start = time.perf_counter()
         waited = self._finish_in_flight()
+        _, lost = self._save_status()  # the folder may have been lost meanwhile (the commit's fence checks again)
+        if lost:
+            raise CheckpointError(lost)
         if model_only:
             info = self._save_model_only(step, kind=HF if self.config.last_save_in_hf else MODEL_ONLY,
                                          dtype=self.config.export_dtype)
@@ -750,9 +756,13 @@ class CheckpointManager:
             cleanup = getattr(getattr(self, "store", None), "cleanup_thread", None)
             if cleanup is not None:
                 cleanup.join()  # the start's leftovers are gone before the lease is
-            if self._lease is not None:
-                self._lease.release()
-                self._lease = None
+            self._release_lease()
+
+    def _release_lease(self) -> None:
+        if self._lease is not None:
+            self.store.set_fence(None)
+            self._lease.release()
+            self._lease = None
 
     def _per_rank(self) -> str:
         """Byte counts in logs are this rank's (its shards), not the checkpoint's total: say so."""

@@ -15,55 +15,32 @@ marker with ``If-None-Match: *`` (a replaced step: ``If-Match`` on the marker it
 so two writers can never both commit one step. Readers, resume, ``load_step`` and retention
 look only at markers, and a reader checks the manifest against the marker's hash and every
 object against the manifest. Retention deletes the marker first, so a half-deleted step is
-never read; start-up cleanup (holding the lease) removes objects no marker points to and
-aborts multipart uploads left by a crash.
+never read; ``leftovers`` lists what a crash left (objects no marker points to, multipart
+uploads never completed, a probe cut short) and ``cleanup_incomplete`` (holding the lease:
+a run's start, ``cairn checkpoint clean``) removes it.
 
-Transfers: each rank uploads its own objects, large ones as concurrent multipart uploads
-(``CAIRN_S3_PART_MB``, default 64 MiB parts, ``CAIRN_S3_CONNECTIONS`` at once, default 16),
-hashing every byte on the way; loads read with concurrent ranged GETs. Throttling (503
-SlowDown), timeouts and dropped connections are retried with backoff, bounded (botocore's
-standard retry mode, plus a bounded retry of a body cut short). Credentials and endpoint come
-the way every AWS tool takes them (environment, ``~/.aws/credentials`` and ``config``,
-``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3`` for S3-compatible stores); nothing secret is
-logged or written anywhere.
+Whether the store honours those conditions is found out, not assumed (``s3_conditions``):
+a store that does not is refused unless the user accepts running unprotected. The other
+concerns live beside this module: ``s3_client`` (URIs, the client, bounded retries, errors),
+``s3_writer`` (multipart uploads, DCP's writer), ``s3_reader`` (ranged reads, DCP's reader).
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
-import io
 import json
 import logging
 import os
-import pickle
-import queue
 import shutil
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import boto3
 import torch.distributed as dist
 import xxhash
-from botocore.config import Config
-from botocore.exceptions import (
-    ClientError,
-    ConnectionClosedError,
-    EndpointConnectionError,
-    IncompleteReadError,
-    ReadTimeoutError,
-    ResponseStreamingError,
-)
-from torch.distributed.checkpoint.filesystem import FileSystemBase
-from torch.distributed.checkpoint.metadata import Metadata
-from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
-from torch.distributed.checkpoint.storage import StorageReader
-from torch.futures import Future
 
 from cairn.checkpoint.dcp_metadata import load_metadata_bytes, out_of_bounds, save_id_of, tensor_problems
 from cairn.checkpoint.errors import CheckpointError, CorruptCheckpointError, corrupt_error, reraise_user_error
@@ -73,6 +50,8 @@ from cairn.checkpoint.layout import (
     LEASE_NAME,
     MANIFEST_NAME,
     METADATA_NAME,
+    SAVE_ID_PREFIX,
+    Leftover,
     step_name,
     step_of,
     steps_to_purge,
@@ -88,758 +67,66 @@ from cairn.checkpoint.manifest import (
     parse_manifest,
     relative_file_name,
 )
-from cairn.checkpoint.reader import BytesSlice, SafeLoadPlanner, accept_metadata, place_items, tiles
-from cairn.checkpoint.writer import CommittingWriter, HashingStream, new_save_id
+from cairn.checkpoint.reader import SafeLoadPlanner
+from cairn.checkpoint.s3_client import (
+    S3Error,
+    abort_upload,
+    delete_key,
+    delete_keys,
+    exists,
+    get_object,
+    get_small,
+    head,
+    list_pages,
+    list_uploads,
+    parse_uri,
+    put_bytes,
+    s3_uri,
+    transfer_pool,
+)
+from cairn.checkpoint.s3_conditions import PROBE_PREFIX, Conditions, ConditionalWrites, conditions_of, refusal
+from cairn.checkpoint.s3_reader import MAX_METADATA_BYTES, S3StorageReader, download_files, download_to, hash_object
+from cairn.checkpoint.s3_writer import S3StorageWriter, upload_file
+from cairn.checkpoint.writer import new_save_id
 
 logger = logging.getLogger("cairn")
 
 MARKER_SUFFIX = ".commit"
 MARKER_FORMAT = "cairn-commit"
-PART_ENV, CONNECTIONS_ENV = "CAIRN_S3_PART_MB", "CAIRN_S3_CONNECTIONS"
-MIN_PART_BYTES = 5 << 20  # S3's smallest part (but the last)
-MAX_ATTEMPTS = 8  # per request, with backoff (botocore's standard mode); a cut body the same
-READ_AHEAD_BYTES = 1 << 30  # bytes of items downloaded ahead of placing them, per rank
-SPAN_GAP_BYTES = 1 << 20  # bytes between two keys of a file that one GET reads through rather than ask twice
-_MAX_METADATA_BYTES = 2 << 30
+# The marker's record again as user metadata, so a HEAD reads it: on servers that send a small
+# body after its headers only once the client acknowledges them (Ceph RGW's default), a GET of
+# a small object costs a 40 ms delayed ACK, a HEAD does not.
+MARKER_METADATA = "cairn-marker"
+# How a user accepts a store without conditional writes, for the refusal's message.
+OPT_IN = ("--checkpoint.s3_unsafe_no_conditional_writes (open_store(..., s3_unsafe_no_conditional_writes=True) "
+          "from a loop of your own)")
+_PROBE_NAMES = (PROBE_PREFIX, ".cairn-write-probe-")  # the second: the writability probe of earlier cairn
 
-
-def part_bytes() -> int:
-    raw = os.environ.get(PART_ENV, "").strip()
-    value = float(raw) if raw else 64.0
-    if value * (1 << 20) < MIN_PART_BYTES:
-        raise CheckpointError(f"{PART_ENV}={raw!r}: parts are at least 5 MiB")
-    return int(value * (1 << 20))
-
-
-def connections() -> int:
-    raw = os.environ.get(CONNECTIONS_ENV, "").strip()
-    value = int(raw) if raw else 16
-    if value < 1:
-        raise CheckpointError(f"{CONNECTIONS_ENV}={raw!r}: expected a number >= 1")
-    return value
-
-
-def parse_uri(uri: str) -> tuple[str, str]:
-    """(bucket, prefix without slashes at either end) of ``s3://bucket/prefix``."""
-    if not uri.lower().startswith("s3://"):
-        raise CheckpointError(f"{uri}: not an s3:// URI")
-    rest = uri[5:]
-    bucket, _, prefix = rest.partition("/")
-    if not bucket:
-        raise CheckpointError(f"{uri}: no bucket (expected s3://bucket/prefix)")
-    return bucket, prefix.strip("/")
-
-
-# --- the client ---------------------------------------------------------------------------------
-
-_clients: dict[tuple, Any] = {}
-_client_lock = threading.Lock()
-
-
-_CLIENT_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_REGION",
-               "AWS_DEFAULT_REGION", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE")
-
-
-def client():
-    """This process's boto3 S3 client (thread-safe; made again after a fork, or when the
-    environment that configures it changes)."""
-    pid = (os.getpid(), tuple(os.environ.get(name) for name in _CLIENT_ENV))
-    with _client_lock:
-        made = _clients.get(pid)
-        if made is None:
-            config = Config(retries={"max_attempts": MAX_ATTEMPTS, "mode": "standard"},
-                            max_pool_connections=max(32, 2 * connections()), connect_timeout=10, read_timeout=120,
-                            tcp_keepalive=True)
-            session = boto3.session.Session()
-            made = session.client("s3", config=config,
-                                  region_name=session.region_name or os.environ.get("AWS_REGION") or "us-east-1")
-            _clients.clear()
-            _clients[pid] = made
-        return made
-
-
-_pools: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
-
-
-def transfer_pool() -> concurrent.futures.ThreadPoolExecutor:
-    """The threads that move parts of objects (one pool per process)."""
-    pid = os.getpid()
-    with _client_lock:
-        pool = _pools.get(pid)
-        if pool is None:
-            pool = concurrent.futures.ThreadPoolExecutor(max_workers=connections(), thread_name_prefix="cairn-s3")
-            _pools.clear()
-            _pools[pid] = pool
-        return pool
-
-
-def error_code(error: BaseException) -> str | None:
-    response = getattr(error, "response", None)
-    return (response or {}).get("Error", {}).get("Code") if isinstance(response, dict) else None
-
-
-def explain(error: BaseException, uri: str, action: str) -> CheckpointError:
-    """One clear CheckpointError for a failed S3 call on ``uri``; never any credential."""
-    code = error_code(error)
-    name = type(error).__name__
-    if code in ("NoSuchBucket",):
-        why = "the bucket does not exist"
-    elif code in ("AccessDenied", "403", "AllAccessDisabled"):
-        why = "access denied: the credentials in use may not do this (check the bucket policy)"
-    elif code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"):
-        why = "the credentials were refused (wrong or expired access key; see AWS_ACCESS_KEY_ID / ~/.aws/credentials)"
-    elif name == "NoCredentialsError":
-        why = ("no AWS credentials found (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, ~/.aws/credentials, or an "
-               "instance role)")
-    elif name in ("EndpointConnectionError", "ConnectTimeoutError"):
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "the AWS endpoint"
-        why = f"cannot connect to {endpoint} (AWS_ENDPOINT_URL)"
-    elif code in ("SlowDown", "503", "ServiceUnavailable", "RequestTimeout"):
-        why = f"the store kept refusing ({code}) after {MAX_ATTEMPTS} attempts"
-    else:
-        why = f"{code or name}: {str(error).splitlines()[0] if str(error) else name}"
-    return CheckpointError(f"{action} {uri} failed: {why}")
-
-
-def _retrying(what: Callable[[], Any], attempts: int = MAX_ATTEMPTS) -> Any:
-    """``what()`` again (with backoff) when a response body was cut short; botocore itself
-    retries failed requests, but not a body that breaks off while it is read."""
-    delay = 0.2
-    for attempt in range(attempts):
-        try:
-            return what()
-        except (ResponseStreamingError, IncompleteReadError, ReadTimeoutError, ConnectionClosedError,
-                EndpointConnectionError, ConnectionError) as e:
-            if attempt == attempts - 1:
-                raise
-            logger.warning("S3 transfer interrupted (%s); retrying in %.1f s", type(e).__name__, delay)
-            time.sleep(delay)
-            delay = min(delay * 2, 5.0)
-    return None  # pragma: no cover
-
-
-def get_range(bucket: str, key: str, start: int, length: int, into: memoryview | None = None) -> bytes | None:
-    """Bytes ``start .. start + length`` of an object (into ``into`` when given)."""
-
-    def fetch():
-        response = client().get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{start + length - 1}")
-        data = response["Body"].read()  # one read: faster than urllib3's readinto into the buffer here
-        got = len(data)
-        if into is not None and got == length:
-            into[:length] = data
-        if got != length:
-            raise CheckpointError(f"s3://{bucket}/{key}: {got} bytes where {length} were asked for at byte "
-                                  f"{start} (the object is shorter than its record)")
-        return None if into is not None else data
-
-    if length == 0:
-        return b"" if into is None else None
-    return _retrying(fetch)
-
-
-def get_small(bucket: str, key: str) -> tuple[bytes, str] | None:
-    """(its first 64 KiB, its ETag) of a small object (a marker, the lease), or None if it does not exist."""
-    try:
-        response = client().get_object(Bucket=bucket, Key=key)
-        return response["Body"].read(1 << 16), response["ETag"]
-    except Exception as e:  # noqa: BLE001
-        if error_code(e) in ("404", "NoSuchKey", "NotFound"):
-            return None
-        raise explain(e, f"s3://{bucket}/{key}", "reading") from None
-
-
-def get_object(bucket: str, key: str, limit: int | None = None) -> bytes | None:
-    """The whole object, or None if it does not exist; CheckpointError if larger than ``limit``."""
-    try:
-        head = client().head_object(Bucket=bucket, Key=key)
-    except Exception as e:  # noqa: BLE001 - 404 is "missing", everything else is explained
-        if error_code(e) in ("404", "NoSuchKey", "NotFound"):
-            return None
-        raise explain(e, f"s3://{bucket}/{key}", "reading") from None
-    size = head["ContentLength"]
-    if limit is not None and size > limit:
-        raise CheckpointError(f"s3://{bucket}/{key}: {size} bytes, more than such an object can hold ({limit})")
-    return get_range(bucket, key, 0, size) if size else b""
-
-
-# --- uploads ----------------------------------------------------------------------------------------
-
-class S3UploadStream(HashingStream):
-    """A write-only stream to one object: parts of ``part_bytes()`` go up concurrently as a multipart
-    upload (at most ``in_flight`` at once per stream), hashed on the way; ``close`` completes it."""
-
-    def __init__(self, bucket: str, key: str, *, hashing: bool, rank: int | None = None, in_flight: int = 4):
-        super().__init__(hashing, rank)
-        self.bucket, self.key = bucket, key
-        self._part = part_bytes()
-        self._buffer = bytearray(self._part)
-        self._filled = 0
-        self._upload_id: str | None = None
-        self._parts: list[concurrent.futures.Future] = []
-        self._slots = threading.Semaphore(in_flight)
-        self._spare: list[bytearray] = []
-        self._closed = False
-        self._failed: BaseException | None = None
-        self._fault_upload = True
-
-    @property
-    def uri(self) -> str:
-        return f"s3://{self.bucket}/{self.key}"
-
-    def _put(self, view: memoryview) -> None:
-        done = 0
-        while done < len(view):
-            n = min(len(view) - done, self._part - self._filled)
-            self._buffer[self._filled:self._filled + n] = view[done:done + n]
-            self._filled += n
-            done += n
-            if self._filled == self._part:
-                self._send_part()
-
-    def _send_part(self) -> None:
-        if self._failed is not None:
-            raise self._failed
-        if self._upload_id is None:
-            try:
-                self._upload_id = client().create_multipart_upload(Bucket=self.bucket, Key=self.key)["UploadId"]
-            except Exception as e:  # noqa: BLE001
-                raise explain(e, self.uri, "starting the upload of") from None
-        # A full part goes as it is (botocore takes a bytearray), the last one as a copy of its bytes.
-        data = self._buffer if self._filled == len(self._buffer) else self._buffer[:self._filled]
-        self._buffer = self._spare.pop() if self._spare else bytearray(self._part)
-        self._filled = 0
-        number = len(self._parts) + 1
-        self._slots.acquire()
-        self._parts.append(transfer_pool().submit(self._upload_part, number, data))
-        if self._fault_upload:
-            self._fault_upload = False
-            self._parts[-1].result()
-            fault_point("during_upload", self._rank)
-
-    def _upload_part(self, number: int, data: bytearray) -> dict:
-        try:
-            etag = client().upload_part(Bucket=self.bucket, Key=self.key, UploadId=self._upload_id, PartNumber=number,
-                                        Body=data)["ETag"]
-            return {"PartNumber": number, "ETag": etag}
-        except Exception as e:  # noqa: BLE001
-            self._failed = explain(e, self.uri, f"uploading part {number} of")
-            raise self._failed from None
-        finally:
-            if len(data) == self._part and len(self._spare) < 2:
-                self._spare.append(data)
-            self._slots.release()
-
-    def flush(self) -> None:
-        pass
-
-    def tell(self) -> int:
-        return self.size
-
-    def fileno(self) -> int:
-        raise io.UnsupportedOperation("an S3 upload has no file descriptor")
-
-    def seek(self, *args) -> int:
-        raise io.UnsupportedOperation("an S3 upload cannot seek")
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            if self._upload_id is None:
-                data = bytes(self._buffer[:self._filled])
-                try:
-                    client().put_object(Bucket=self.bucket, Key=self.key, Body=data)
-                except Exception as e:  # noqa: BLE001
-                    raise explain(e, self.uri, "writing") from None
-                return
-            if self._filled:
-                self._send_part()
-            parts = [future.result() for future in self._parts]
-            try:
-                client().complete_multipart_upload(Bucket=self.bucket, Key=self.key, UploadId=self._upload_id,
-                                                   MultipartUpload={"Parts": parts})
-            except Exception as e:  # noqa: BLE001
-                raise explain(e, self.uri, "completing the upload of") from None
-        except BaseException:
-            self.abort()
-            raise
-        finally:
-            self._buffer, self._spare = bytearray(), []
-
-    def abort(self) -> None:
-        if self._upload_id is not None:
-            for future in self._parts:
-                with contextlib.suppress(BaseException):
-                    future.result()
-            with contextlib.suppress(Exception):
-                client().abort_multipart_upload(Bucket=self.bucket, Key=self.key, UploadId=self._upload_id)
-            self._upload_id = None
-
-
-def put_bytes(bucket: str, key: str, data: bytes, **conditions: str) -> str:
-    """Put one small object; returns its ETag. ``conditions``: IfNoneMatch / IfMatch."""
-    return client().put_object(Bucket=bucket, Key=key, Body=data, **conditions)["ETag"]
-
-
-def upload_file(path: Path, bucket: str, key: str) -> tuple[int, str]:
-    """Upload a local file (multipart when large), hashing it on the way: (size, xxh3-128)."""
-    stream = S3UploadStream(bucket, key, hashing=True)
-    stream._fault_upload = False
-    try:
-        with open(path, "rb", buffering=0) as f:
-            chunk = bytearray(8 << 20)
-            view = memoryview(chunk)
-            while n := f.readinto(chunk):
-                stream.write(view[:n])
-    except BaseException:
-        stream.abort()
-        raise
-    stream.close()
-    return stream.size, stream.hexdigest()
-
-
-class S3FileSystem(FileSystemBase):
-    """What DCP's file writer needs of a place to write: streams that upload and hash."""
-
-    def __init__(self, bucket: str, checksums: bool = True):
-        self.bucket = bucket
-        self.checksums = checksums
-        self.rank: int | None = None
-        self.digests: dict[str, tuple[int, str | None]] = {}
-        self.hash_wait_s: dict[str, float] = {}
-        self.errors: list[tuple[str, BaseException]] = []
-
-    def reset_results(self) -> None:
-        self.digests, self.hash_wait_s, self.errors = {}, {}, []
-
-    def _key(self, path) -> str:
-        bucket, key = parse_uri(str(path))
-        return key
-
-    @contextlib.contextmanager
-    def create_stream(self, path, mode):
-        if "w" not in mode:
-            raise io.UnsupportedOperation("S3FileSystem writes only; reads go through S3StorageReader")
-        key = self._key(path)
-        name = key.rsplit("/", 1)[-1]
-        stream = S3UploadStream(self.bucket, key, hashing=self.checksums, rank=self.rank)
-        try:
-            yield stream
-        except BaseException as e:
-            self.errors.append((name, e))
-            stream.abort()
-            raise
-        stream.close()
-        self.digests[name] = (stream.size, stream.hexdigest())
-        self.hash_wait_s[name] = stream.hash_wait_s
-
-    def concat_path(self, path, suffix: str) -> str:
-        return f"{str(path).rstrip('/')}/{suffix}"
-
-    def init_path(self, path) -> str:
-        return str(path)
-
-    def rename(self, path, new_path) -> None:
-        source, target = self._key(path), self._key(new_path)
-        client().copy_object(Bucket=self.bucket, Key=target, CopySource={"Bucket": self.bucket, "Key": source})
-        client().delete_object(Bucket=self.bucket, Key=source)
-
-    def mkdir(self, path) -> None:
-        pass  # prefixes are not made
-
-    @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id) -> bool:
-        return str(checkpoint_id).lower().startswith("s3://")
-
-    def exists(self, path) -> bool:
-        return _exists(self.bucket, self._key(path))
-
-    def rm_file(self, path) -> None:
-        client().delete_object(Bucket=self.bucket, Key=self._key(path))
-
-
-def _exists(bucket: str, key: str) -> bool:
-    try:
-        client().head_object(Bucket=bucket, Key=key)
-        return True
-    except Exception as e:  # noqa: BLE001
-        if error_code(e) in ("404", "NoSuchKey", "NotFound"):
-            return False
-        raise explain(e, f"s3://{bucket}/{key}", "reading") from None
-
-
-class S3StorageWriter(CommittingWriter):
-    """DCP's file writer into ``step-N/<save_id>/``, committed by the marker (see the module doc).
-
-    Build it with ``S3Store.writer(step, info)`` on every rank (the ranks agree on the save id)."""
-
-    storage_kind = "dcp"
-
-    def __init__(self, store: S3Store, step: int, save_id: str, info: Mapping[str, Any] | None = None, *,
-                 checksums: bool = True, **writer_options: Any):
-        self.store = store
-        self.data_prefix = store.save_prefix(step, save_id)
-        writer_options["sync_files"] = False  # an upload is durable once complete
-        super().__init__(store.step_url(step), f"s3://{store.bucket}/{self.data_prefix}", step, info,
-                         checksums=checksums, **writer_options)
-        self.path = f"s3://{store.bucket}/{self.data_prefix}"
-        self.fs = S3FileSystem(store.bucket, checksums)
-        self.save_id = save_id
-        # The step's marker version when this save began: the commit's condition (commit()).
-        self.previous: str | None = store.marker_etag(step)
-
-    def reset(self, checkpoint_id=None) -> None:
-        if checkpoint_id is not None and str(checkpoint_id) not in (self.location, self.path):
-            raise CheckpointError(f"this writer saves step {self.step} into {self.location}; it cannot also write "
-                                  f"checkpoint_id={checkpoint_id}")
-
-    def _prepare_staging(self) -> None:
-        pass  # a fresh save id: nothing is there yet
-
-    def _check_staging(self) -> None:
-        pass
-
-    def _hash_staged(self, name: str) -> tuple[int, str | None]:
-        data = get_object(self.store.bucket, f"{self.data_prefix}/{name}")
-        if data is None:
-            raise CheckpointError(f"s3://{self.store.bucket}/{self.data_prefix}/{name}: missing after its upload")
-        return len(data), xxhash.xxh3_128(data).hexdigest() if self.checksums else None
-
-    def _write_metadata(self, metadata: Metadata, results: list) -> None:
-        metadata.storage_data = {result.index: result.storage_data for result in results}
-        metadata.storage_meta = self.storage_meta()
-        data = pickle.dumps(metadata)
-        with self.fs.create_stream(f"{self.path}/{METADATA_NAME}", "wb") as stream:
-            stream.write(data)
-
-    def _publish(self, manifest: bytes) -> None:
-        put_bytes(self.store.bucket, f"{self.data_prefix}/{MANIFEST_NAME}", manifest)
-        fault_point("during_publish")
-        try:
-            self.store.commit(self.step, self.save_id, manifest, previous=self.previous)
-        except CheckpointError:
-            self.store._delete_prefix(self.data_prefix + "/")  # refused: its objects are nobody's
-            raise
-
-    def _staging_text(self) -> str:
-        return self.path
-
-    @property
-    def folder_text(self) -> str:
-        return f"--checkpoint.folder {self.store.url}"
-
-    def _free_space_path(self) -> str:
-        return tempfile.gettempdir()
-
-
-# --- reading ------------------------------------------------------------------------------------------
-
-class S3StorageReader(StorageReader):
-    """Reads one step (or a plain DCP prefix) with concurrent ranged GETs, checked like a local read.
-
-    Before a byte of data is read: the marker (a committed step), the manifest against the
-    marker's hash and this step and save, every item against its object's recorded size. With
-    ``verify``, every object this rank reads whole is hashed as it arrives, the others
-    separately; a mismatch names the object.
-    """
-
-    def __init__(self, store: S3Store, step: int | None, *, verify: bool = False, data_prefix: str | None = None):
-        super().__init__()
-        self.store = store
-        self.step = step
-        self.verify = verify
-        self.data_prefix = data_prefix
-        self.manifest: dict | None = None
-        self.metadata: Metadata | None = None
-        self.storage_data: dict = {}
-        self.last_error: CheckpointError | None = None
-        self.hash_wait_s = 0.0
-        self.load_id = uuid.uuid4().hex
-        self._verified: set[str] = set()
-
-    @property
-    def where(self) -> str:
-        return f"s3://{self.store.bucket}/{self.data_prefix}" if self.data_prefix else self.store.step_url(self.step)
-
-    def reset(self, checkpoint_id=None) -> None:
-        self.load_id = uuid.uuid4().hex
-
-    @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id) -> bool:
-        return str(checkpoint_id).lower().startswith("s3://")
-
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        if self.last_error is not None:
-            raise self.last_error
-        if self.metadata is not None:
-            return self.metadata
-        try:
-            if self.data_prefix is None:
-                save_id, self.manifest = self.store.committed_manifest(self.step)
-                self.data_prefix = self.store.save_prefix(self.step, save_id)
-            raw = self._get(METADATA_NAME, _MAX_METADATA_BYTES)
-            if raw is None:
-                raise CheckpointError(f"{self.where}/{METADATA_NAME} is missing: not a DCP checkpoint, or its save "
-                                      "never finished")
-            if self.manifest is not None:
-                record = self.manifest["files"].get(METADATA_NAME) or {}
-                problems = []
-                if record.get("size") != len(raw):
-                    problems.append(f"{self.where}/{METADATA_NAME}: {len(raw)} bytes, manifest says {record.get('size')}")
-                elif self.verify and record.get("checksum") and xxhash.xxh3_128(raw).hexdigest() != record["checksum"]:
-                    problems.append(f"{self.where}/{METADATA_NAME}: checksum mismatch")
-                if problems:
-                    raise corrupt_error(self.where, problems)
-                self._verified.add(METADATA_NAME)
-            metadata = accept_metadata(load_metadata_bytes(raw, f"{self.where}/{METADATA_NAME}"), self.manifest,
-                                       self.where, f"{self.where}/{MANIFEST_NAME}", self.load_id)
-        except CheckpointError as e:
-            self.last_error = e
-            raise
-        self.metadata = metadata
-        return metadata
-
-    def _get(self, name: str, limit: int) -> bytes | None:
-        return get_object(self.store.bucket, f"{self.data_prefix}/{name}", limit=limit)
-
-    def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
-        self.storage_data = metadata.storage_data
-
-    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
-        return plan
-
-    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
-        return plans
-
-    def _sizes(self, names: Iterable[str]) -> dict[str, int]:
-        if self.manifest is not None:
-            files = self.manifest["files"]
-            return {name: files[name]["size"] for name in names if name in files}
-        out = {}
-        for name in names:
-            with contextlib.suppress(Exception):
-                out[name] = client().head_object(Bucket=self.store.bucket,
-                                                 Key=f"{self.data_prefix}/{name}")["ContentLength"]
-        return out
-
-    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
-        try:
-            self._read(plan, planner)
-        except CheckpointError as e:
-            self.last_error = e
-            raise
-        future: Future[None] = Future()
-        future.set_result(None)
-        return future
-
-    def _read(self, plan: LoadPlan, planner: LoadPlanner) -> None:
-        by_key: dict[tuple[str, int, int], list[ReadItem]] = {}
-        for item in plan.items:
-            info = self.storage_data[item.storage_index]
-            by_key.setdefault((info.relative_path, info.offset, info.length), []).append(item)
-        order = sorted(by_key)
-        names = sorted({name for name, _, _ in order})
-        sizes = self._sizes(names)
-        problems = [f"{self.where}/{name}: not in the manifest" for name in names if name not in sizes]
-        for name, offset, length in order:
-            if name in sizes:
-                problem = out_of_bounds(name, by_key[(name, offset, length)][0].storage_index.fqn, offset, length,
-                                        sizes[name], f"{self.where}/{name}")
-                if problem:
-                    problems.append(problem)
-        if problems:
-            raise corrupt_error(self.where, list(dict.fromkeys(problems)))
-        files = (self.manifest or {}).get("files") or {}
-        hashing = {}
-        if self.verify and self.manifest is not None:
-            ranges: dict[str, list[tuple[int, int]]] = {}
-            for name, offset, length in order:
-                ranges.setdefault(name, []).append((offset, length))
-            for name, spans in ranges.items():
-                if name not in self._verified and tiles(spans, sizes.get(name)):
-                    hashing[name] = xxhash.xxh3_128()
-        rest = sorted(name for name in names if self.verify and self.manifest is not None and name not in hashing
-                      and name not in self._verified)
-        checker = transfer_pool().submit(self.store.check_objects, self.data_prefix, self.manifest, rest) \
-            if rest else None
-        fetches = _Fetches(self.store.bucket, self.data_prefix, order)
-        places: list[concurrent.futures.Future] = []
-        hash_queue: queue.Queue = queue.Queue()
-        hasher = threading.Thread(target=_hash_in_order, args=(hash_queue, hashing), daemon=True) if hashing else None
-        if hasher is not None:
-            hasher.start()
-        pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="cairn-s3-place")
-        read_error: BaseException | None = None
-        try:
-            for index, key in enumerate(order):
-                name, _, length = key
-                buffer = fetches.result(index)
-                if name in hashing:
-                    hash_queue.put((name, buffer))
-                stored = BytesSlice(buffer, 0, length, f"{self.where}/{name}")
-                items = by_key[key]
-                if items[0].type == LoadItemType.BYTE_IO:
-                    place_items(planner, items, stored)
-                    fetches.consumed(index)
-                else:
-                    places.append(pool.submit(_place_then, planner, items, stored, fetches, index))
-            for future in places:
-                future.result()
-        except BaseException as e:
-            read_error = e
-        finally:
-            fetches.close()
-            pool.shutdown(wait=True)
-            start = time.perf_counter()
-            if hasher is not None:
-                hash_queue.put(None)
-                hasher.join()
-            self.hash_wait_s += time.perf_counter() - start
-        problems = checker.result() if checker is not None else []
-        for name, digest in hashing.items():
-            expected = files.get(name, {}).get("checksum")
-            if expected and digest.hexdigest() != expected:
-                problems.append(f"{self.where}/{name}: checksum mismatch ({CHECKSUM_ALGORITHM} {digest.hexdigest()}, "
-                                f"manifest says {expected}){holds(files.get(name, {}))}")
-        if problems:
-            raise corrupt_error(self.where, problems) from read_error
-        if read_error is not None:
-            if isinstance(read_error, CheckpointError):
-                raise read_error
-            raise CheckpointError(f"reading {self.where} failed: {type(read_error).__name__}: {read_error}") \
-                from read_error
-        self._verified |= set(hashing) | set(rest)
-
-
-def _place_then(planner, items, stored, fetches, index) -> None:
-    try:
-        place_items(planner, items, stored)
-    finally:
-        fetches.consumed(index)
-
-
-def _hash_in_order(work: queue.Queue, digests: dict) -> None:
-    while (entry := work.get()) is not None:
-        name, buffer = entry
-        digests[name].update(buffer)
-
-
-class _Fetches:
-    """Downloads (file, offset, length) keys in order, at most ``READ_AHEAD_BYTES`` ahead of what
-    was consumed (one span larger than that goes alone).
-
-    Neighbouring keys of one file (the small items between two tensors, a run of small tensors)
-    are read together as one span: up to a part (``CAIRN_S3_PART_MB``) and ``SPAN_GAP_BYTES``,
-    and a small key (a record's header, a scalar) always joins its neighbour: a request costs a
-    round trip, and some servers do a whole object's work for any range of it. Two large keys
-    are never joined beyond a part; a span larger than that is read with concurrent ranged GETs
-    of a part each."""
-
-    def __init__(self, bucket: str, prefix: str, keys: list[tuple[str, int, int]]):
-        self.bucket, self.prefix = bucket, prefix
-        step = part_bytes()
-        # spans: [file, start, end]; where[i]: (span index, offset of key i in its span)
-        self._spans: list[list] = []
-        self._where: list[tuple[int, int]] = []
-        for name, offset, length in keys:
-            last = self._spans[-1] if self._spans else None
-            if (last is not None and last[0] == name and last[1] <= offset <= last[2] + SPAN_GAP_BYTES
-                    and (max(last[2], offset + length) - last[1] <= step + SPAN_GAP_BYTES
-                         or min(length, last[2] - last[1]) <= SPAN_GAP_BYTES)):  # a small key joins a large one
-                last[2] = max(last[2], offset + length)
-            else:
-                self._spans.append([name, offset, offset + length])
-            self._where.append((len(self._spans) - 1, offset - self._spans[-1][1]))
-        self._lengths = [length for _, _, length in keys]
-        self._users = [0] * len(self._spans)  # keys of each span not yet consumed
-        for span, _ in self._where:
-            self._users[span] += 1
-        self._buffers: dict[int, bytearray | None] = {}  # None: a span read by one GET (its body)
-        self._parts: dict[int, list[concurrent.futures.Future]] = {}
-        self._next = 0
-        self._ahead = 0
-        self._lock = threading.Lock()
-        self._closed = False
-        self._fill()
-
-    def _fill(self) -> None:
-        with self._lock:
-            step = part_bytes()
-            while self._next < len(self._spans) and not self._closed:
-                name, start, end = self._spans[self._next]
-                length = end - start
-                if self._ahead and self._ahead + length > READ_AHEAD_BYTES:
-                    break
-                key = f"{self.prefix}/{name}"
-                if length <= step + SPAN_GAP_BYTES:
-                    # One GET: its body is the buffer (no zeroed buffer to allocate, no second copy).
-                    self._parts[self._next] = [transfer_pool().submit(get_range, self.bucket, key, start, length)]
-                    self._buffers[self._next] = None
-                else:
-                    buffer = bytearray(length)
-                    view = memoryview(buffer)
-                    self._parts[self._next] = [
-                        transfer_pool().submit(get_range, self.bucket, key, start + at, min(step, length - at),
-                                               view[at:at + min(step, length - at)])
-                        for at in range(0, length, step)]
-                    self._buffers[self._next] = buffer
-                self._ahead += length
-                self._next += 1
-
-    def result(self, index: int) -> memoryview:
-        """Key ``index``'s bytes, once read."""
-        span, at = self._where[index]
-        self._fill()
-        with self._lock:
-            parts = self._parts[span]
-        results = [part.result() for part in parts]
-        buffer = self._buffers[span]
-        if buffer is None:
-            buffer = results[0] if results else b""
-        return memoryview(buffer)[at:at + self._lengths[index]]
-
-    def consumed(self, index: int) -> None:
-        span, _ = self._where[index]
-        with self._lock:
-            self._users[span] -= 1
-            if self._users[span] == 0:
-                self._buffers.pop(span, None)
-                self._parts.pop(span, None)
-                self._ahead -= self._spans[span][2] - self._spans[span][1]
-        self._fill()
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            parts = [p for ps in self._parts.values() for p in ps]
-        for part in parts:
-            part.cancel()
-        for part in parts:
-            with contextlib.suppress(BaseException):
-                part.result()
-
-
-# --- the store ------------------------------------------------------------------------------------------
 
 class S3Store:
-    """Committed steps, commits, verification, deletes, the lease and transfers under ``s3://bucket/prefix``."""
+    """Committed steps, commits, verification, deletes, leftovers and the lease under ``s3://bucket/prefix``.
+
+    ``unsafe_no_conditional_writes``: use a store that does not honour conditional writes
+    (see ``s3_conditions``); refused otherwise, with one line naming what it lacks."""
 
     scheme = "s3"
 
-    def __init__(self, bucket: str, prefix: str):
+    def __init__(self, bucket: str, prefix: str, *, unsafe_no_conditional_writes: bool = False):
         self.bucket, self.prefix = bucket, prefix.strip("/")
+        self.unsafe_no_conditional_writes = unsafe_no_conditional_writes
+        self.fence: Callable[[], None] | None = None
+        self.cleanup_thread: threading.Thread | None = None  # a background cleanup_incomplete
+        self._warned_unprotected = False
 
     @classmethod
-    def from_uri(cls, uri: str) -> S3Store:
-        return cls(*parse_uri(uri))
+    def from_uri(cls, uri: str, **options: Any) -> S3Store:
+        return cls(*parse_uri(uri), **options)
 
     def __repr__(self) -> str:
         return f"S3Store({self.url!r})"
+
+    def __getstate__(self):  # a writer (and its store) travels to the writer process; the fence and
+        return {**self.__dict__, "fence": None, "cleanup_thread": None}  # the cleanup thread stay here
 
     @property
     def url(self) -> str:
@@ -855,36 +142,55 @@ class S3Store:
         return self._key(f"{step_name(step)}/{save_id}")
 
     def step_url(self, step: int) -> str:
-        return f"s3://{self.bucket}/{self._key(step_name(step))}"
+        return s3_uri(self.bucket, self._key(step_name(step)))
+
+    # --- conditional writes and the commit fence -----------------------------------------------
+
+    def check_conditional_writes(self, opt_in: str = OPT_IN) -> Conditions:
+        """What the store does with conditional writes (probed once per endpoint and bucket);
+        ``UnprotectedStoreError`` naming what it lacks, unless this store accepts running unprotected."""
+        conditions = conditions_of(self.bucket, self.prefix)
+        lacks = conditions.lacks()
+        if lacks and not self.unsafe_no_conditional_writes:
+            raise refusal(self.url, lacks, opt_in)
+        if lacks and not self._warned_unprotected:
+            self._warned_unprotected = True
+            logger.warning("%s: the store does not honour %s; running unprotected as asked "
+                           "(s3_unsafe_no_conditional_writes): two runs on this folder would not be stopped",
+                           self.url, " or ".join(lacks))
+        return conditions
+
+    def _writes(self) -> ConditionalWrites:
+        return ConditionalWrites(self.bucket, self.check_conditional_writes(), self.unsafe_no_conditional_writes)
+
+    def set_fence(self, fence: Callable[[], None] | None) -> None:
+        """Every commit into this store calls ``fence()`` right before it publishes (the marker's
+        put), and commits nothing if it raises: the holder of the folder's lease passes
+        ``FolderLease.confirm``, so a run that lost the folder commits nothing there."""
+        self.fence = fence
+
+    def check_writable(self) -> None:
+        """A save could be written and committed here: the probe of conditional writes writes,
+        replaces and deletes an object of its own (and refuses a store that lacks them)."""
+        self.check_conditional_writes()
 
     # --- listing ---------------------------------------------------------------------------------
-
-    def _list(self, prefix: str, delimiter: str | None = None) -> Iterator[dict]:
-        """Every page of ListObjectsV2 under ``prefix`` (its contents and common prefixes)."""
-        kwargs = {"Bucket": self.bucket, "Prefix": prefix}
-        if delimiter:
-            kwargs["Delimiter"] = delimiter
-        try:
-            yield from client().get_paginator("list_objects_v2").paginate(**kwargs)
-        except Exception as e:  # noqa: BLE001
-            if isinstance(e, CheckpointError):
-                raise
-            raise explain(e, self.url, "listing") from None
 
     def _top(self) -> tuple[list[str], list[str]]:
         """(object names, folder names) directly under the prefix."""
         base = self._key("")
         names, folders = [], []
-        for page in self._list(base, "/"):
+        for page in list_pages(self.bucket, base, "/"):
             names += [item["Key"][len(base):] for item in page.get("Contents", [])]
             folders += [item["Prefix"][len(base):].rstrip("/") for item in page.get("CommonPrefixes", [])]
         return names, folders
 
+    def list_objects(self, prefix: str) -> list[dict]:
+        """Every object under ``prefix`` (``Key``, ``Size``, ``LastModified``)."""
+        return [item for page in list_pages(self.bucket, prefix) for item in page.get("Contents", [])]
+
     def exists(self) -> bool:
-        for page in self._list(self._key("")):
-            if page.get("KeyCount", 0):
-                return True
-        return False
+        return any(page.get("KeyCount", 0) for page in list_pages(self.bucket, self._key("")))
 
     def committed_steps(self) -> list[int]:
         names, _ = self._top()
@@ -899,11 +205,17 @@ class S3Store:
     # --- commit markers and manifests ------------------------------------------------------------
 
     def read_marker(self, step: int) -> tuple[dict, str] | None:
+        """(the marker, its ETag) of step ``step``, or None if it is not committed."""
         key = self.marker_key(step)
-        got = get_small(self.bucket, key)
-        if got is None:
+        found = head(self.bucket, key)
+        if found is None:
             return None
-        raw, etag = got
+        raw, etag = found.get("Metadata", {}).get(MARKER_METADATA), found["ETag"]
+        if raw is None:  # a marker from before the record was also metadata: its body
+            got = get_small(self.bucket, key)
+            if got is None:
+                return None
+            raw, etag = got
         try:
             marker = json.loads(raw)
         except ValueError:
@@ -911,19 +223,25 @@ class S3Store:
         if (not isinstance(marker, dict) or marker.get("format") != MARKER_FORMAT or marker.get("step") != step
                 or not isinstance(marker.get("save_id"), str) or not relative_file_name(marker["save_id"])
                 or "/" in marker["save_id"]):
-            raise corrupt_error(self.step_url(step), [f"s3://{self.bucket}/{key}: not the commit marker of step "
+            raise corrupt_error(self.step_url(step), [f"{s3_uri(self.bucket, key)}: not the commit marker of step "
                                                       f"{step} (damaged, crafted, or another step's)"])
         return marker, etag
 
-    def committed_manifest(self, step: int) -> tuple[str, dict]:
-        """(save id, manifest) of committed step ``step``: the manifest checked against the marker."""
+    def committed_save_id(self, step: int) -> tuple[str, dict]:
+        """(save id, marker) of committed step ``step``; CheckpointError if it is not committed."""
         found = self.read_marker(step)
         if found is None:
             raise CheckpointError(f"{self.step_url(step)} is not a committed step (no commit marker)")
-        marker, _ = found
-        where = f"s3://{self.bucket}/{self.save_prefix(step, marker['save_id'])}/{MANIFEST_NAME}"
-        raw = get_object(self.bucket, f"{self.save_prefix(step, marker['save_id'])}/{MANIFEST_NAME}",
-                         limit=MAX_MANIFEST_BYTES)
+        return found[0]["save_id"], found[0]
+
+    def committed_manifest(self, step: int, marker: dict | None = None) -> tuple[str, dict]:
+        """(save id, manifest) of committed step ``step``: the manifest checked against the marker
+        (``marker``: the step's, already read)."""
+        if marker is None:
+            _, marker = self.committed_save_id(step)
+        key = f"{self.save_prefix(step, marker['save_id'])}/{MANIFEST_NAME}"
+        where = s3_uri(self.bucket, key)
+        raw = get_object(self.bucket, key, limit=MAX_MANIFEST_BYTES)
         if raw is None:
             raise corrupt_error(self.step_url(step), [f"{where}: missing (the marker points to it)"])
         if len(raw) != marker.get("manifest_size") or xxhash.xxh3_128(raw).hexdigest() != marker.get("manifest_xxh3"):
@@ -939,33 +257,28 @@ class S3Store:
 
     def marker_etag(self, step: int) -> str | None:
         """The version of step ``step``'s marker now (None: not committed), for ``commit(previous=)``."""
-        try:
-            return client().head_object(Bucket=self.bucket, Key=self.marker_key(step))["ETag"]
-        except Exception as e:  # noqa: BLE001
-            if error_code(e) in ("404", "NoSuchKey", "NotFound"):
-                return None
-            raise explain(e, f"s3://{self.bucket}/{self.marker_key(step)}", "reading") from None
+        found = head(self.bucket, self.marker_key(step))
+        return found["ETag"] if found is not None else None
 
     def commit(self, step: int, save_id: str, manifest: bytes, previous: str | None = None) -> None:
         """Put step ``step``'s marker, conditionally: only if the step is still what this save saw
         when it began (``previous``: the marker's version then, None: not committed). Two saves
         can never both commit from the same state; the one that comes second is refused."""
-        marker = json.dumps({"format": MARKER_FORMAT, "step": step, "save_id": save_id,
+        record = json.dumps({"format": MARKER_FORMAT, "step": step, "save_id": save_id,
                              "manifest_size": len(manifest), "manifest_xxh3": xxhash.xxh3_128(manifest).hexdigest(),
-                             "committed_unix": round(time.time(), 3)}, sort_keys=True).encode()
+                             "committed_unix": round(time.time(), 3)}, sort_keys=True)
         key = self.marker_key(step)
+        writes = self._writes()
         replaced = self.read_marker(step) if previous is not None else None
-        try:
-            put_bytes(self.bucket, key, marker, **({"IfMatch": previous} if previous else {"IfNoneMatch": "*"}))
-        except ClientError as e:
-            if error_code(e) in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
-                raise CheckpointError(f"{self.step_url(step)} was committed by another save after this one began; "
-                                      "this save was not committed (is another run writing into "
-                                      f"{self.url}?)") from None
-            raise explain(e, f"s3://{self.bucket}/{key}", "committing") from None
+        header = {MARKER_METADATA: record}
+        version = (writes.replace(key, record.encode(), previous, "committing", header) if previous is not None
+                   else writes.create(key, record.encode(), "committing", header))
+        if version is None:
+            raise CheckpointError(f"{self.step_url(step)} was committed by another save after this one began; "
+                                  f"this save was not committed (is another run writing into {self.url}?)")
         if replaced is not None and replaced[0]["save_id"] != save_id:
             fault_point("during_replace")
-            self._delete_prefix(self.save_prefix(step, replaced[0]["save_id"]) + "/")
+            self.delete_prefix(self.save_prefix(step, replaced[0]["save_id"]) + "/")
             logger.info("replaced existing %s", self.step_url(step))
 
     # --- writing ---------------------------------------------------------------------------------
@@ -977,16 +290,18 @@ class S3Store:
         initialized (the ranks agree on the save id over ``process_group``)."""
         if step < 0:
             raise ValueError(f"checkpoint step must be >= 0, got {step}")
-        return S3StorageWriter(self, step, save_id or agreed_save_id(process_group), info, checksums=checksums,
-                               **writer_options)
+        writer = S3StorageWriter(self, step, save_id or agreed_save_id(process_group), info, checksums=checksums,
+                                 **writer_options)
+        writer.fence = self.fence
+        return writer
 
     def publish_dir(self, local: str | os.PathLike, step: int, info: Mapping[str, Any] | None = None, *,
                     storage: str | None = None, manifest: dict | None = None) -> str:
         """Upload a local folder of plain files as step ``step`` and commit it. With ``manifest`` (a
         local step's own), its records are kept and every file is checked against them while it
         uploads; else one is built from the hashes taken while uploading."""
-
         local = Path(local)
+        self.check_conditional_writes()
         previous = self.marker_etag(step)
         save_id = new_save_id()
         prefix = self.save_prefix(step, save_id)
@@ -997,10 +312,9 @@ class S3Store:
         for name, future in futures.items():
             try:
                 size, checksum = future.result()
-            except CheckpointError:
-                raise
-            except Exception as e:  # noqa: BLE001
-                raise explain(e, f"s3://{self.bucket}/{prefix}/{name}", "uploading") from None
+            except OSError as e:
+                raise CheckpointError(f"uploading {local / name} to {s3_uri(self.bucket, prefix)} failed: "
+                                      f"{e.strerror or e}") from None
             if manifest is not None:
                 record = manifest["files"].get(name)
                 if record is None or record.get("size") != size or (record.get("checksum")
@@ -1008,7 +322,7 @@ class S3Store:
                     problems.append(f"{local / name}: does not match its manifest (changed while it was uploaded?)")
             files[name] = {"size": size, "checksum": checksum}
         if problems:
-            self._delete_prefix(prefix + "/")
+            self.delete_prefix(prefix + "/")
             raise corrupt_error(local, problems)
         if manifest is not None:  # the same save's manifest (its save id names the DCP save, not the folder)
             body = dict(manifest)
@@ -1020,7 +334,13 @@ class S3Store:
                                                  save_id=save_id))
         put_bytes(self.bucket, f"{prefix}/{MANIFEST_NAME}", data)
         fault_point("during_publish")
-        self.commit(step, save_id, data, previous=previous)
+        try:
+            if self.fence is not None:
+                self.fence()
+            self.commit(step, save_id, data, previous=previous)
+        except CheckpointError:
+            self.delete_prefix(prefix + "/")
+            raise
         logger.info("committed checkpoint %s (%d files)", self.step_url(step), len(files))
         return self.step_url(step)
 
@@ -1034,16 +354,6 @@ class S3Store:
             self.publish_dir(staging, step, info, storage=storage)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-
-    def check_writable(self) -> None:
-        key = self._key(f".cairn-write-probe-{uuid.uuid4().hex}")
-        try:
-            put_bytes(self.bucket, key, b"cairn")
-            client().delete_object(Bucket=self.bucket, Key=key)
-        except CheckpointError:
-            raise
-        except Exception as e:  # noqa: BLE001
-            raise explain(e, f"--checkpoint.folder {self.url}", "writing into") from None
 
     # --- reading ---------------------------------------------------------------------------------
 
@@ -1089,14 +399,11 @@ class S3Store:
         """Problems of the objects under ``prefix`` against the manifest (sizes; hashes, streamed)."""
         files = manifest.get("files") or {}
         names = sorted(files) if names is None else sorted(set(names) & set(files))
-        listed = {}
-        for page in self._list(prefix + "/"):
-            for item in page.get("Contents", []):
-                listed[item["Key"][len(prefix) + 1:]] = item["Size"]
+        listed = {item["Key"][len(prefix) + 1:]: item["Size"] for item in self.list_objects(prefix + "/")}
         problems, to_hash = [], []
         for name in names:
             record = files[name]
-            uri = f"s3://{self.bucket}/{prefix}/{name}"
+            uri = s3_uri(self.bucket, f"{prefix}/{name}")
             if name not in listed:
                 problems.append(f"{uri}: missing{holds(record)}")
             elif listed[name] != record.get("size"):
@@ -1111,8 +418,8 @@ class S3Store:
             if progress is not None:
                 progress(done, total)
             if digest != record["checksum"]:
-                problems.append(f"s3://{self.bucket}/{prefix}/{name}: checksum mismatch ({CHECKSUM_ALGORITHM} {digest}, "
-                                f"manifest says {record['checksum']}){holds(record)}")
+                problems.append(f"{s3_uri(self.bucket, f'{prefix}/{name}')}: checksum mismatch ({CHECKSUM_ALGORITHM} "
+                                f"{digest}, manifest says {record['checksum']}){holds(record)}")
         return problems
 
     def verify(self, step: int, checksums: bool = True, progress: Callable[[int, int], None] | None = None,
@@ -1125,23 +432,22 @@ class S3Store:
             return [str(e)]
         prefix = self.save_prefix(step, save_id)
         problems = self.check_objects(prefix, manifest, checksums=checksums, progress=progress)
+        where = s3_uri(self.bucket, prefix)
         if not problems and METADATA_NAME in manifest.get("files", {}):
             try:
                 metadata = load_metadata_bytes(get_object(self.bucket, f"{prefix}/{METADATA_NAME}",
-                                                          limit=_MAX_METADATA_BYTES) or b"",
-                                               f"s3://{self.bucket}/{prefix}/{METADATA_NAME}")
+                                                          limit=MAX_METADATA_BYTES) or b"",
+                                               f"{where}/{METADATA_NAME}")
             except CheckpointError as e:
                 return list(getattr(e, "problems", None) or [str(e)])
-            problems += check_identity(manifest, None, f"s3://{self.bucket}/{prefix}/{MANIFEST_NAME}",
-                                       save_id_of(metadata))
+            problems += check_identity(manifest, None, f"{where}/{MANIFEST_NAME}", save_id_of(metadata))
             sizes = {name: record["size"] for name, record in manifest["files"].items()}
             for index, info in metadata.storage_data.items():
                 if info.relative_path not in sizes:
-                    problems.append(f"s3://{self.bucket}/{prefix}/{info.relative_path}: not in the manifest (DCP "
-                                    "metadata points to it)")
+                    problems.append(f"{where}/{info.relative_path}: not in the manifest (DCP metadata points to it)")
                 else:
                     problem = out_of_bounds(info.relative_path, index.fqn, info.offset, info.length,
-                                            sizes[info.relative_path], f"s3://{self.bucket}/{prefix}/{info.relative_path}")
+                                            sizes[info.relative_path], f"{where}/{info.relative_path}")
                     if problem:
                         problems.append(problem)
             problems += tensor_problems(metadata, f"s3://{self.bucket}/{prefix}/{METADATA_NAME}", manifest)
@@ -1151,27 +457,29 @@ class S3Store:
 
     # --- deleting --------------------------------------------------------------------------------
 
-    def _delete_prefix(self, prefix: str) -> None:
-        keys = [item["Key"] for page in self._list(prefix) for item in page.get("Contents", [])]
-        for start in range(0, len(keys), 1000):
-            batch = keys[start:start + 1000]
-            try:
-                client().delete_objects(Bucket=self.bucket, Delete={"Objects": [{"Key": key} for key in batch],
-                                                                    "Quiet": True})
-            except Exception as e:  # noqa: BLE001
-                logger.warning("could not delete %d objects under s3://%s/%s (%s); the next run's start-up cleanup "
-                               "will retry", len(batch), self.bucket, prefix, e)
+    def delete_prefix(self, prefix: str) -> None:
+        """Every object under ``prefix`` (best effort: logged; what stays is a leftover for later)."""
+        uri = s3_uri(self.bucket, prefix)
+        try:
+            keys = [item["Key"] for item in self.list_objects(prefix)]
+            failed = delete_keys(self.bucket, keys, uri) if keys else []
+        except CheckpointError as e:
+            logger.warning("could not delete the objects under %s (%s); `cairn checkpoint clean %s --yes` or the "
+                           "next run's start removes them", uri, e, self.url)
+            return
+        if failed:
+            logger.warning("could not delete %d objects under %s; `cairn checkpoint clean %s --yes` or the next "
+                           "run's start removes them", len(failed), uri, self.url)
 
     def delete(self, step: int, pacer=None) -> bool:
         """The marker first (the step is gone for every reader at once), then its objects."""
         try:
-            client().delete_object(Bucket=self.bucket, Key=self.marker_key(step))
-        except Exception as e:  # noqa: BLE001
-            logger.warning("could not purge checkpoint %s: %s", self.step_url(step), explain(e, self.step_url(step),
-                                                                                           "deleting"))
+            delete_key(self.bucket, self.marker_key(step))
+        except CheckpointError as e:
+            logger.warning("could not purge checkpoint %s: %s", self.step_url(step), e)
             return False
         fault_point("during_purge")
-        self._delete_prefix(self._key(step_name(step)) + "/")
+        self.delete_prefix(self._key(step_name(step)) + "/")
         if pacer is not None:
             pacer.pause()
         return True
@@ -1183,10 +491,68 @@ class S3Store:
             logger.info("purged checkpoints %s (keeping the newest %d)", purged, keep_latest_k)
         return purged
 
+    # --- what crashes leave behind -----------------------------------------------------------------
+
+    def leftovers(self) -> list[Leftover]:
+        """What crashed saves, deletes and probes left under the prefix: objects of saves no marker
+        names, multipart uploads never completed, probe objects. Never a committed step's objects
+        (a step whose marker cannot be read is left alone: ``verify`` reports it)."""
+        found: list[Leftover] = []
+        names, folders = self._top()
+        for name in names:
+            if name.startswith(_PROBE_NAMES):
+                item = head(self.bucket, self._key(name))
+                found.append(Leftover("temp", s3_uri(self.bucket, self._key(name)), None,
+                                      "an object of a probe cut short", item and item["ContentLength"], 1,
+                                      item and item["LastModified"].timestamp()))
+        for folder in folders:
+            step = step_of(folder)
+            if step is None:
+                continue
+            try:
+                marker = self.read_marker(step)
+            except CheckpointError:
+                continue
+            committed = marker[0]["save_id"] if marker is not None else None
+            base = self._key(folder) + "/"
+            by_save: dict[str, list[dict]] = {}
+            for item in self.list_objects(base):
+                save_id, slash, _ = item["Key"][len(base):].partition("/")
+                if slash and save_id.startswith(SAVE_ID_PREFIX):  # only what cairn's saves write
+                    by_save.setdefault(save_id, []).append(item)
+            for save_id, items in sorted(by_save.items()):
+                if save_id == committed:
+                    continue
+                found.append(Leftover("save", s3_uri(self.bucket, base + save_id), step,
+                                      "objects of a save that was never committed",
+                                      sum(item["Size"] for item in items), len(items),
+                                      max(item["LastModified"] for item in items).timestamp()))
+        for upload in list_uploads(self.bucket, self._key("")):
+            relative = upload["Key"][len(self._key("")):]
+            folder, _, rest = relative.partition("/")
+            if step_of(folder) is None or "/" not in rest or not rest.startswith(SAVE_ID_PREFIX):
+                continue  # not an object of a save into this folder
+            found.append(Leftover("upload", s3_uri(self.bucket, upload["Key"]), step_of(folder),
+                                  f"a multipart upload never completed (upload id {upload['UploadId'][:16]}...)",
+                                  created=upload["Initiated"].timestamp()))
+        return found
+
+    def remove_leftover(self, leftover: Leftover) -> None:
+        _, key = parse_uri(leftover.location)
+        if leftover.kind == "save":
+            self.delete_prefix(key + "/")
+        elif leftover.kind == "upload":
+            for upload in list_uploads(self.bucket, key):
+                if upload["Key"] == key:
+                    abort_upload(self.bucket, key, upload["UploadId"])
+        elif leftover.kind == "temp":
+            delete_key(self.bucket, key)
+
     def cleanup_incomplete(self, protect: Iterable[int] = (), background: bool = False) -> list[str]:
-        """Remove what crashed saves left (call holding the lease): objects of saves no marker points
-        to, and multipart uploads never completed. ``background``: on a thread of its own
-        (``cleanup_thread``); a new save never meets them (its objects are under a new save id)."""
+        """Remove what crashed saves left (call holding the lease): every leftover but those of
+        steps in ``protect``; returns their URIs. ``background``: on a thread of its own
+        (``cleanup_thread``), returning nothing; a new save never meets them (its objects are
+        under a new save id)."""
         if background:
             self.cleanup_thread = threading.Thread(target=self.cleanup_incomplete, args=(protect,),
                                                    name="cairn-cleanup", daemon=True)
@@ -1194,36 +560,17 @@ class S3Store:
             return []
         protect = set(protect)
         removed = []
-        _, folders = self._top()
-        for folder in folders:
-            step = step_of(folder)
-            if step is None or step in protect:
+        for leftover in self.leftovers():
+            if not leftover.removable or leftover.step in protect:
                 continue
-            marker = None
-            with contextlib.suppress(CheckpointError):
-                found = self.read_marker(step)
-                marker = found[0] if found else None
-            base = self._key(folder) + "/"
-            save_ids = set()
-            for page in self._list(base, "/"):
-                save_ids |= {item["Prefix"][len(base):].rstrip("/") for item in page.get("CommonPrefixes", [])}
-            for save_id in sorted(save_ids):
-                if marker is not None and marker["save_id"] == save_id:
-                    continue
-                self._delete_prefix(base + save_id + "/")
-                uri = f"s3://{self.bucket}/{base}{save_id}"
-                logger.warning("removed %s (objects of a save that was never committed)", uri)
-                removed.append(uri)
-        try:
-            uploads = client().list_multipart_uploads(Bucket=self.bucket, Prefix=self._key("")).get("Uploads", [])
-        except Exception as e:  # noqa: BLE001
-            uploads = []
-            logger.warning("could not list unfinished uploads under %s: %s", self.url, e)
-        for upload in uploads:
-            with contextlib.suppress(Exception):
-                client().abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
-                logger.warning("aborted an unfinished upload of s3://%s/%s", self.bucket, upload["Key"])
-                removed.append(f"s3://{self.bucket}/{upload['Key']}")
+            try:
+                self.remove_leftover(leftover)
+            except S3Error as e:
+                logger.warning("could not remove %s: %s", leftover.location, e)
+                continue
+            verb = "aborted an unfinished upload of" if leftover.kind == "upload" else "removed"
+            logger.warning("%s %s (%s)", verb, leftover.location, leftover.why)
+            removed.append(leftover.location)
         return removed
 
     # --- the lease (see lease.py) -------------------------------------------------------------------
@@ -1237,31 +584,22 @@ class S3Store:
             return None
         raw, etag = got
         try:
-            return json.loads(raw), etag
+            record = json.loads(raw)
         except ValueError:
-            raise CheckpointError(f"s3://{self.bucket}/{self._lease_key()}: not a cairn lease; if no run uses this "
-                                  "folder, delete it") from None
-
-    def _conditional_put(self, record: dict, **condition: str) -> str | None:
-        try:
-            return put_bytes(self.bucket, self._lease_key(), json.dumps(record).encode(), **condition)
-        except ClientError as e:
-            if error_code(e) in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
-                return None
-            raise explain(e, f"s3://{self.bucket}/{self._lease_key()}", "writing") from None
+            record = None
+        if not isinstance(record, dict):
+            raise CheckpointError(f"{s3_uri(self.bucket, self._lease_key())}: not a cairn lease; if no run uses this "
+                                  "folder, delete it")
+        return record, etag
 
     def lease_create(self, record: dict) -> str | None:
-        return self._conditional_put(record, IfNoneMatch="*")
+        return self._writes().create(self._lease_key(), json.dumps(record).encode(), "taking the lease of")
 
     def lease_replace(self, record: dict, version: str) -> str | None:
-        return self._conditional_put(record, IfMatch=version)
+        return self._writes().replace(self._lease_key(), json.dumps(record).encode(), version, "renewing the lease of")
 
     def lease_delete(self, version: str) -> None:
-        try:
-            client().delete_object(Bucket=self.bucket, Key=self._lease_key(), IfMatch=version)
-        except ClientError as e:
-            if error_code(e) not in ("PreconditionFailed", "412", "404", "NoSuchKey"):
-                raise
+        self._writes().delete(self._lease_key(), version)
 
 
 def agreed_save_id(process_group=None) -> str:
@@ -1275,53 +613,7 @@ def agreed_save_id(process_group=None) -> str:
     return save_id
 
 
-def hash_object(bucket: str, key: str, size: int) -> str:
-    """xxh3-128 of an object, streamed in ranged parts fetched concurrently and hashed in order."""
-    digest = xxhash.xxh3_128()
-    step = part_bytes()
-    starts = list(range(0, size, step))
-    window = max(2, min(8, connections()))
-    pending: dict[int, concurrent.futures.Future] = {}
-    for i, start in enumerate(starts):
-        while len(pending) < window and i + len(pending) < len(starts):
-            j = i + len(pending)
-            pending[j] = transfer_pool().submit(get_range, bucket, key, starts[j], min(step, size - starts[j]))
-        digest.update(pending.pop(i).result())
-    return digest.hexdigest()
-
-
-def download_files(bucket: str, prefix: str, manifest: Mapping[str, Any], target: Path) -> list[str]:
-    """Every file of the manifest from ``prefix`` into ``target``, checked against it: problems."""
-    problems = []
-
-    def fetch(name: str, record: dict) -> str | None:
-        path = target / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        size = record["size"]
-        digest = xxhash.xxh3_128()
-        with open(path, "wb") as f:
-            step = part_bytes()
-            for start in range(0, size, step):
-                data = get_range(bucket, f"{prefix}/{name}", start, min(step, size - start))
-                digest.update(data)
-                f.write(data)
-        if record.get("checksum") and digest.hexdigest() != record["checksum"]:
-            return f"s3://{bucket}/{prefix}/{name}: checksum mismatch{holds(record)}"
-        return None
-
-    futures = [transfer_pool().submit(fetch, name, record) for name, record in (manifest.get("files") or {}).items()
-               if relative_file_name(name)]
-    for future in futures:
-        try:
-            problem = future.result()
-        except CheckpointError as e:
-            problem = str(e)
-        if problem:
-            problems.append(problem)
-    return problems
-
-
-def _committed_step_at(bucket: str, prefix: str) -> tuple[S3Store, int] | None:
+def committed_step_at(bucket: str, prefix: str) -> tuple[S3Store, int] | None:
     """(store, step) when ``prefix`` names a committed cairn step (``<folder>/step-N`` with its marker)."""
     parent, _, name = prefix.rpartition("/")
     step = step_of(name)
@@ -1338,7 +630,7 @@ def download_prefix(uri: str, what: str) -> Iterator[Path]:
     every object under a plain prefix (an HF folder in a bucket)."""
     bucket, prefix = parse_uri(uri)
     name = prefix.rpartition("/")[2]
-    committed = _committed_step_at(bucket, prefix)
+    committed = committed_step_at(bucket, prefix)
     if committed is not None:
         with committed[0].local_copy(committed[1]) as path:
             yield path
@@ -1346,11 +638,11 @@ def download_prefix(uri: str, what: str) -> Iterator[Path]:
     target = Path(tempfile.mkdtemp(prefix="cairn-download-"))
     try:
         store = S3Store(bucket, prefix)
-        keys = [(item["Key"], item["Size"]) for page in store._list(prefix + "/" if prefix else "")
-                for item in page.get("Contents", [])]
-        if not keys and prefix and _exists(bucket, prefix):  # one object (a .pt file): as a local file
+        keys = [(item["Key"], item["Size"]) for item in store.list_objects(prefix + "/" if prefix else "")]
+        single = head(bucket, prefix) if not keys and prefix else None
+        if single is not None:  # one object (a .pt file): as a local file
             path = target / name
-            _download_to(bucket, prefix, client().head_object(Bucket=bucket, Key=prefix)["ContentLength"], path)
+            download_to(bucket, prefix, single["ContentLength"], path)
             yield path
             return
         if not keys:
@@ -1362,7 +654,7 @@ def download_prefix(uri: str, what: str) -> Iterator[Path]:
                 continue
             path = target / relative
             path.parent.mkdir(parents=True, exist_ok=True)
-            futures.append(transfer_pool().submit(_download_to, bucket, key, size, path))
+            futures.append(transfer_pool().submit(download_to, bucket, key, size, path))
         for future in futures:
             future.result()
         yield target
@@ -1370,22 +662,15 @@ def download_prefix(uri: str, what: str) -> Iterator[Path]:
         shutil.rmtree(target, ignore_errors=True)
 
 
-def _download_to(bucket: str, key: str, size: int, path: Path) -> None:
-    with open(path, "wb") as f:
-        step = part_bytes()
-        for start in range(0, size, step):
-            f.write(get_range(bucket, key, start, min(step, size - start)))
-
-
 def step_store(uri: str, what: str) -> tuple[Any, Any]:
     """(store, step) for a DCP checkpoint at ``uri``: a committed cairn step (``.../step-N``), or
     a plain DCP prefix written by another tool (its ``.metadata`` under the prefix)."""
     bucket, prefix = parse_uri(uri)
-    committed = _committed_step_at(bucket, prefix)
+    committed = committed_step_at(bucket, prefix)
     if committed is not None:
         return committed
     store = S3Store(bucket, prefix)
-    if not _exists(bucket, f"{prefix}/{METADATA_NAME}" if prefix else METADATA_NAME):
+    if not exists(bucket, f"{prefix}/{METADATA_NAME}" if prefix else METADATA_NAME):
         raise CheckpointError(f"{what} {uri}: neither a committed cairn step nor a DCP checkpoint (no {METADATA_NAME})")
     return store, S3StorageReader(store, None, data_prefix=prefix)
 
@@ -1395,7 +680,7 @@ def upload_path(local: Path, uri: str) -> int:
     if local.is_dir():
         return upload_folder(local, uri)
     bucket, key = parse_uri(uri)
-    if not key or _exists(bucket, key):
+    if not key or exists(bucket, key):
         raise CheckpointError(f"{uri} already exists or names no object; choose a new key (nothing is ever "
                               "overwritten)")
     return upload_file(local, bucket, key)[0]

@@ -14,16 +14,20 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from cairn.checkpoint.errors import CheckpointError
+from cairn.checkpoint.layout import Leftover
 from cairn.checkpoint.local import LocalStore
 
 # URI schemes that name an object store; anything else (no scheme) is a local path.
 OBJECT_SCHEMES = ("s3",)
+# A path that begins like one (``s3:/bucket``, ``S3:bucket``) but lacks the ``//``: a typo, not a folder name.
+_SCHEME_LIKE = re.compile(r"^(s3):(?!//)", re.IGNORECASE)
 
 
 @runtime_checkable
@@ -72,12 +76,59 @@ class CheckpointStore(Protocol):
     def delete(self, step: int, pacer=None) -> bool:
         """Make step ``step`` invisible, then remove its files; False (logged) if it could not."""
 
+    def leftovers(self) -> list[Leftover]:
+        """What crashed saves, deletes and probes left behind; never a committed step (``cairn checkpoint ls``)."""
+
+    def remove_leftover(self, leftover: Leftover) -> Any:
+        """Remove one of ``leftovers()`` (holding the lease)."""
+
     def cleanup_incomplete(self, protect=(), background: bool = False) -> list:
-        """Remove what crashed saves and deletes left behind (one rank, holding the lease);
-        ``background``: out of a new save's way now, deleted on a thread (``cleanup_thread``)."""
+        """Remove every leftover but those of steps in ``protect`` (one rank, holding the lease:
+        a run's start, ``cairn checkpoint clean``); ``background``: out of a new save's way now,
+        deleted on a thread (``cleanup_thread``)."""
 
     def check_writable(self) -> None:
-        """Raise CheckpointError naming the place if a save could not be written there."""
+        """Raise CheckpointError naming the place if a save could not be written and committed there."""
+
+    # The folder's lease (``lease.py``): one record, created only if absent, replaced only if it
+    # is still the version given (None: the condition failed), deleted only if still that version.
+
+    def lease_read(self) -> tuple[dict, str] | None:
+        """(the lease record, its version), or None when no lease is held."""
+
+    def lease_create(self, record: dict) -> str | None:
+        """Create the lease if none exists: its version, or None."""
+
+    def lease_replace(self, record: dict, version: str) -> str | None:
+        """Replace the lease if its version is still ``version``: the new version, or None."""
+
+    def lease_delete(self, version: str) -> None:
+        """Delete the lease if its version is still ``version``."""
+
+    def set_fence(self, fence: Callable[[], None] | None) -> None:
+        """The commit fence: every commit into this store (a DCP save's, ``staged_dir``'s) calls
+        ``fence()`` right before it publishes, and publishes nothing if it raises. The holder of
+        the folder's lease passes ``FolderLease.confirm``; None removes it."""
+
+
+def malformed_location(location: str | os.PathLike) -> str | None:
+    """Why ``location`` is neither a local path nor a well-formed object-store URI (``s3:/x``,
+    ``s3:bucket``, ``s3://`` without a bucket, another scheme), else None."""
+    text = os.fspath(location)
+    if "://" in text:
+        scheme = text.split("://", 1)[0].lower()
+        if scheme not in OBJECT_SCHEMES:
+            return (f"{text}: unsupported storage scheme {scheme}://; cairn stores checkpoints in a local or shared "
+                    "folder, or in S3-compatible object storage (s3://bucket/prefix)")
+        try:
+            _s3_client().parse_uri(text)
+        except CheckpointError as e:
+            return str(e)
+        return None
+    match = _SCHEME_LIKE.match(text)
+    if match:
+        return f"{text}: not a valid {match.group(1)}:// URI (expected {match.group(1).lower()}://bucket/prefix)"
+    return None
 
 
 def is_object_uri(location: str | os.PathLike) -> bool:
@@ -86,17 +137,18 @@ def is_object_uri(location: str | os.PathLike) -> bool:
     return isinstance(text, str) and "://" in text and text.split("://", 1)[0].lower() in OBJECT_SCHEMES
 
 
-def open_store(location: str | os.PathLike, *, base_folder: str | os.PathLike | None = None) -> CheckpointStore:
+def open_store(location: str | os.PathLike, *, base_folder: str | os.PathLike | None = None,
+               s3_unsafe_no_conditional_writes: bool = False) -> CheckpointStore:
     """The store for a local path (relative ones resolve against ``base_folder``) or an
-    ``s3://bucket/prefix`` URI. Any other URI scheme is one clear error, never a local folder
-    named after it."""
+    ``s3://bucket/prefix`` URI. A malformed URI (``s3:/bucket``) or another scheme is one clear
+    error, never a local folder named after it. ``s3_unsafe_no_conditional_writes``: accept an
+    object store that does not honour conditional writes (see ``s3_conditions``)."""
     text = os.fspath(location)
-    if "://" in text:
-        scheme = text.split("://", 1)[0].lower()
-        if scheme == "s3":
-            return _s3().S3Store.from_uri(text)
-        raise CheckpointError(f"{text}: unsupported storage scheme {scheme}://; cairn stores checkpoints in a local "
-                              "or shared folder, or in S3-compatible object storage (s3://bucket/prefix)")
+    problem = malformed_location(text)
+    if problem is not None:
+        raise CheckpointError(problem)
+    if is_object_uri(text):
+        return _s3().S3Store.from_uri(text, unsafe_no_conditional_writes=s3_unsafe_no_conditional_writes)
     path = Path(text)
     if base_folder is not None and not path.is_absolute():
         path = Path(base_folder) / path
@@ -108,6 +160,9 @@ def open_step(location: str | os.PathLike, what: str) -> tuple[CheckpointStore, 
     a local step folder, a committed cairn step in object storage, or a plain DCP prefix there.
     ``step`` is what the store's ``reader``/``load`` take. ``what`` names the flag in messages."""
     text = os.fspath(location)
+    problem = malformed_location(text)
+    if problem is not None:
+        raise CheckpointError(f"{what} {problem}")
     if is_object_uri(text):
         return _s3().step_store(text, what)
     path = Path(text)
@@ -160,10 +215,14 @@ def upload_local(local: str | os.PathLike, location: str) -> None:
     _s3().upload_path(Path(local), os.fspath(location))
 
 
-def _s3():
+def _s3(module: str = "s3"):
     """The object-store backend, imported on first use: only s3:// locations need boto3."""
     try:
-        return importlib.import_module("cairn.checkpoint.s3")
+        return importlib.import_module(f"cairn.checkpoint.{module}")
     except ImportError as e:
         raise CheckpointError(f"s3:// locations need boto3 ({e}); ./run_train.sh installs it, or pip install boto3") \
             from None
+
+
+def _s3_client():
+    return _s3("s3_client")

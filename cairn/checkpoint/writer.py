@@ -316,13 +316,22 @@ class CommittingWriter(FileSystemWriter):
         self.delegate: Callable[[CommittingWriter, SavePlan, SavePlanner], list[WriteResult]] | None = None
         # Called on the coordinator once the step is committed, with (step, location).
         self.on_commit: Callable[[int, str], None] | None = None
+        # Called on the coordinator right before the step is published; raises to commit nothing
+        # (the store's fence: whether this run still holds the folder's lease).
+        self.fence: Callable[[], None] | None = None
 
     def __getstate__(self):  # the writer process and process-based async saves pickle the writer
         state = dict(self.__dict__)
         state["last_error"] = None
         state["delegate"] = None
         state["on_commit"] = None
+        state["fence"] = None
         return state
+
+    def _fence(self) -> None:
+        """Backends call this right before the step becomes visible (the rename, the marker)."""
+        if self.fence is not None:
+            self.fence()
 
     @property
     def checkpoint_id(self) -> str:
@@ -534,6 +543,7 @@ class CairnStorageWriter(CommittingWriter):
     def _publish(self, manifest: bytes) -> None:
         fsio.write_file_durably(self.staging_dir / MANIFEST_NAME, manifest)
         fsio.fsync_dir(self.staging_dir)
+        self._fence()
         publish_staging(self.folder, self.staging_dir, self.step)
 
     def _staging_text(self) -> str:

@@ -244,6 +244,10 @@ class CheckpointSection:
     """Also keep every committed step in object storage (s3://bucket/prefix): uploaded in the
     background after each local commit, retention applied there too. Resume takes the newest
     committed step of either place, so a lost machine loses no step that finished uploading."""
+    s3_unsafe_no_conditional_writes: bool = False
+    """Use an s3:// store (folder or upload_to) that does not honour conditional writes
+    (If-None-Match / If-Match), which cairn otherwise refuses at start: nothing then stops two
+    runs from sharing the folder, or one save from overwriting another's commit."""
     interval: int = 500
     """Save every this many steps (the last step is always saved)."""
     keep_latest_k: int = 10

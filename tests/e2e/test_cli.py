@@ -68,7 +68,8 @@ def flat(text: str) -> str:
 
 
 def assert_fits_80_columns(text: str) -> None:
-    long = [line for line in text.splitlines() if len(line) > 80]
+    """Every line fits, but a command printed to be copied: it stays whole on a line of its own."""
+    long = [line for line in text.splitlines() if len(line) > 80 and not line.startswith("  cairn checkpoint ")]
     assert not long, long
 
 

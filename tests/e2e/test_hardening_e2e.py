@@ -3,30 +3,19 @@ run's folder taken over, and bad input answered with one line naming the flag, f
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import psutil
 import pytest
 
-from conftest import REPO, train
+from conftest import kill_tree, start, train
 
 pytestmark = pytest.mark.slow
 
 CKPT = ["--checkpoint.enable", "--checkpoint.interval", "4", "--checkpoint.no-last_save_model_only"]
-
-
-def start(dump: Path, *args: str, nproc: int = 1) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           "-m", "cairn.train", "--module", "llama3", "--config", "llama3_tiny", "--job.dump_folder", str(dump), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def wait_for_step(dump: Path, step: int, process: subprocess.Popen, timeout: float = 300) -> None:
@@ -69,15 +58,6 @@ def test_a_second_run_on_a_busy_folder_refuses_and_the_first_is_untouched(tmp_pa
     assert "took over the lease" in third.output and "is gone" in third.output
     assert "loaded full checkpoint" in third.output
     assert not list(Path(folder).glob(".tmp-step-*"))
-
-
-def kill_tree(process: subprocess.Popen) -> None:
-    """SIGKILL torchrun's workers (and their writer processes), then torchrun: a crash of every rank."""
-    for child in psutil.Process(process.pid).children(recursive=True):
-        with contextlib.suppress(psutil.NoSuchProcess):
-            os.kill(child.pid, signal.SIGKILL)
-    process.kill()
-    process.wait()
 
 
 def test_a_run_killed_mid_save_is_taken_over_at_once(tmp_path):

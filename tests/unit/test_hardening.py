@@ -391,9 +391,7 @@ def test_startup_cleanup_never_runs_without_the_lease(storage):
 
 
 def test_the_lease_is_renewed_and_a_lost_lease_stops_saving(storage, monkeypatch):
-    from cairn.checkpoint import lease as lease_module
-
-    monkeypatch.setattr(lease_module, "HEARTBEAT_S", 0.05)
+    monkeypatch.setenv("CAIRN_LEASE_HEARTBEAT", "0.05")
     held = FolderLease.acquire(storage)
     first_beat = storage.lease_read()[0]["heartbeat"]
     time.sleep(0.3)

@@ -22,11 +22,12 @@ PACKAGE = Path(__file__).resolve().parents[2] / "cairn"
 LAYERS: list[set[str]] = [
     {"errors"},
     {"layout", "faults", "adapter", "state", "results"},
-    {"fsio", "lease"},
-    {"manifest", "torchzip", "planner"},
+    {"fsio", "lease", "s3_client"},
+    {"manifest", "torchzip", "planner", "s3_conditions"},
     {"dcp_metadata", "commit", "writer_process"},
     {"writer", "reader", "groups"},
-    {"local", "s3"},
+    {"local", "s3_writer", "s3_reader"},
+    {"s3"},
     {"store"},
     {"staging", "hf", "retention", "mirror", "memory_slots"},
     {"api", "memory"},
@@ -34,6 +35,7 @@ LAYERS: list[set[str]] = [
     {"readers"},
     {"convert"},
     {"cli.output"},
+    {"cli.folder"},
     {"cli.commands", "cli.plot"},
     {"cli"},
 ]

@@ -1,6 +1,7 @@
 """``cairn checkpoint ...``: the user's view of checkpoints (this module: the command line).
 
     cairn checkpoint ls <folder>                  the steps in a checkpoint folder, newest first
+    cairn checkpoint clean <folder> [--yes]       remove what crashed saves left (a dry run without --yes)
     cairn checkpoint inspect <step_dir>           what a step holds: keys, shapes, dtypes, files
     cairn checkpoint verify <step_dir | folder>   checksums of every file; exit 1 if corrupt
     cairn checkpoint diff <a> <b>                 per-tensor differences; exit 1 if different
@@ -15,7 +16,8 @@ never two whole checkpoints at once.
 
 Exit status: 0 fine, 1 the checkpoint is corrupt or unsafe (``diff``: different), 2 a
 usage error (missing path, not a checkpoint, bad option). Errors are one line,
-``cairn checkpoint <cmd>: <what> (<path>)``, never a traceback. Output fits 80 columns;
+``cairn checkpoint <cmd>: <what> (<path>)``, never a traceback. Output fits 80 columns (a
+command printed to be copied stays whole on a line of its own);
 colours only on a terminal, never with ``NO_COLOR`` set; progress bars go to stderr and
 only to a terminal. The subcommands live in ``commands.py`` and ``plot.py``, what they print
 in ``output.py``.
@@ -44,6 +46,20 @@ _EXAMPLES = {
   cairn checkpoint ls outputs --checksums        # a run's dump folder works too
   cairn checkpoint ls outputs/checkpoint --json | jq '.steps[0]'
   cairn checkpoint ls /dev/shm/cairn-0123456789ab --memory  # this node's tier
+""",
+    "clean": """Lists (a dry run), or with --yes removes, what crashed saves, deletes and probes
+left behind: staging dirs and trash (a local folder), objects of saves no commit
+marker names and multipart uploads never completed (s3://), and a stale lease.
+Never a committed step. --yes takes the folder's lease first, as a run's start
+does: it refuses while a live run holds the folder.
+
+exit status: 0 done (or nothing to do), 2 refused (a live run holds the folder)
+or a usage error.
+
+examples:
+  cairn checkpoint clean outputs/checkpoint         # what would go
+  cairn checkpoint clean outputs/checkpoint --yes
+  cairn checkpoint clean s3://bucket/runs/llama3-8b --yes
 """,
     "inspect": """examples:
   cairn checkpoint inspect outputs/checkpoint/step-500
@@ -105,7 +121,7 @@ def _common(json_output: bool = True) -> argparse.ArgumentParser:
 def add_checkpoint_parser(commands) -> None:
     """``checkpoint`` and its subcommands, on the ``cairn`` parser's subcommand action."""
     checkpoint = commands.add_parser(
-        "checkpoint", aliases=["ckpt"], formatter_class=_Formatter, help="list, inspect, verify, diff, convert, plot",
+        "checkpoint", aliases=["ckpt"], formatter_class=_Formatter, help="list, inspect, verify, diff, convert, clean, plot",
         description="Look at, check, compare and convert training checkpoints (DCP step folders,\n"
                     "Hugging Face directories, single .pt files). No command runs code from a\n"
                     "checkpoint file.")
@@ -120,11 +136,21 @@ def add_checkpoint_parser(commands) -> None:
 
     ls = add("ls", "commands.cmd_ls", "the steps of a checkpoint folder, newest first",
              "One row per step in a checkpoint folder, newest first: kind, committed or not,\n"
-             "verified, dtype, size, files, saving layout, time.")
+             "verified, dtype, size, files, saving layout, time; then the folder's lease and\n"
+             "what crashed saves left (removed by `cairn checkpoint clean`).")
     ls.add_argument("folder", help="checkpoint folder (or a run's dump folder)")
     ls.add_argument("--checksums", action="store_true", help="hash every file (default: sizes only)")
     ls.add_argument("--memory", action="store_true",
                     help="FOLDER is a node's --checkpoint.memory_dir: list its memory snapshots and replicas")
+
+    clean = add("clean", "folder.cmd_clean", "remove what crashed saves left (a dry run without --yes)",
+                "Remove what crashed saves left in a checkpoint folder: staging dirs, trash,\n"
+                "objects of saves never committed, unfinished uploads, a stale lease.")
+    clean.add_argument("folder", help="checkpoint folder (or a run's dump folder, or s3://bucket/prefix)")
+    clean.add_argument("-y", "--yes", action="store_true", help="remove them (default: list what would go)")
+    clean.add_argument("--s3_unsafe_no_conditional_writes", action="store_true",
+                       help="accept an s3:// store that ignores conditional writes (nothing then stops a run "
+                            "from starting meanwhile)")
 
     inspect = add("inspect", "commands.cmd_inspect", "keys, shapes, dtypes, bytes and files of a checkpoint",
                   "What a checkpoint holds: keys by group (model, optimizer, lr_scheduler,\n"

@@ -43,21 +43,15 @@ from cairn.checkpoint.cli.output import (
     use_color,
     wrapped,
 )
+from cairn.checkpoint.cli.folder import clean_hint, lease_json, lease_lines, open_folder, resolve_folder
 from cairn.checkpoint.convert import ConvertOptions, convert_checkpoint
 from cairn.checkpoint.errors import CheckFailed, CheckpointError, UsageError, first_line
-from cairn.checkpoint.fsio import display_path, is_hf_dir
 from cairn.checkpoint.dcp_metadata import grouped_record, index_ranges
+from cairn.checkpoint.fsio import display_path, is_hf_dir, tree_usage
 from cairn.checkpoint.groups import describe
 from cairn.checkpoint.hf import HFWeights
-from cairn.checkpoint.layout import (
-    MANIFEST_NAME,
-    METADATA_NAME,
-    aside_step,
-    staging_step,
-    step_name,
-    step_of,
-    trash_step,
-)
+from cairn.checkpoint.layout import Leftover, step_name, step_of
+from cairn.checkpoint.lease import lease_state
 from cairn.checkpoint.local import LocalStore
 from cairn.checkpoint.memory_slots import list_snapshots
 from cairn.checkpoint.store import is_object_uri, local_folder, open_step, open_store, upload_local
@@ -70,7 +64,6 @@ from cairn.checkpoint.readers import (
     detect_format,
     file_order,
     group_of,
-    is_step_folder,
     open_checkpoint,
     progress_bar,
     read_batches,
@@ -94,36 +87,26 @@ class StepRow:
     checked: str | None = None  # "checksums", "sizes", "structure" or None (not checked)
     problems: list[str] = dataclasses.field(default_factory=list)
     dtype: str | None = None
-    num_bytes: int = 0
-    num_files: int = 0
+    num_bytes: int | None = 0
+    num_files: int | None = 0
     layout: dict | None = None
     model: dict | None = None
     created: float | None = None
-    leftover: str | None = None  # why an uncommitted dir is there
+    leftover: str | None = None  # why an uncommitted dir or object is there
+    removable: bool = True  # a leftover ``clean`` removes (else: not cairn's)
 
     def to_json(self) -> dict:
         return {"step": self.step, "name": self.name, "path": str(self.path), "committed": self.committed,
                 "kind": self.kind, "storage": self.storage, "status": self.status, "checked": self.checked,
                 "problems": self.problems, "dtype": self.dtype, "bytes": self.num_bytes, "files": self.num_files,
                 "layout": self.layout, "model": self.model, "created": iso_time(self.created),
-                "leftover": self.leftover}
+                "leftover": self.leftover, **({} if self.committed else {"removable": self.removable})}
 
     @property
     def status(self) -> str:
         if not self.committed:
             return "uncommitted"
         return "corrupt" if self.problems else "ok"
-
-
-def _disk_usage(path: Path) -> tuple[int, int]:
-    """(bytes, files) under ``path``."""
-    total = count = 0
-    for root, _, names in os.walk(path):
-        for name in names:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(root, name)).st_size
-                count += 1
-    return total, count
 
 
 def _model_dtype(manifest: dict | None, path: Path) -> str | None:
@@ -149,7 +132,7 @@ def _committed_row(storage, step: int, checksums: bool, progress: Callable[[int]
     path = storage.step_dir(step)
     manifest, problems = read_manifest_quietly(path)
     row = StepRow(path.name, path, step, True)
-    row.num_bytes, row.num_files = _disk_usage(path)
+    row.num_bytes, row.num_files = tree_usage(path)
     done = 0
 
     def advance(now: int, total: int) -> None:
@@ -177,33 +160,17 @@ def _committed_row(storage, step: int, checksums: bool, progress: Callable[[int]
     return row
 
 
-def _leftover_rows(folder: Path, committed: set[Path]) -> list[StepRow]:
-    """Uncommitted dirs: staging dirs of crashed saves, interrupted deletes, step dirs without a commit marker."""
-    rows = []
-    for path in sorted(folder.iterdir()):
-        if not path.is_dir() or path in committed:
-            continue
-        name = path.name
-        if (step := staging_step(name)) is not None:
-            why = "staging dir of a save in progress or one that did not finish"
-        elif (step := aside_step(name)) is not None:
-            why = "old copy of a replaced step"
-        elif (step := step_of(name)) is not None:
-            why = "no manifest or .metadata: a save that did not finish"
-        elif (step := trash_step(name)) is not None:
-            why = "a step being deleted"
-        else:
-            continue
-        row = StepRow(name, path, step, False, leftover=why)
-        row.num_bytes, row.num_files = _disk_usage(path)
-        with contextlib.suppress(OSError):
-            row.created = path.stat().st_mtime
-        rows.append(row)
-    return rows
+def leftover_row(leftover: Leftover, folder: str) -> StepRow:
+    """A row of ``ls`` for something a crash left (``store.leftovers()``)."""
+    location = leftover.location
+    name = location.removeprefix(folder.rstrip("/") + "/") if location.startswith(folder) else Path(location).name
+    return StepRow(name, location, -1 if leftover.step is None else leftover.step, False, num_bytes=leftover.num_bytes,
+                   num_files=leftover.num_files, created=leftover.created, leftover=leftover.why,
+                   removable=leftover.removable)
 
 
 def list_steps(folder: Path, checksums: bool = False, show_bar: bool = False) -> list[StepRow]:
-    """Every step dir and leftover in a checkpoint folder, newest first."""
+    """Every committed step in a local checkpoint folder."""
     storage = LocalStore(folder)
     steps = storage.committed_steps()
     rows = []
@@ -215,23 +182,7 @@ def list_steps(folder: Path, checksums: bool = False, show_bar: bool = False) ->
     with progress_bar(total, "checksums", show_bar and checksums) as advance:
         for step in steps:
             rows.append(_committed_row(storage, step, checksums, advance))
-    rows += _leftover_rows(folder, {storage.step_dir(step) for step in steps})
-    rows.sort(key=lambda row: (row.step, row.committed, row.name), reverse=True)
     return rows
-
-
-def resolve_folder(path: Path) -> Path:
-    """A checkpoint folder from what the user typed: the folder itself, or a run's dump folder."""
-    if not path.exists():
-        raise UsageError("no such directory", path)
-    if not path.is_dir():
-        raise UsageError("not a directory", path)
-    if (path / METADATA_NAME).exists() or (path / MANIFEST_NAME).exists():
-        raise UsageError(f"a single step, not a checkpoint folder: try `cairn checkpoint inspect "
-                         f"{display_path(path)}`", path)
-    if not is_step_folder(path) and is_step_folder(path / "checkpoint"):
-        return path / "checkpoint"  # a run's --job.dump_folder
-    return path
 
 
 LS_COLUMNS = [Column("STEP", 6, right=True), Column("KIND", 10), Column("COMMIT", 6), Column("VERIFY", 11),
@@ -262,27 +213,30 @@ def _table_top(title: str, folder: Path, columns: list[Column], style: Style, ro
     return lines + ([style.dim(table_line(columns, [c.header for c in columns]))] if rows else [f"  {empty}"])
 
 
-def format_ls(folder: Path, rows: list[StepRow], style: Style) -> list[str]:
+def format_ls(folder: str, rows: list[StepRow], style: Style, lease: dict | None = None,
+              stored: str = "on disk") -> list[str]:
     lines = _table_top("checkpoint folder", folder, LS_COLUMNS, style, rows, "no checkpoints yet")
-    if not rows:
-        return lines
     for row in rows:
         verify, verify_style = _verify_cell(row, style)
         dtypes = ",".join(short_dtype(d) for d in row.dtype.split(",")) if row.dtype else "-"
-        cells = [f"{row.step}" + ("" if row.committed else "*"), _kind_text(row), "yes" if row.committed else "no",
-                 verify, dtypes, human_bytes(row.num_bytes), str(row.num_files), layout_text(row.layout),
-                 local_time(row.created)]
+        step = "-" if row.step < 0 else str(row.step)
+        cells = [step + ("" if row.committed else "*"), _kind_text(row), "yes" if row.committed else "no",
+                 verify, dtypes, human_bytes(row.num_bytes), "-" if row.num_files is None else str(row.num_files),
+                 layout_text(row.layout), local_time(row.created)]
         styles = [None, None, None if row.committed else style.yellow, verify_style] + [None] * 5
         lines.append(table_line(LS_COLUMNS, cells, styles))
     committed = [row for row in rows if row.committed]
     corrupt = [row for row in committed if row.problems]
-    summary = (f"{plural(len(committed), 'committed step')}, {human_bytes(sum(r.num_bytes for r in rows))} on disk"
-               + (f"; {len(corrupt)} corrupt" if corrupt else ""))
-    lines.append(summary)
-    for row in rows:
-        if not row.committed:
-            lines += wrapped(f"{row.step}*: {row.name}: {row.leftover} (never loaded; a leftover is removed at "
-                             "the next training start)", indent="")
+    if rows:
+        lines.append(f"{plural(len(committed), 'committed step')}, {human_bytes(sum(r.num_bytes or 0 for r in rows))} "
+                     f"{stored}" + (f"; {len(corrupt)} corrupt" if corrupt else ""))
+    lines += lease_lines(lease, folder, style)
+    leftovers = [row for row in rows if not row.committed]
+    for row in leftovers:
+        step = "-" if row.step < 0 else str(row.step)
+        left = "never loaded" if row.removable else "never loaded nor removed; delete it by hand if unwanted"
+        lines += wrapped(f"{step}*: {row.name}: {row.leftover} ({left})", indent="")
+    lines += clean_hint(folder, lease, sum(row.removable for row in leftovers))
     for row in corrupt:
         lines += wrapped(f"step {row.step}: {relative_to_step(row.problems[0], row.path)}", indent="")
     checks = {row.checked for row in committed}
@@ -293,8 +247,7 @@ def format_ls(folder: Path, rows: list[StepRow], style: Style) -> list[str]:
 
 
 def _remote_rows(store, checksums: bool) -> list[StepRow]:
-    """The committed steps of an object-store folder, newest first (uncommitted objects are never listed
-    as steps; ``cairn checkpoint verify`` and a run's start-up cleanup deal with them)."""
+    """The committed steps of an object-store folder."""
     rows = []
     for step in store.committed_steps():
         row = StepRow(step_name(step), store.step_url(step), step, True)
@@ -310,7 +263,6 @@ def _remote_rows(store, checksums: bool) -> list[StepRow]:
             row.checked = "checksums" if checksums and manifest.get("checksum_algorithm") else "sizes"
             row.dtype = _model_dtype(manifest, Path("."))
         rows.append(row)
-    rows.sort(key=lambda row: row.step, reverse=True)
     return rows
 
 
@@ -355,19 +307,20 @@ def cmd_ls(args: argparse.Namespace) -> int:
         else:
             print("\n".join(format_memory_ls(folder, rows, Style(use_color(args.color)))))
         return EXIT_OK
+    store, folder = open_folder(args.folder)
     if is_object_uri(args.folder):
-        store = open_store(args.folder)
-        if not store.exists():
-            raise UsageError("nothing there (no objects under that prefix)", args.folder)
         rows = _remote_rows(store, args.checksums)
-        folder = store.url
     else:
-        folder = resolve_folder(Path(args.folder))
-        rows = list_steps(folder, checksums=args.checksums, show_bar=show_progress(args))
+        rows = list_steps(Path(store.url), checksums=args.checksums, show_bar=show_progress(args))
+    rows += [leftover_row(leftover, store.url) for leftover in store.leftovers()]
+    rows.sort(key=lambda row: (row.step, row.committed, row.name), reverse=True)
+    lease = lease_state(store)
     if args.json:
-        print(json.dumps({"folder": str(folder), "steps": [row.to_json() for row in rows]}, indent=1))
+        print(json.dumps({"folder": str(folder), "steps": [row.to_json() for row in rows],
+                          "lease": lease_json(lease)}, indent=1))
     else:
-        print("\n".join(format_ls(folder, rows, Style(use_color(args.color)))))
+        print("\n".join(format_ls(folder, rows, Style(use_color(args.color)), lease,
+                                  "stored" if is_object_uri(args.folder) else "on disk")))
     return EXIT_OK  # a listing, even of corrupt steps; `verify` is the command that judges
 
 
@@ -413,7 +366,7 @@ def _header(ckpt, entries: dict[str, Entry]) -> list[tuple[str, str]]:
     if isinstance(ckpt.path, str):  # in object storage: what its manifest records
         num_bytes, num_files = int(manifest.get("total_bytes") or 0), len(manifest.get("files") or {})
     elif ckpt.path.is_dir():
-        num_bytes, num_files = _disk_usage(ckpt.path)
+        num_bytes, num_files = tree_usage(ckpt.path)
     else:
         num_bytes, num_files = ckpt.path.stat().st_size, 1
     integrity = (f"manifest with {manifest['checksum_algorithm']} checksums" if manifest.get("checksum_algorithm")
@@ -657,7 +610,7 @@ def verify_one(path: Path, checksums: bool, advance: Callable[[int], None]) -> V
         return _verify_torch_file(path, advance)
     notes: list[str] = []
     manifest, problems = read_manifest_quietly(path)
-    num_bytes = _disk_usage(path)[0]
+    num_bytes = tree_usage(path)[0]
     if manifest is None and not problems and is_hf_dir(path):
         return Verdict(path, "structure", _hf_structure_problems(path), [
             "no cairn manifest (not written by cairn): safetensors headers and sizes checked, no checksums"],
