@@ -125,6 +125,7 @@ class MemoryTier:
         if rank % self.local_world == 0 and read_run(self.dir) != self.run:  # one writer per node
             write_run(self.dir, self.run)
         self._started = False  # the first step of this process is not yet recorded (see record_progress)
+        self._said_unusable: set[tuple] = set()
         # Straight into the slot's file (pinned), through one device snapshot that the slots share
         # (one snapshot is in flight at a time) where the device has room for it. Unpinned slots
         # drained through pinned pieces and copier threads cost far more (benchmarks/RESULTS.md,
@@ -428,7 +429,7 @@ class MemoryTier:
                 try:
                     record = slot.read_record()
                 except UnusableSnapshotError as e:
-                    logger.warning("memory snapshot %s is unusable: %s; skipping it", slot.folder, e)
+                    self._skip_unusable(slot, str(e))
                     continue
                 if record is None:
                     continue
@@ -436,13 +437,20 @@ class MemoryTier:
                 if why is None and progress is not None and record["step"] > progress:
                     why = f"it claims step {record['step']}, but this rank trained only to step {progress}"
                 if why:
-                    logger.warning("memory snapshot %s is unusable: %s; skipping it", slot.folder, why)
+                    self._skip_unusable(slot, why)
                     continue
                 out[record["step"]] = index
             return out
 
         return {"rank": self.rank, "own": steps(self.own, self.rank), "held_for": self.peer_from,
                 "held": steps(self.held, self.peer_from) if self.replicas else {}, "progress": progress}
+
+    def _skip_unusable(self, slot: Slot, why: str) -> None:
+        """Say once per slot and reason (the inventory is taken more than once at a start) why a
+        snapshot is not restored."""
+        if (slot.folder, why) not in self._said_unusable:
+            self._said_unusable.add((slot.folder, why))
+            logger.warning("memory snapshot %s is unusable: %s; skipping it", slot.folder, why)
 
     def close(self, remove: bool) -> None:
         """Finish the snapshot in flight and stop; ``remove``: delete this rank's snapshots (a finished run)."""

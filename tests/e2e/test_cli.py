@@ -503,6 +503,9 @@ def test_training_logs_say_what_where_how_much_how_long(ckpts):
     assert f"loaded seed checkpoint {ckpts.seed}: 2.0 MB in" in log
     events = [json.loads(line) for line in (ckpts.run / "metrics.jsonl").read_text().splitlines()
               if '"event"' in line]
+    startup = [e for e in events if e["event"] == "startup"]  # one record of where the start's time went
+    assert len(startup) == 1 and startup[0]["step"] == 1 and startup[0]["restart_count"] == 0, startup
+    events = [e for e in events if e["event"] != "startup"]
     assert [(e["event"], e["step"], e["kind"]) for e in events] == [
         ("checkpoint_load", 0, "seed"), ("checkpoint_save", 3, "full"), ("checkpoint_save", 6, "model_only")]
     assert all(e["bytes"] > 0 for e in events)
