@@ -190,7 +190,8 @@ class CheckpointManager:
         if self.rank == 0 and config.keep_latest_k > 0 and not config.load_only:
             self._retention = RetentionWorker(self.store, config.keep_latest_k,
                                               protect=lambda: set(self._writing) | self._uploading(),
-                                              busy=lambda: bool(self._writing))
+                                              busy=lambda: bool(self._writing),
+                                              held=self._lease.check_held if self._lease is not None else None)
         if self.rank == 0 and self.mirror is not None and not config.load_only:
             self._uploads = UploadWorker(self.store, self.mirror, config.keep_latest_k)
         if config.memory_interval > 0 and not config.load_only:

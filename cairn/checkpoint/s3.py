@@ -28,6 +28,7 @@ concerns live beside this module: ``s3_client`` (URIs, the client, bounded retri
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import json
 import logging
 import os
@@ -600,6 +601,20 @@ class S3Store:
 
     def lease_delete(self, version: str) -> None:
         self._writes().delete(self._lease_key(), version)
+
+    def lease_age(self, version: str) -> float | None:
+        """Seconds since the lease's version ``version`` was written, on the store's clock: the
+        object's ``LastModified`` against the ``Date`` of the answer that reports it (both the
+        server's). None if that version is gone."""
+        found = head(self.bucket, self._lease_key())
+        if found is None or found["ETag"].strip('"') != version.strip('"'):
+            return None
+        date = (found.get("ResponseMetadata") or {}).get("HTTPHeaders", {}).get("date")
+        try:
+            now = email.utils.parsedate_to_datetime(date).timestamp()
+        except (TypeError, ValueError):
+            return None
+        return now - found["LastModified"].timestamp()
 
 
 def agreed_save_id(process_group=None) -> str:
