@@ -197,6 +197,13 @@ def _unchanged_for(store, version: str, seconds: float) -> bool:
         time.sleep(min(left, max(0.05, seconds / 20)))
 
 
+def _busy(store, holder: dict[str, Any], age: float | None, timeout: float) -> FolderBusyError:
+    return FolderBusyError(
+        f"checkpoint folder {store.url} is in use by another run ({describe(holder, age)}); two runs on one folder "
+        f"would delete each other's saves. Stop that run, or use another folder (Config.folder). If it is gone, its "
+        f"lease expires {timeout:g} s after it was last renewed ({TIMEOUT_ENV})")
+
+
 class FolderLease:
     """The lease of one store's folder, held by this process until ``release``."""
 
@@ -234,16 +241,15 @@ class FolderLease:
                     reason = (f"it is dated {-age:.0f} s in the storage's future (a clock ahead), and was not "
                               f"renewed in the {timeout:g} s ({TIMEOUT_ENV}) this run watched it")
                 if reason is None:
-                    raise FolderBusyError(
-                        f"checkpoint folder {store.url} is in use by another run ({describe(holder, age)}); two runs "
-                        f"on one folder would delete each other's saves. Stop that run, or use another folder "
-                        f"(Config.folder). If it is gone, its lease expires {timeout:g} s after it was last renewed "
-                        f"({TIMEOUT_ENV})")
+                    raise _busy(store, holder, age, timeout)
                 watch = _watch_seconds(holder, age, timeout)
                 logger.info("the lease of checkpoint folder %s looks stale (%s); watching it %.1f s for a renewal",
                             store.url, describe(holder, age), watch)
-                if not _unchanged_for(store, held_version, watch):
-                    continue  # its holder renewed it: read it again (and refuse)
+                if not _unchanged_for(store, held_version, watch):  # renewed: alive (its clock, or its
+                    current = store.lease_read()  # filesystem's stamps, may run behind), or just taken
+                    if current is None or current[0].get("released"):
+                        continue
+                    raise _busy(store, current[0], store.lease_age(current[1]), timeout)
                 if age >= -CLOCK_SLACK_S:
                     reason += f", and did not change in the {watch:.1f} s this run watched it"
             record = {**me, "heartbeat": time.time()}

@@ -59,6 +59,7 @@ from cairn.checkpoint.writer import CairnStorageWriter, describe_os_error
 logger = logging.getLogger("cairn")
 
 WRITE_PROBE_PREFIX = ".cairn-write-probe-"
+TEMP_IN_USE_S = 60.0  # a lease or probe temp file younger than this may be another run's, in use
 
 
 def has_commit_marker(step_dir: Path) -> bool:
@@ -106,6 +107,12 @@ class Pacer:
         except OSError:
             pass  # remove_tree below reports what it cannot delete
         return fsio.remove_tree(path)
+
+
+def _younger_than(path: Path, seconds: float) -> bool:
+    with contextlib.suppress(OSError):
+        return time.time() - path.lstat().st_mtime < seconds
+    return True  # gone meanwhile: nothing to list
 
 
 class LocalStore:
@@ -537,6 +544,8 @@ class LocalStore:
             elif is_trash(name):
                 kind, step, why = "trash", trash_step(name), "a delete that did not finish"
             elif name.startswith((LEASE_NAME + ".tmp-", WRITE_PROBE_PREFIX)):
+                if _younger_than(path, TEMP_IN_USE_S):
+                    continue  # another run's, being written now (a run probes the folder before its lease)
                 kind, step, why = "temp", None, "a lease or probe file being written when its run died"
             elif lease_generation(name) is not None and path != newest_lease:
                 kind, step, why = "temp", None, "an older generation of the lease (its writer stopped before removing it)"
