@@ -396,17 +396,19 @@ class LocalStore:
     def lease_age(self, version: str) -> float | None:
         """Seconds since the lease's version ``version`` was written, on the filesystem's clock:
         its file's mtime against that of a file written now in the same folder (a file server
-        stamps both). None if that version is gone."""
+        stamps both). None if that version is gone, or where nothing can be written (a read-only
+        folder, as ``cairn checkpoint ls`` may meet: its age is then not known)."""
         probe = self.folder / f"{WRITE_PROBE_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
             written = (self.folder / lease_name(int(version))).stat().st_mtime
             with open(probe, "wb") as f:
                 f.write(b"cairn")
                 now = os.fstat(f.fileno()).st_mtime
-        except FileNotFoundError:
+        except OSError:
             return None
         finally:
-            probe.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                probe.unlink(missing_ok=True)
         return now - written
 
     # --- reading ---------------------------------------------------------------------------------
