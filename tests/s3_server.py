@@ -53,9 +53,27 @@ def stdin_watcher(closed: threading.Event) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
+def atomic_conditional_writes() -> None:
+    """Make moto's conditional PUT and DELETE atomic, as S3's are: moto checks ``If-Match`` /
+    ``If-None-Match`` and then writes, on threads of its own, so two racing requests could both
+    pass the check (the lease's race tests run many at once). One lock around each whole request."""
+    from moto.s3.responses import S3Response
+
+    lock = threading.Lock()
+    for name in ("put_object", "delete_object"):
+        original = getattr(S3Response, name)
+
+        def locked(self, _original=original):
+            with lock:
+                return _original(self)
+
+        setattr(S3Response, name, locked)
+
+
 def serve(port: int, lifetime: float, watch_stdin: bool = True) -> None:
     from moto.server import ThreadedMotoServer
 
+    atomic_conditional_writes()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     deadline = time.monotonic() + lifetime

@@ -4,7 +4,8 @@
 save: it and the training process), ``CAIRN_FAULT=<point>:enospc`` raises
 ``OSError(ENOSPC)`` there instead, ``CAIRN_FAULT=<point>:exit`` ends only the process that
 reaches it (exit code 99), ``CAIRN_FAULT=<point>:sleep=<s>`` sleeps there (a slow disk, a
-slow purge), ``CAIRN_FAULT_RANK=<r>`` limits it to one rank, ``CAIRN_FAULT_SKIP=<n>`` lets
+slow purge), ``CAIRN_FAULT=<point>:stop`` stops the process there with SIGSTOP (as a
+debugger or a hung filesystem would; SIGCONT continues it), ``CAIRN_FAULT_RANK=<r>`` limits it to one rank, ``CAIRN_FAULT_SKIP=<n>`` lets
 each process pass the point ``n`` times before it acts, and ``CAIRN_FAULT_TIMES=<n>`` lets it act
 ``n`` times at most (a slow first save, then normal ones). Points: ``before_data``
 (staging dir made, nothing written), ``mid_data`` (after the first bytes of the first data
@@ -70,6 +71,11 @@ def fault_point(point: str, rank: int | None = None) -> None:
         raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (injected by {FAULT_ENV}={spec})")
     if action.startswith("sleep="):
         time.sleep(float(action.partition("=")[2]))
+        return
+    if action == "stop":  # stopped mid-save until someone sends SIGCONT (the lease's fencing tests)
+        sys.stderr.write(f"cairn: {FAULT_ENV}={spec}: pid {os.getpid()} stops at {point}\n")
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGSTOP)
         return
     if action == "exit":  # this process alone ends (the writer process dying under a live trainer)
         sys.stderr.write(f"cairn: {FAULT_ENV}={spec}: pid {os.getpid()} exits at {point}\n")

@@ -27,13 +27,24 @@ METADATA_NAME = ".metadata"  # DCP's own name for its metadata file
 HF_INDEX_NAME = "model.safetensors.index.json"
 SAVE_ID_PREFIX = "cairn-"  # marks DCP metadata written by cairn, so a deleted manifest is noticed
 TRASH_PREFIX = ".trash-"
-LEASE_NAME = ".cairn-lease.json"
+LEASE_NAME = ".cairn-lease.json"  # the lease object under an s3:// prefix
+_LEASE_GENERATION_RE = re.compile(r"^\.cairn-lease-(\d+)\.json$")  # a POSIX folder's lease: one file per generation
 
 # What a step holds (the manifest's "kind").
 FULL, MODEL_ONLY, SEED, HF = "full", "model_only", "seed", "hf"
 KINDS = (FULL, MODEL_ONLY, SEED, HF)
 # The groups of keys of a cairn trainer's full checkpoint (model FQNs sit at the top level).
 GROUPS = ("model", "optimizer", "lr_scheduler", "dataloader", "train_state", "rng")
+
+def lease_name(generation: int) -> str:
+    """The file of one generation of a POSIX folder's lease (``local.LocalStore``)."""
+    return f".cairn-lease-{generation}.json"
+
+
+def lease_generation(name: str) -> int | None:
+    match = _LEASE_GENERATION_RE.match(name)
+    return int(match.group(1)) if match else None
+
 
 _STEP_RE = re.compile(r"^step-(\d+)$")
 _STAGING_RE = re.compile(r"^\.tmp-step-(\d+)(?:-.+)?$")

@@ -17,6 +17,7 @@ import os
 import shutil
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,8 @@ from cairn.checkpoint.layout import (
     aside_name,
     aside_step,
     is_trash,
+    lease_generation,
+    lease_name,
     staging_name,
     staging_step,
     step_name,
@@ -56,6 +59,7 @@ from cairn.checkpoint.writer import CairnStorageWriter, describe_os_error
 logger = logging.getLogger("cairn")
 
 WRITE_PROBE_PREFIX = ".cairn-write-probe-"
+TEMP_IN_USE_S = 60.0  # a lease or probe temp file younger than this may be another run's, in use
 
 
 def has_commit_marker(step_dir: Path) -> bool:
@@ -103,6 +107,12 @@ class Pacer:
         except OSError:
             pass  # remove_tree below reports what it cannot delete
         return fsio.remove_tree(path)
+
+
+def _younger_than(path: Path, seconds: float) -> bool:
+    with contextlib.suppress(OSError):
+        return time.time() - path.lstat().st_mtime < seconds
+    return True  # gone meanwhile: nothing to list
 
 
 class LocalStore:
@@ -296,60 +306,110 @@ class LocalStore:
         return info.f_bavail * info.f_frsize
 
     # --- the lease (see lease.py) ----------------------------------------------------------------
+    #
+    # A POSIX folder has no compare-and-swap, and a rename is not one (two contenders that both
+    # read the old record both rename theirs over it). The lease is therefore a series of
+    # generations, ``.cairn-lease-<N>.json``, each made by exclusive creation (a hard link of a
+    # complete file: atomic on local and shared filesystems, NFS included). The newest holds.
+    # Replacing generation N means creating N+1: of any number of contenders that read N, exactly
+    # one creates it, and the others are refused. A write that succeeds is checked to be the
+    # newest (one that creates N+1 after N+1 was superseded and removed, having been stopped long
+    # enough, finds a newer one and takes its file back), then the generations below it are
+    # removed. The series never restarts while a run uses the folder: a release is a generation
+    # of its own (the record says ``released``).
 
-    @property
-    def _lease_path(self) -> Path:
-        return self.folder / LEASE_NAME
+    def _lease_generations(self) -> list[tuple[int, Path]]:
+        if not self.folder.is_dir():
+            return []
+        found = []
+        with os.scandir(self.folder) as entries:
+            for entry in entries:
+                generation = lease_generation(entry.name)
+                if generation is not None:
+                    found.append((generation, Path(entry.path)))
+        return sorted(found)
 
     def lease_read(self) -> tuple[dict, str] | None:
-        """(the lease record, its version) or None when no lease is held."""
-        try:
-            record = json.loads(fsio.read_regular(self._lease_path, limit=1 << 16))
-        except FileNotFoundError:
-            return None
-        except (ValueError, CheckpointError, OSError) as e:
-            raise CheckpointError(f"{self._lease_path}: unreadable lease ({e}); if no run uses this folder, delete "
-                                  "it") from None
-        if not isinstance(record, dict) or not isinstance(record.get("token"), str):
-            raise CheckpointError(f"{self._lease_path}: not a cairn lease; if no run uses this folder, delete it")
-        return record, record["token"]
+        """(the newest lease record, its version) or None when the folder has none."""
+        for _ in range(100):  # the newest one is removed only once a newer one exists: list again
+            generations = self._lease_generations()
+            if not generations:
+                return None
+            generation, path = generations[-1]
+            try:
+                record = json.loads(fsio.read_regular(path, limit=1 << 16))
+            except FileNotFoundError:
+                continue
+            except (ValueError, CheckpointError, OSError) as e:
+                raise CheckpointError(f"{path}: unreadable lease ({e}); if no run uses this folder, delete "
+                                      "it") from None
+            if not isinstance(record, dict) or not isinstance(record.get("token"), str):
+                raise CheckpointError(f"{path}: not a cairn lease; if no run uses this folder, delete it")
+            return record, str(generation)
+        raise CheckpointError(f"{self.folder}: its lease changed 100 times while being read")
 
-    def _write_lease_tmp(self, record: dict) -> Path:
+    def _lease_write(self, record: dict, generation: int) -> str | None:
+        """Create generation ``generation`` holding ``record`` if it does not exist and nothing
+        newer does; remove the older ones. Its version, or None."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.folder / f"{LEASE_NAME}.tmp-{record['token']}-{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(record, f)
-            f.flush()
-            os.fsync(f.fileno())
-        return tmp
-
-    def lease_create(self, record: dict) -> str | None:
-        """Create the lease if none exists (atomically: a hard link of a complete file); its version, or None."""
-        tmp = self._write_lease_tmp(record)
+        tmp = self.folder / f"{LEASE_NAME}.tmp-{record['token']}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        path = self.folder / lease_name(generation)
         try:
-            os.link(tmp, self._lease_path)
+            with open(tmp, "w") as f:
+                json.dump(record, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(tmp, path)
         except FileExistsError:
             return None
         finally:
             tmp.unlink(missing_ok=True)
+        generations = self._lease_generations()
+        if generations and generations[-1][0] > generation:  # superseded while this writer was stopped
+            path.unlink(missing_ok=True)
+            return None
+        for older, older_path in generations:
+            if older < generation:
+                older_path.unlink(missing_ok=True)
         fsio.fsync_dir(self.folder)
-        return record["token"]
+        return str(generation)
+
+    def lease_create(self, record: dict) -> str | None:
+        """Create the lease if the folder has none (the first generation); its version, or None."""
+        generations = self._lease_generations()
+        return None if generations else self._lease_write(record, 0)
 
     def lease_replace(self, record: dict, version: str) -> str | None:
-        """Replace the lease if its version is still ``version``; the new version, or None."""
-        current = self.lease_read()
-        if current is None or current[1] != version:
-            return None
-        tmp = self._write_lease_tmp(record)
-        os.rename(tmp, self._lease_path)
-        fsio.fsync_dir(self.folder)
-        return record["token"]
+        """Replace the lease if its version is still ``version`` (a compare-and-swap: the next
+        generation, created exclusively); the new version, or None."""
+        return self._lease_write(record, int(version) + 1)
 
     def lease_delete(self, version: str) -> None:
-        current = self.lease_read()
-        if current is not None and current[1] == version:
-            self._lease_path.unlink(missing_ok=True)
+        """Remove the lease if its version is still ``version`` (the series restarts: a run
+        releases its lease by replacing it with a released record instead)."""
+        generations = self._lease_generations()
+        if generations and str(generations[-1][0]) == version:
+            for _, path in generations:
+                path.unlink(missing_ok=True)
             fsio.fsync_dir(self.folder)
+
+    def lease_age(self, version: str) -> float | None:
+        """Seconds since the lease's version ``version`` was written, on the filesystem's clock:
+        its file's mtime against that of a file written now in the same folder (a file server
+        stamps both). None if that version is gone, or where nothing can be written (a read-only
+        folder, as ``cairn checkpoint ls`` may meet: its age is then not known)."""
+        probe = self.folder / f"{WRITE_PROBE_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            written = (self.folder / lease_name(int(version))).stat().st_mtime
+            with open(probe, "wb") as f:
+                f.write(b"cairn")
+                now = os.fstat(f.fileno()).st_mtime
+        except OSError:
+            return None
+        finally:
+            with contextlib.suppress(OSError):
+                probe.unlink(missing_ok=True)
+        return now - written
 
     # --- reading ---------------------------------------------------------------------------------
 
@@ -475,6 +535,8 @@ class LocalStore:
         an interrupted replace, files of a lease or probe being written; and ``step-N`` dirs with
         neither manifest nor DCP metadata (not cairn's: listed, never removed). Never a committed step."""
         found = []
+        generations = self._lease_generations()
+        newest_lease = generations[-1][1] if generations else None
         for path in self._names(lambda name: True):
             name = path.name
             if path.is_symlink():
@@ -484,7 +546,11 @@ class LocalStore:
             elif is_trash(name):
                 kind, step, why = "trash", trash_step(name), "a delete that did not finish"
             elif name.startswith((LEASE_NAME + ".tmp-", WRITE_PROBE_PREFIX)):
+                if _younger_than(path, TEMP_IN_USE_S):
+                    continue  # another run's, being written now (a run probes the folder before its lease)
                 kind, step, why = "temp", None, "a lease or probe file being written when its run died"
+            elif lease_generation(name) is not None and path != newest_lease:
+                kind, step, why = "temp", None, "an older generation of the lease (its writer stopped before removing it)"
             elif (step := aside_step(name)) is not None:
                 kind, why = "aside", ("old copy of a replaced step" if (self.folder / step_name(step)).is_dir()
                                       else "a replace cut short: restored as " + step_name(step))

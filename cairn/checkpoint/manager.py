@@ -190,7 +190,8 @@ class CheckpointManager:
         if self.rank == 0 and config.keep_latest_k > 0 and not config.load_only:
             self._retention = RetentionWorker(self.store, config.keep_latest_k,
                                               protect=lambda: set(self._writing) | self._uploading(),
-                                              busy=lambda: bool(self._writing))
+                                              busy=lambda: bool(self._writing),
+                                              held=self._lease.check_held if self._lease is not None else None)
         if self.rank == 0 and self.mirror is not None and not config.load_only:
             self._uploads = UploadWorker(self.store, self.mirror, config.keep_latest_k)
         if config.memory_interval > 0 and not config.load_only:
@@ -583,6 +584,9 @@ class CheckpointManager:
         """(whether the previous async save is still in flight on any rank, why the folder's lease
         was lost if it was), agreed by all ranks."""
         running = self.async_saver is not None and self.async_saver.in_flight
+        if self._lease is not None and self._lease.lost is None:
+            with contextlib.suppress(CheckpointError):  # a read of the store: taken over while stopped?
+                self._lease.check_held()  # (a storage hiccup here is not a lost lease: the fence asks again)
         lost = self._lease.lost if self._lease is not None else None
         if self.world_size > 1:
             flags = torch.tensor([1 if running else 0, 1 if lost else 0])

@@ -51,10 +51,12 @@ class RetentionWorker:
     """
 
     def __init__(self, store, keep_latest_k: int, *, protect: Callable[[], set[int]] = set,
-                 busy: Callable[[], bool] | None = None, pacer: Pacer | None = None):
+                 busy: Callable[[], bool] | None = None, pacer: Pacer | None = None,
+                 held: Callable[[], None] | None = None):
         if keep_latest_k < 1:
             raise ValueError(f"Config.keep_latest_k must be >= 1 for a retention worker (got {keep_latest_k})")
         self.store = store
+        self.held = held  # raises if this run no longer holds the folder's lease (FolderLease.check_held)
         self.keep_latest_k = keep_latest_k
         self._protect = protect
         self.pacer = pacer or Pacer(busy=busy)
@@ -113,6 +115,8 @@ class RetentionWorker:
                         self._idle.set()
 
     def _pass(self) -> None:
+        if self.held is not None:
+            self.held()  # a run that lost the folder's lease deletes nothing there
         steps = self.store.committed_steps()
         keep = set(steps[-self.keep_latest_k:]) | set(self._protect())
         for step in steps:

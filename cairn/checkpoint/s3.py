@@ -28,6 +28,7 @@ concerns live beside this module: ``s3_client`` (URIs, the client, bounded retri
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import json
 import logging
 import os
@@ -100,6 +101,7 @@ MARKER_METADATA = "cairn-marker"
 # How a user accepts a store without conditional writes, for the refusal's message.
 OPT_IN = ("--checkpoint.s3_unsafe_no_conditional_writes (open_store(..., s3_unsafe_no_conditional_writes=True) "
           "from a loop of your own)")
+TEMP_IN_USE_S = 60.0  # a probe object younger than this may be another run's, in use
 _PROBE_NAMES = (PROBE_PREFIX, ".cairn-write-probe-")  # the second: the writability probe of earlier cairn
 
 
@@ -502,6 +504,9 @@ class S3Store:
         for name in names:
             if name.startswith(_PROBE_NAMES):
                 item = head(self.bucket, self._key(name))
+                age = _server_age(item) if item else None
+                if age is not None and age < TEMP_IN_USE_S:
+                    continue  # another run's probe, in flight now (a run probes before it takes the lease)
                 found.append(Leftover("temp", s3_uri(self.bucket, self._key(name)), None,
                                       "an object of a probe cut short", item and item["ContentLength"], 1,
                                       item and item["LastModified"].timestamp()))
@@ -600,6 +605,25 @@ class S3Store:
 
     def lease_delete(self, version: str) -> None:
         self._writes().delete(self._lease_key(), version)
+
+    def lease_age(self, version: str) -> float | None:
+        """Seconds since the lease's version ``version`` was written, on the store's clock: the
+        object's ``LastModified`` against the ``Date`` of the answer that reports it (both the
+        server's). None if that version is gone."""
+        found = head(self.bucket, self._lease_key())
+        if found is None or found["ETag"].strip('"') != version.strip('"'):
+            return None
+        return _server_age(found)
+
+
+def _server_age(answer: dict) -> float | None:
+    """Seconds since the object a HEAD ``answer`` describes was written, on the server's clock
+    (its ``LastModified`` against the answer's ``Date``); None if the answer lacks either."""
+    date = (answer.get("ResponseMetadata") or {}).get("HTTPHeaders", {}).get("date")
+    try:
+        return email.utils.parsedate_to_datetime(date).timestamp() - answer["LastModified"].timestamp()
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def agreed_save_id(process_group=None) -> str:

@@ -91,10 +91,12 @@ class CheckpointStore(Protocol):
         """Raise CheckpointError naming the place if a save could not be written and committed there."""
 
     # The folder's lease (``lease.py``): one record, created only if absent, replaced only if it
-    # is still the version given (None: the condition failed), deleted only if still that version.
+    # is still the version given (None: the condition failed; a compare-and-swap: of contenders
+    # that read one version, exactly one replaces it), deleted only if still that version.
 
     def lease_read(self) -> tuple[dict, str] | None:
-        """(the lease record, its version), or None when no lease is held."""
+        """(the lease record, its version), or None when there is none (a released lease is a
+        record that says so)."""
 
     def lease_create(self, record: dict) -> str | None:
         """Create the lease if none exists: its version, or None."""
@@ -104,6 +106,10 @@ class CheckpointStore(Protocol):
 
     def lease_delete(self, version: str) -> None:
         """Delete the lease if its version is still ``version``."""
+
+    def lease_age(self, version: str) -> float | None:
+        """Seconds since the lease's version ``version`` was written, measured on the storage's own
+        clock (never a clock of the host that wrote it), or None if that version is gone."""
 
     def set_fence(self, fence: Callable[[], None] | None) -> None:
         """The commit fence: every commit into this store (a DCP save's, ``staged_dir``'s) calls

@@ -456,7 +456,15 @@ class CommittingWriter(FileSystemWriter):
             size, checksum = self._hash_staged(METADATA_NAME)
         return {"size": size, "checksum": checksum if self.checksums else None}
 
-    def _error(self, action: str, e: OSError) -> SaveError:
+    def _error(self, action: str, e: OSError) -> CheckpointError:
+        """The one line for a failed write; a run that lost its folder's lease (its files removed
+        by the new holder's start-up cleanup) is told that instead (the fence is asked)."""
+        if self.fence is not None:
+            try:
+                self.fence()
+            except CheckpointError as lost:
+                self.last_error = lost
+                return lost
         where = f"rank {self.rank}: " if self.rank is not None else ""
         error = SaveError(f"{where}{action} checkpoint step {self.step} in {self._staging_text()} failed: "
                           f"{describe_os_error(e, self._free_space_path())}. Nothing was committed; earlier "

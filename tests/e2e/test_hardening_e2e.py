@@ -11,6 +11,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from cairn.checkpoint.lease import lease_state
+from cairn.checkpoint.store import open_store
 from conftest import kill_tree, start, train
 
 pytestmark = pytest.mark.slow
@@ -46,7 +48,7 @@ def test_a_second_run_on_a_busy_folder_refuses_and_the_first_is_untouched(tmp_pa
         assert "host " in second.output
         assert not [line for line in second.output.splitlines() if line.startswith("[rank") and "Traceback" in line]
         assert first.poll() is None  # the first run goes on
-        lease = json.loads((Path(folder) / ".cairn-lease.json").read_text())
+        lease = open_store(folder).lease_read()[0]
         assert lease["pid"] in {p.pid for p in psutil.Process(first.pid).children(recursive=True)}
     finally:
         kill_tree(first)
@@ -69,7 +71,7 @@ def test_a_run_killed_mid_save_is_taken_over_at_once(tmp_path):
     resumed = train(dump, *CKPT, "--training.steps", "400", "--debug.exit_after_step", "13",
                     "--checkpoint.async_mode", "async_with_pinned_mem", timeout=300)
     assert "took over the lease" in resumed.output and "loaded full checkpoint" in resumed.output
-    assert not (dump / "checkpoint" / ".cairn-lease.json").exists()  # released at the clean stop
+    assert lease_state(open_store(dump / "checkpoint")) is None  # released at the clean stop
 
 
 @pytest.mark.parametrize("mode", ["disabled", "async_with_pinned_mem"])

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from cairn.checkpoint import CorruptCheckpointError, load, save
-from cairn.checkpoint.lease import FolderLease
+from cairn.checkpoint.lease import FolderLease, lease_state
 from cairn.checkpoint.store import open_store
 from cairn.cli import main
 from s3_server import s3  # noqa: F401 - a fixture
@@ -84,7 +84,7 @@ def test_clean_removes_what_kills_left_and_nothing_else(folder, capsys):
     command = dry.strip().splitlines()[-1]
     assert command == f"  cairn checkpoint clean {shlex.quote(folder)} --yes"
     assert main(shlex.split(command)[1:]) == 0  # as printed
-    assert store.leftovers() == [] and store.lease_read() is None
+    assert store.leftovers() == [] and lease_state(store) is None
     assert store.committed_steps() == committed
     for step in committed:
         loaded = make_state(0)

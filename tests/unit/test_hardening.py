@@ -25,7 +25,7 @@ import torch.distributed.checkpoint as dcp
 from cairn.checkpoint import CheckpointError, CorruptCheckpointError, FolderBusyError, SaveError, load
 from cairn.checkpoint.dcp_metadata import load_metadata_file
 from cairn.checkpoint.fsio import NotRegularFileError, free_space_text, open_regular
-from cairn.checkpoint.lease import FolderLease, stale_reason
+from cairn.checkpoint.lease import FolderLease, lease_state, stale_reason
 from cairn.checkpoint.local import LocalStore
 from cairn.checkpoint.manifest import manifest_bytes
 from tmpfs import small_tmpfs_mounter
@@ -348,28 +348,28 @@ def test_a_live_holder_is_named_and_a_dead_one_taken_over(storage, monkeypatch):
     with pytest.raises(FolderBusyError, match=r"in use by another run \(host .*, pid %d" % os.getpid()):
         FolderLease.acquire(storage)
     first.release()
+    assert lease_state(storage) is None
     # a holder on this host whose process is gone (SIGKILLed): taken over at once
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
-    record, version = storage.lease_read() or ({}, None)
-    assert record == {}
     stale = {"host": os.uname().nodename, "pid": child.pid, "started": "x", "heartbeat": time.time(),
              "token": "dead", "run_id": None, "restart": 0, "job_id": None}
-    assert storage.lease_create(stale) == "dead"
+    assert storage.lease_replace(stale, storage.lease_read()[1]) is not None
     lease = FolderLease.acquire(storage)
     assert lease.record["pid"] == os.getpid()
     lease.release()
-    assert storage.lease_read() is None
+    assert lease_state(storage) is None
 
 
 def test_staleness_rules():
     me = {"host": "a", "pid": os.getpid(), "run_id": "r1", "restart": 2}
-    now = 1000.0
-    fresh = {"host": "b", "pid": 1, "heartbeat": now - 5, "run_id": "other", "restart": 0}
-    assert stale_reason(fresh, me, 60, now) is None
-    assert "heartbeat is 100 s old" in stale_reason({**fresh, "heartbeat": now - 100}, me, 60, now)
-    assert "torchrun restarted" in stale_reason({**fresh, "run_id": "r1", "restart": 1}, me, 60, now)
-    assert stale_reason({**fresh, "run_id": "r1", "restart": 2}, me, 60, now) is None
+    fresh = {"host": "b", "pid": 1, "heartbeat": 5.0, "run_id": "other", "restart": 0}
+    assert stale_reason(fresh, me, 60, age=5) is None
+    assert stale_reason(fresh, me, 60) is None  # an age not known: never stale by age
+    assert "last renewed 100 s ago" in stale_reason(fresh, me, 60, age=100)
+    assert stale_reason({**fresh, "heartbeat": -1e9}, me, 60, age=5) is None  # the record's own clock is not read
+    assert "torchrun restarted" in stale_reason({**fresh, "run_id": "r1", "restart": 1}, me, 60, age=5)
+    assert stale_reason({**fresh, "run_id": "r1", "restart": 2}, me, 60, age=5) is None
 
 
 def test_startup_cleanup_never_runs_without_the_lease(storage):

@@ -32,6 +32,7 @@ from cairn.checkpoint import (
     save,
     verify,
 )
+from cairn.checkpoint.lease import lease_state
 from cairn.checkpoint.local import LocalStore
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -250,8 +251,7 @@ def test_a_second_manager_on_the_same_folder_is_refused(tmp_path, monkeypatch):
     first.close()
     second = manager_for(tmp_path, model, optimizer, Counter())  # released: free again
     second.close()
-    lease = tmp_path / "checkpoint" / ".cairn-lease.json"
-    assert not lease.exists()
+    assert lease_state(open_store(tmp_path / "checkpoint")) is None
 
 
 def test_deferred_save_never_waits_and_is_taken_later(tmp_path, monkeypatch):

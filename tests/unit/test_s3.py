@@ -18,7 +18,7 @@ import torch.distributed.checkpoint as dcp
 
 from cairn.checkpoint import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError, load, save
 from cairn.checkpoint import s3_reader
-from cairn.checkpoint.lease import FolderBusyError, FolderLease
+from cairn.checkpoint.lease import FolderBusyError, FolderLease, lease_state
 from cairn.checkpoint.s3 import S3Store, parse_uri
 from cairn.checkpoint.store import open_store
 from s3_server import FaultProxy, s3  # noqa: F401 - s3 is a fixture
@@ -264,9 +264,10 @@ def test_the_lease_on_object_storage(s3):
     with pytest.raises(FolderBusyError, match="in use by another run"):
         FolderLease.acquire(store)
     held.release()
+    assert store.lease_read()[0]["released"] is True  # released: a record that says so
     again = FolderLease.acquire(store)
     again.release()
-    assert store.lease_read() is None
+    assert lease_state(store) is None
 
 
 def test_retention_and_leftovers(s3):

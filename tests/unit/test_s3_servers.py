@@ -13,7 +13,7 @@ import pytest
 import torch.distributed.checkpoint as dcp
 
 from cairn.checkpoint import CheckpointError, load, save
-from cairn.checkpoint.lease import FolderBusyError, FolderLease, LeaseLostError
+from cairn.checkpoint.lease import FolderBusyError, FolderLease, LeaseLostError, lease_state
 from cairn.checkpoint.s3_conditions import UnprotectedStoreError, conditions_of, probe
 from cairn.checkpoint.store import open_store
 from rgw_server import rgw  # noqa: F401 - a fixture
@@ -57,14 +57,17 @@ def test_the_lease_beats_and_is_taken_over_and_released(server, monkeypatch):
     with pytest.raises(FolderBusyError, match="in use by another run"):
         FolderLease.acquire(store)
     held.release()
-    assert store.lease_read() is None
-    # a run on another node died a while ago: its lease is stale and taken over
-    store.lease_create({"host": "node-7", "pid": 4242, "token": "dead-run", "started": "2026-01-01T00:00:00+00:00",
-                        "heartbeat": time.time() - 600})
+    assert lease_state(store) is None and store.lease_read()[0]["released"]
+    # a run on another node died: once its lease has not been renewed for the timeout (the
+    # server's clock: LastModified against Date), it is taken over (an If-Match on its ETag)
+    monkeypatch.setenv("CAIRN_LEASE_TIMEOUT", "1")
+    store.lease_replace({"host": "node-7", "pid": 4242, "token": "dead-run", "started": "2026-01-01T00:00:00+00:00",
+                         "heartbeat": time.time() + 86400}, store.lease_read()[1])
+    time.sleep(2.2)  # LastModified has whole seconds
     taker = FolderLease.acquire(store)
     assert store.lease_read()[0]["token"] == taker.token
     taker.release()
-    assert store.lease_read() is None
+    assert lease_state(store) is None
 
 
 def test_a_committed_step_is_replaced(server):
@@ -133,7 +136,7 @@ def test_a_store_that_ignores_conditional_writes_is_refused(s3, monkeypatch):
         load(loaded, unprotected, 1)
         assert_same(loaded, make_state(2))
         held.release()
-        assert unprotected.lease_read() is None
+        assert lease_state(unprotected) is None
     finally:
         proxy.close()
 
