@@ -225,8 +225,13 @@ def test_s3_bench_smoke(tmp_path):
     assert all(report["cairn"][k] > 0 for k in ("save_gbps", "load_verify_gbps", "load_gbps"))
     assert report["dcp_fsspec"]["save_gbps"] > 0 and report["dcp_fsspec"]["load_gbps"] > 0
     assert set(report["ratios"]) == {"cairn_save_over_put_ceiling", "cairn_load_over_get_ceiling",
-                                     "put_ceiling_n_over_1", "get_ceiling_n_over_1", "cairn_over_fsspec_save",
-                                     "cairn_over_fsspec_load"}
+                                     "cairn_plain_load_over_get_ceiling", "put_ceiling_n_over_1",
+                                     "get_ceiling_n_over_1", "cairn_over_fsspec_save", "cairn_over_fsspec_load"}
+    assert all(v > 0 for v in report["ratios"].values())
+    assert {k: len(v) for k, v in report["rounds"].items()} == {
+        "save_over_put": 1, "load_over_get": 1, "plain_load_over_get": 1}  # one round a repeat
+    assert set(report["small_requests_ms"]) == {"get_100B", "get_10kB", "head", "put_100B", "list"}
+    assert all(v > 0 for v in report["small_requests_ms"].values())
 
 
 def test_restart_bench_smoke(tmp_path):
