@@ -11,6 +11,7 @@ each process pass the point ``n`` times before it acts, and ``CAIRN_FAULT_TIMES=
 (staging dir made, nothing written), ``mid_data`` (after the first bytes of the first data
 file), ``after_data_before_commit`` (every data file written, no ``.metadata`` yet),
 ``during_publish`` (manifest written, right before the publishing rename or marker),
+``after_fence`` (the commit's lease check passed, the rename or marker not yet made),
 ``during_replace`` (replacing step-N: after the swap, before the old copy is removed; in the
 two-rename fallback, between the two renames), ``during_purge`` (a purged step renamed to
 trash, or its marker removed, not yet deleted), ``during_upload`` (an object store: after the
@@ -35,7 +36,8 @@ FAULT_SKIP_ENV = "CAIRN_FAULT_SKIP"
 FAULT_TIMES_ENV = "CAIRN_FAULT_TIMES"
 FAULT_EXIT_CODE = 99
 WRITER_PROCESS_ENV = "CAIRN_WRITER_PROCESS"  # set in an async save's writer process
-FAULT_POINTS = ("before_data", "mid_data", "after_data_before_commit", "during_publish", "during_replace",
+FAULT_POINTS = ("before_data", "mid_data", "after_data_before_commit", "during_publish", "after_fence",
+                "during_replace",
                 "during_purge", "during_upload", "during_snapshot", "during_replica")
 _passed: dict[str, int] = {}  # point -> times this process passed it (for CAIRN_FAULT_SKIP)
 _acted: dict[str, int] = {}  # point -> times this process acted there (for CAIRN_FAULT_TIMES)

@@ -37,11 +37,15 @@ KINDS = (FULL, MODEL_ONLY, SEED, HF)
 GROUPS = ("model", "optimizer", "lr_scheduler", "dataloader", "train_state", "rng")
 
 def lease_name(generation: int) -> str:
-    """The file of one generation of a POSIX folder's lease (``local.LocalStore``)."""
-    return f".cairn-lease-{generation}.json"
+    """The file of one generation of a POSIX folder's lease (``local.LocalStore``); generation -1
+    is the one file earlier cairn versions renewed in place (``LEASE_NAME``): a run of such a
+    version is seen, and its lease replaced by generation 0 once it is gone."""
+    return LEASE_NAME if generation == -1 else f".cairn-lease-{generation}.json"
 
 
 def lease_generation(name: str) -> int | None:
+    if name == LEASE_NAME:
+        return -1
     match = _LEASE_GENERATION_RE.match(name)
     return int(match.group(1)) if match else None
 

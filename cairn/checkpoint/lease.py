@@ -133,7 +133,10 @@ def lease_state(store, timeout: float | None = None) -> dict[str, Any] | None:
     if found is None or found[0].get("released"):
         return None
     holder, version = found
-    age = store.lease_age(version)
+    try:
+        age = store.lease_age(version)
+    except CheckpointError:  # a folder this reader cannot write into: the age is not known
+        age = None
     reason = stale_reason(holder, {**_me(), "run_id": None}, lease_timeout() if timeout is None else timeout, age)
     return {"holder": holder, "text": describe(holder, age), "live": reason is None, "stale_reason": reason,
             "heartbeat_age_s": round(age, 1) if age is not None else None}
@@ -235,6 +238,9 @@ class FolderLease:
             if not holder.get("released") and reason is None:
                 age = store.lease_age(held_version)
                 if age is None:
+                    again = store.lease_read()
+                    if again is not None and again[1] == held_version:  # there, but its age is not known
+                        raise _busy(store, holder, None, timeout)
                     continue  # renewed meanwhile: read it again
                 reason = stale_reason(holder, me, timeout, age)
                 if reason is None and age < -CLOCK_SLACK_S:

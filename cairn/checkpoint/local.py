@@ -362,8 +362,12 @@ class LocalStore:
             os.link(tmp, path)
         except FileExistsError:
             return None
+        except OSError as e:
+            raise CheckpointError(f"writing the lease of checkpoint folder {self.folder} failed: "
+                                  f"{describe_os_error(e, self.folder)}") from None
         finally:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
         generations = self._lease_generations()
         if generations and generations[-1][0] > generation:  # superseded while this writer was stopped
             path.unlink(missing_ok=True)
@@ -396,16 +400,20 @@ class LocalStore:
     def lease_age(self, version: str) -> float | None:
         """Seconds since the lease's version ``version`` was written, on the filesystem's clock:
         its file's mtime against that of a file written now in the same folder (a file server
-        stamps both). None if that version is gone, or where nothing can be written (a read-only
-        folder, as ``cairn checkpoint ls`` may meet: its age is then not known)."""
+        stamps both). None if that version is gone; CheckpointError where nothing can be written
+        (a read-only or full folder: ``cairn checkpoint ls`` shows the age as not known)."""
         probe = self.folder / f"{WRITE_PROBE_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
             written = (self.folder / lease_name(int(version))).stat().st_mtime
+        except OSError:
+            return None
+        try:
             with open(probe, "wb") as f:
                 f.write(b"cairn")
                 now = os.fstat(f.fileno()).st_mtime
-        except OSError:
-            return None
+        except OSError as e:
+            raise CheckpointError(f"checkpoint folder {self.folder}: cannot tell how old its lease is (writing a "
+                                  f"file there failed: {describe_os_error(e, self.folder)})") from None
         finally:
             with contextlib.suppress(OSError):
                 probe.unlink(missing_ok=True)
@@ -535,9 +543,9 @@ class LocalStore:
         an interrupted replace, files of a lease or probe being written; and ``step-N`` dirs with
         neither manifest nor DCP metadata (not cairn's: listed, never removed). Never a committed step."""
         found = []
-        generations = self._lease_generations()
-        newest_lease = generations[-1][1] if generations else None
-        for path in self._names(lambda name: True):
+        names = self._names(lambda name: True)  # one listing: a renewal after it makes no live lease "older"
+        newest_lease = max((g for path in names if (g := lease_generation(path.name)) is not None), default=None)
+        for path in names:
             name = path.name
             if path.is_symlink():
                 continue  # never followed, never deleted through: logged by committed_steps
@@ -549,7 +557,7 @@ class LocalStore:
                 if _younger_than(path, TEMP_IN_USE_S):
                     continue  # another run's, being written now (a run probes the folder before its lease)
                 kind, step, why = "temp", None, "a lease or probe file being written when its run died"
-            elif lease_generation(name) is not None and path != newest_lease:
+            elif (generation := lease_generation(name)) is not None and generation < newest_lease:
                 kind, step, why = "temp", None, "an older generation of the lease (its writer stopped before removing it)"
             elif (step := aside_step(name)) is not None:
                 kind, why = "aside", ("old copy of a replaced step" if (self.folder / step_name(step)).is_dir()
@@ -606,7 +614,12 @@ class LocalStore:
             elif background and leftover.kind != "aside" and path.is_dir():
                 if leftover.kind != "trash":
                     target = self.folder / fsio.trash_name(path.name)
-                    os.rename(path, target)
+                    try:
+                        os.rename(path, target)
+                    except OSError as e:
+                        logger.warning("could not move %s out of the way (%s); the next start tries again", path,
+                                       e.strerror or e)
+                        continue
                     leftover = dataclasses.replace(leftover, location=str(target),
                                                    why=f"{leftover.why}: {path.name}")
                 later.append(leftover)

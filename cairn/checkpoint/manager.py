@@ -585,8 +585,8 @@ class CheckpointManager:
         was lost if it was), agreed by all ranks."""
         running = self.async_saver is not None and self.async_saver.in_flight
         if self._lease is not None and self._lease.lost is None:
-            with contextlib.suppress(CheckpointError):  # a read of the store: taken over while stopped?
-                self._lease.check_held()  # (a storage hiccup here is not a lost lease: the fence asks again)
+            with contextlib.suppress(CheckpointError, OSError):  # a read of the store: taken over while
+                self._lease.check_held()  # stopped? (a storage hiccup is not a lost lease: the fence asks again)
         lost = self._lease.lost if self._lease is not None else None
         if self.world_size > 1:
             flags = torch.tensor([1 if running else 0, 1 if lost else 0])

@@ -57,6 +57,7 @@ from cairn.checkpoint.layout import (
     step_of,
     steps_to_purge,
 )
+from cairn.checkpoint.lease import LeaseLostError
 from cairn.checkpoint.manifest import (
     CHECKSUM_ALGORITHM,
     MAX_MANIFEST_BYTES,
@@ -278,10 +279,37 @@ class S3Store:
         if version is None:
             raise CheckpointError(f"{self.step_url(step)} was committed by another save after this one began; "
                                   f"this save was not committed (is another run writing into {self.url}?)")
+        self._fence_after_commit(step, key, version, replaced)
         if replaced is not None and replaced[0]["save_id"] != save_id:
             fault_point("during_replace")
             self.delete_prefix(self.save_prefix(step, replaced[0]["save_id"]) + "/")
             logger.info("replaced existing %s", self.step_url(step))
+
+    def _fence_after_commit(self, step: int, key: str, version: str, replaced: tuple[dict, str] | None) -> None:
+        """The fence again once the marker is in: a run stopped between its fence and its marker's
+        put (or whose put kept retrying) while another run took the folder over, and whose objects
+        that run's start-up then removed, takes its marker back (the one it replaced, if any, is
+        put back) and commits nothing."""
+        if self.fence is None:
+            return
+        try:
+            self.fence()
+        except LeaseLostError:
+            with contextlib.suppress(CheckpointError):
+                if replaced is None:
+                    self._writes().delete(key, version)
+                else:
+                    body = json.dumps(replaced[0], sort_keys=True)
+                    self._writes().replace(key, body.encode(), version, "restoring", {MARKER_METADATA: body})
+            logger.error("took back the marker of %s: the folder's lease was lost while it was put",
+                         self.step_url(step))
+            raise
+
+    def wait_for_cleanup(self) -> None:
+        """A save waits for the start's cleanup in the background (it lists saves in progress:
+        this run's first one must not be among them)."""
+        if self.cleanup_thread is not None:
+            self.cleanup_thread.join()
 
     # --- writing ---------------------------------------------------------------------------------
 
@@ -292,6 +320,7 @@ class S3Store:
         initialized (the ranks agree on the save id over ``process_group``)."""
         if step < 0:
             raise ValueError(f"checkpoint step must be >= 0, got {step}")
+        self.wait_for_cleanup()
         writer = S3StorageWriter(self, step, save_id or agreed_save_id(process_group), info, checksums=checksums,
                                  **writer_options)
         writer.fence = self.fence
@@ -304,6 +333,7 @@ class S3Store:
         uploads; else one is built from the hashes taken while uploading."""
         local = Path(local)
         self.check_conditional_writes()
+        self.wait_for_cleanup()
         previous = self.marker_etag(step)
         save_id = new_save_id()
         prefix = self.save_prefix(step, save_id)
@@ -559,7 +589,7 @@ class S3Store:
         (``cleanup_thread``), returning nothing; a new save never meets them (its objects are
         under a new save id)."""
         if background:
-            self.cleanup_thread = threading.Thread(target=self.cleanup_incomplete, args=(protect,),
+            self.cleanup_thread = threading.Thread(target=self._cleanup_logged, args=(protect,),
                                                    name="cairn-cleanup", daemon=True)
             self.cleanup_thread.start()
             return []
@@ -577,6 +607,12 @@ class S3Store:
             logger.warning("%s %s (%s)", verb, leftover.location, leftover.why)
             removed.append(leftover.location)
         return removed
+
+    def _cleanup_logged(self, protect: Iterable[int]) -> None:
+        try:
+            self.cleanup_incomplete(protect)
+        except CheckpointError as e:  # the next start (or `cairn checkpoint clean`) tries again
+            logger.warning("could not remove what crashed saves left in %s: %s", self.url, e)
 
     # --- the lease (see lease.py) -------------------------------------------------------------------
 

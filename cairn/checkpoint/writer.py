@@ -48,6 +48,7 @@ from cairn.checkpoint.commit import publish_staging
 from cairn.checkpoint.errors import CheckpointError, SaveError
 from cairn.checkpoint.faults import armed, fault_point
 from cairn.checkpoint.layout import MANIFEST_NAME, METADATA_NAME, SAVE_ID_PREFIX, staging_name, step_name
+from cairn.checkpoint.lease import LeaseLostError
 from cairn.checkpoint.manifest import build_manifest, entries_from_metadata, manifest_bytes, normalize_info
 
 logger = logging.getLogger("cairn")
@@ -332,6 +333,7 @@ class CommittingWriter(FileSystemWriter):
         """Backends call this right before the step becomes visible (the rename, the marker)."""
         if self.fence is not None:
             self.fence()
+            fault_point("after_fence", self.rank)
 
     @property
     def checkpoint_id(self) -> str:
@@ -462,9 +464,11 @@ class CommittingWriter(FileSystemWriter):
         if self.fence is not None:
             try:
                 self.fence()
-            except CheckpointError as lost:
+            except LeaseLostError as lost:
                 self.last_error = lost
                 return lost
+            except Exception:  # noqa: BLE001 - the fence's own write failed too (a full disk, the store
+                pass  # down): the write's failure is the one to report
         where = f"rank {self.rank}: " if self.rank is not None else ""
         error = SaveError(f"{where}{action} checkpoint step {self.step} in {self._staging_text()} failed: "
                           f"{describe_os_error(e, self._free_space_path())}. Nothing was committed; earlier "
