@@ -29,8 +29,15 @@ def model_tensors(state: dict) -> dict[str, torch.Tensor]:
 
 
 def tree_hash(folder: Path) -> dict[str, str]:
+    """Every saved file's hash; the folder's lease (which run used it last, a released record that
+    each run writes anew) aside, checked as released."""
+    from cairn.checkpoint.layout import lease_generation
+    from cairn.checkpoint.lease import lease_state
+    from cairn.checkpoint.store import open_store
+
+    assert lease_state(open_store(str(folder))) is None  # no run holds it
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+            for p in sorted(folder.rglob("*")) if p.is_file() and lease_generation(p.name) is None}
 
 
 def steps_in(folder: Path) -> list[int]:
