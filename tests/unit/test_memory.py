@@ -37,9 +37,9 @@ def build(tmp_path, width=16, memory_dir=None, **overrides):
     model = nn.Sequential(nn.Linear(8, width), nn.ReLU(), nn.Linear(width, 1))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     counter = Counter()
-    config = CheckpointManager.Config(enable=True, interval=overrides.pop("interval", 100), keep_latest_k=0,
-                                      last_save_model_only=False, memory_interval=2,
-                                      memory_dir=str(memory_dir or tmp_path / "shm"), **overrides)
+    settings = dict(enable=True, interval=100, keep_latest_k=0, last_save_model_only=False, memory_interval=2,
+                    memory_dir=str(memory_dir or tmp_path / "shm"))
+    config = CheckpointManager.Config(**{**settings, **overrides})
     manager = CheckpointManager(config, model_parts=model, states={"optimizer": OptimizerState(model, optimizer),
                                                                     "train_state": counter},
                                 base_folder=tmp_path)

@@ -13,39 +13,19 @@ import time
 
 import pytest
 import torch
-from torch import nn
 
-from cairn.checkpoint import CheckpointManager, OptimizerState, load
+from cairn.checkpoint import load
 from cairn.checkpoint import memory_slots
 from cairn.checkpoint import staging
 from cairn.checkpoint.faults import FAULT_ENV
 from cairn.checkpoint.local import LocalStore
 from cairn.checkpoint.memory_slots import list_snapshots
-
-
-class Counter:
-    def __init__(self):
-        self.step = 0
-
-    def state_dict(self):
-        return {"step": self.step}
-
-    def load_state_dict(self, state):
-        self.step = state["step"]
+from test_memory import build as build_manager
 
 
 def build(tmp_path, **overrides):
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 1))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    counter = Counter()
-    settings = dict(enable=True, interval=100, keep_latest_k=0, last_save_model_only=False, memory_interval=0,
-                    memory_dir=str(tmp_path / "shm"))
-    settings.update(overrides)
-    manager = CheckpointManager(CheckpointManager.Config(**settings), model_parts=model,
-                                states={"optimizer": OptimizerState(model, optimizer), "train_state": counter},
-                                base_folder=tmp_path)
-    return model, optimizer, counter, manager
+    """test_memory's manager on a wider model, the memory tier off unless asked for."""
+    return build_manager(tmp_path, width=64, **{"memory_interval": 0, **overrides})
 
 
 def step_once(model, optimizer, counter, manager, pause_s: float = 0.0):
